@@ -1,0 +1,26 @@
+"""gradaudit: measure how much training text leaks from shared partial gradients."""
+
+__version__ = "0.1.0"
+
+from .attacks import Attack, Reconstruction, get_attack  # noqa: E402
+from .audit import THREAT_MODEL, AuditResult, audit_batch, audit_snapshot  # noqa: E402
+from .errors import GradAuditError  # noqa: E402
+from .models import load_model  # noqa: E402
+from .selection import select_modules  # noqa: E402
+from .snapshot import GradientSnapshot, capture  # noqa: E402
+
+__all__ = [
+    "THREAT_MODEL",
+    "Attack",
+    "AuditResult",
+    "GradAuditError",
+    "GradientSnapshot",
+    "Reconstruction",
+    "__version__",
+    "audit_batch",
+    "audit_snapshot",
+    "capture",
+    "get_attack",
+    "load_model",
+    "select_modules",
+]

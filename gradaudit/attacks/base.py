@@ -1,0 +1,148 @@
+"""The one interface every inversion attack implements, and what attacks share."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import GradAuditError
+from ..families import eager_attention
+from ..snapshot import GradientSnapshot
+
+_UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered: token ids per sentence (with special tokens), and how."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    attack: str
+    options: dict[str, Any]
+    seconds: float = 0.0
+    loss_trace: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` or `"auto"`: CUDA when present, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GradAuditError(
+            f"device {device} was asked for but CUDA is not available: use cpu or auto"
+        )
+    return device
+
+
+def candidate_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Vocabulary ids an attack may output: no special and no unused ids."""
+    special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.get_vocab()
+    ids = [i for tok, i in vocab.items() if i not in special and not _UNUSED_TOKEN.match(tok)]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def sentence_lengths(snapshot: GradientSnapshot) -> list[int]:
+    """True length of each sentence (special tokens included): the adversary knows them."""
+    return [int(n) for n in snapshot.batch["attention_mask"].sum(1)]
+
+
+def content_mask(snapshot: GradientSnapshot, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """True where a position holds a text token to recover (not special, not padding)."""
+    ids = snapshot.batch["input_ids"]
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype)
+    return snapshot.batch["attention_mask"].bool() & ~torch.isin(ids, special)
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+
+
+def attack_model(model: nn.Module, snapshot: GradientSnapshot, device: torch.device) -> nn.Module:
+    """A private eval-mode copy of `model` on `device`, with the snapshot's weights if it has them.
+
+    Only the observed parameters require grad, so backward passes compute nothing else.
+    """
+    snapshot.check_model(model)
+    clone = copy.deepcopy(model).to(device).eval()
+    if snapshot.weights is not None:
+        clone.load_state_dict(snapshot.weights)
+    observed = set(snapshot.gradients)
+    for name, param in clone.named_parameters():
+        param.requires_grad_(name in observed)
+    return clone
+
+
+class Attack(ABC):
+    """A gradient-inversion attack: `reconstruct` rebuilds a snapshot's batch text.
+
+    Subclasses set `name`, an `Options` dataclass holding every number they use, and
+    implement `_reconstruct`. Seeded runs are deterministic on CPU.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, **options: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GradAuditError(
+                f"unknown option(s) {', '.join(unknown)} for attack {self.name!r}; "
+                f"it takes: {', '.join(sorted(known))}"
+            )
+        self.options = self.Options(**options)
+
+    def reconstruct(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        budget: float = 1.0,
+    ) -> Reconstruction:
+        """Reconstruct the batch behind `snapshot` from its gradients (white-box threat model)."""
+        if budget <= 0:
+            raise GradAuditError(f"budget must be positive, got {budget}")
+        for module in snapshot.modules:
+            snapshot.weight_gradient(module)
+        device = resolve_device(device)
+        start = time.perf_counter()
+        clone = attack_model(model, snapshot, device)
+        with eager_attention(clone), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            result = self._reconstruct(
+                clone, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
+            )
+        result.seconds = time.perf_counter() - start
+        return result
+
+    @abstractmethod
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        budget: float,
+    ) -> Reconstruction:
+        """Run on `model`, a private eval-mode copy on `device`."""
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
