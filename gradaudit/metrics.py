@@ -18,7 +18,7 @@ from .errors import GradAuditError
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", "<s>", "</s>", "<pad>", "<mask>")
 METRIC_CONFIG: dict[str, Any] = {
-    "rouge": "rouge-score, F-measure, use_stemmer=False, its default tokenizer (lowercase, alphanumeric)",
+    "rouge": "rouge-score F-measure, use_stemmer=False, default tokenizer (lowercase, alnum)",
     "matching": "Hungarian assignment of reconstructions to references on 1 - ROUGE-1 F (B > 1)",
     "special_tokens": "stripped from references and reconstructions before scoring",
     "token_recall": "share of reference token ids recovered at their own position",

@@ -90,7 +90,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Audits",
         "",
-        "| # | step | modules | attack | gradient | B | ROUGE-1 | ROUGE-2 | ROUGE-L | recall | s | error |",
+        "| # | step | modules | attack | gradient | B | ROUGE-1 | ROUGE-2 | ROUGE-L | recall "
+        "| s | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, a in enumerate(report["audits"]):

@@ -43,7 +43,8 @@ def _preset(model: nn.Module, spec: str) -> list[str]:
     component, _, layers_text = spec.partition("@")
     if component not in PRESET_COMPONENTS:
         raise GradAuditError(
-            f"unknown component {component!r} in {spec!r}: choose one of {', '.join(PRESET_COMPONENTS)}"
+            f"unknown component {component!r} in {spec!r}: "
+            f"choose one of {', '.join(PRESET_COMPONENTS)}"
         )
     lay = layout(model)
     names: list[str] = []

@@ -68,5 +68,7 @@ def minilm():
 def sst2_path() -> Path:
     path = SHARED_DATA / "sst2" / "dev.tsv"
     if not path.is_file():
-        pytest.skip(f"real SST-2 text not found at {path} (the shared data folder sits beside the repo)")
+        pytest.skip(
+            f"real SST-2 text not found at {path} (the shared data folder sits beside the repo)"
+        )
     return path

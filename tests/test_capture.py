@@ -46,7 +46,9 @@ def test_capture_restores_train_mode_and_rng_state(tiny_model, batch):
 
 
 def test_snapshot_round_trips_through_safetensors_privately(tiny_model, batch, tmp_path):
-    snap = capture(tiny_model, batch, select_modules(tiny_model, "key@0"), step=7, include_weights=True)
+    snap = capture(
+        tiny_model, batch, select_modules(tiny_model, "key@0"), step=7, include_weights=True
+    )
     snap.save(tmp_path / "snap")
     files = sorted(p.name for p in (tmp_path / "snap").iterdir())
     assert files == ["gradients.safetensors", "snapshot.json", "weights.safetensors"]

@@ -34,7 +34,9 @@ def test_bag_of_words_gets_rouge1_but_not_rouge2_or_recall():
 
 
 def test_token_recall_counts_ids_at_their_position():
-    s = score(["a b c d"], ["a x c y"], reference_ids=[[1, 2, 3, 4]], reconstruction_ids=[[1, 9, 3, 8]])
+    s = score(
+        ["a b c d"], ["a x c y"], reference_ids=[[1, 2, 3, 4]], reconstruction_ids=[[1, 9, 3, 8]]
+    )
     assert s.token_recall == 0.5
 
 

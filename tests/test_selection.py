@@ -52,7 +52,9 @@ def test_layer_lists_parse_ranges_commas_last_and_all():
 
 
 def test_unmatched_spec_names_the_closest_modules(tiny_model):
-    with pytest.raises(GradAuditError, match="closest names: bert.encoder.layer.0.attention.self.query"):
+    with pytest.raises(
+        GradAuditError, match="closest names: bert.encoder.layer.0.attention.self.query"
+    ):
         select_modules(tiny_model, "bert.encoder.layer.0.attention.self.qeury")
 
 
