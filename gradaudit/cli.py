@@ -145,6 +145,44 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchGrid, render_table, run_bench, write_bench
+    from .models import load_model
+    from .selection import parse_layers
+
+    model, tokenizer = load_model(args.model)
+    grid = BenchGrid.quick() if args.quick else BenchGrid()
+    for name in ("datasets", "components", "attacks"):
+        if getattr(args, name):
+            setattr(grid, name, _csv(getattr(args, name)))
+    if args.layers:
+        grid.layers = parse_layers(args.layers, int(model.config.num_hidden_layers))
+    if args.batch_sizes:
+        grid.batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
+    if args.sentences:
+        grid.sentences = args.sentences
+    for pair in args.attack_budget:
+        name, _, value = pair.partition("=")
+        grid.budgets[name] = float(value)
+    if args.data_dir is None or not Path(args.data_dir).is_dir():
+        raise GradAuditError(
+            f"--data-dir {args.data_dir} is not a folder: pass the folder holding cola/dev.tsv, "
+            "sst2/dev.tsv and rotten_tomatoes/test.tsv (../shared/data in this repo's checkout)"
+        )
+    progress = None if args.quiet else tqdm.write
+    result = run_bench(
+        model, tokenizer, args.data_dir, grid, seed=args.seed, device=args.device, progress=progress
+    )
+    print(render_table(result))
+    written = write_bench(args.out, result)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradaudit", description="Audit training-text leakage from partial gradients."
@@ -165,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--model", required=True)
     add_attack_arguments(attack)
     attack.set_defaults(func=cmd_attack)
+
+    bench = sub.add_parser("bench", help="the paper's grid: data sets x modules x attacks x B")
+    bench.add_argument("--model", default="minilm")
+    bench.add_argument("--data-dir", help="folder with cola/, sst2/, rotten_tomatoes/ files")
+    bench.add_argument("--quick", action="store_true", help="a small subset: minutes on 2 CPUs")
+    bench.add_argument("--datasets", help="comma list of cola,sst2,rotten_tomatoes")
+    bench.add_argument("--components", help="comma list of query,...,ffn_out,layer,full")
+    bench.add_argument("--layers", help="e.g. 0-5, 0,2 or all")
+    bench.add_argument("--attacks", help="comma list, e.g. gradmatch,span,auto")
+    bench.add_argument("--batch-sizes", help="comma list, e.g. 1,4,8")
+    bench.add_argument("--sentences", type=int, help="sentences per cell")
+    bench.add_argument(
+        "--attack-budget",
+        action="append",
+        default=[],
+        metavar="ATTACK=BUDGET",
+        help="budget for one attack, e.g. gradmatch=0.1 (default 1)",
+    )
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"))
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -6,6 +6,7 @@ One configuration, `METRIC_CONFIG`, is written into every result so scores are c
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -123,3 +124,12 @@ def score(
         exact=mean("exact"),
         sentences=sentences,
     )
+
+
+def canary_exposure(secret: str, reconstruction: str) -> float:
+    """Share of a planted secret's words (a multiset) found in one reconstruction."""
+    wanted = Counter(_TOKENIZER.tokenize(strip_special(secret)))
+    if not wanted:
+        raise GradAuditError("a canary secret needs at least one word")
+    found = Counter(_TOKENIZER.tokenize(strip_special(reconstruction)))
+    return sum((wanted & found).values()) / sum(wanted.values())

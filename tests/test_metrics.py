@@ -53,3 +53,13 @@ def test_configuration_is_written_into_every_result():
 def test_mismatched_counts_are_an_error():
     with pytest.raises(GradAuditError, match="2 references but 1"):
         score(["a", "b"], ["a"])
+
+
+def test_canary_exposure_counts_secret_words_recovered_anywhere():
+    from gradaudit.metrics import canary_exposure
+
+    assert canary_exposure("maria delgado 4417", "hi maria , 4417 is mine") == 2 / 3
+    assert canary_exposure("4417 4417", "4417") == 0.5
+    assert canary_exposure("peter", "[CLS] nothing here [SEP]") == 0.0
+    with pytest.raises(GradAuditError, match="at least one word"):
+        canary_exposure(" , ", "x")
