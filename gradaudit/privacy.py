@@ -87,7 +87,10 @@ def epsilon(
     delta: float,
     accountant: str = "rdp",
 ) -> float:
-    """ε of `steps` Poisson-subsampled Gaussian steps, from an Opacus accountant (∞ when σ = 0)."""
+    """ε of `steps` Poisson-subsampled Gaussian steps, from an Opacus accountant (∞ when σ = 0).
+
+    A negative value from the RDP conversion is reported as 0, which it implies.
+    """
     check_dp_parameters(
         noise_multiplier=noise_multiplier,
         sample_rate=sample_rate,
@@ -101,15 +104,15 @@ def epsilon(
         return math.inf
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta))
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 def engine_epsilon(privacy_engine: Any, delta: float) -> float:
-    """ε spent so far by an Opacus `PrivacyEngine`, read from its own accountant."""
+    """ε spent so far by an Opacus `PrivacyEngine`, from its own accountant (0 if negative)."""
     check_dp_parameters(delta=delta)
     if len(privacy_engine.accountant) == 0:
         return 0.0
-    return float(privacy_engine.get_epsilon(delta))
+    return max(0.0, float(privacy_engine.get_epsilon(delta)))
 
 
 def _number(value: float) -> str:
