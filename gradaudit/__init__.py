@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .assertions import assert_leaks, assert_no_leakage  # noqa: E402
 from .attacks import Attack, Reconstruction, get_attack  # noqa: E402
 from .audit import THREAT_MODEL, AuditResult, audit_batch, audit_snapshot  # noqa: E402
 from .errors import GradAuditError  # noqa: E402
@@ -17,6 +18,8 @@ __all__ = [
     "GradientSnapshot",
     "Reconstruction",
     "__version__",
+    "assert_leaks",
+    "assert_no_leakage",
     "audit_batch",
     "audit_snapshot",
     "capture",

@@ -7,6 +7,7 @@ gradaudit never builds module names by string hacks of its own.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -50,6 +51,25 @@ ROBERTA = Family(
 FAMILIES = (BERT, ROBERTA)
 
 
+def locate_name(
+    module_name: str, families: tuple[Family, ...] = FAMILIES
+) -> tuple[str, int] | None:
+    """(component, layer) read from a module name alone (no model), or None when unknown."""
+    for family in families:
+        for component, relative in family.components.items():
+            layers, tail = re.escape(family.layers), re.escape(relative)
+            match = re.search(rf"(?:^|\.){layers}\.(\d+)\.{tail}$", module_name)
+            if match:
+                return component, int(match.group(1))
+    return None
+
+
+def module_label(module_name: str) -> str:
+    """`query@2` for a known component, the full module name otherwise."""
+    found = locate_name(module_name)
+    return module_name if found is None else f"{found[0]}@{found[1]}"
+
+
 def _base_prefix(model: nn.Module) -> str:
     base = getattr(model, "base_model", model)
     for name, module in model.named_modules():
@@ -79,11 +99,10 @@ class ModelLayout:
 
     def locate(self, module_name: str) -> tuple[str, int] | None:
         """(component, layer) of a module name, or None when it is not a known component."""
-        for layer in range(self.num_layers):
-            for component in COMPONENTS:
-                if self.component_name(component, layer) == module_name:
-                    return component, layer
-        return None
+        found = locate_name(module_name, (self.family,))
+        if found is None or found[1] >= self.num_layers:
+            return None
+        return found if self.component_name(*found) == module_name else None
 
     def submodule(self, relative: str) -> nn.Module:
         return self.model.get_submodule(f"{self.prefix}{relative}")
