@@ -211,7 +211,8 @@ def dp_finetune(
                 if done == steps:
                     break
     spent = engine_epsilon(engine, delta)
-    private._close()
+    optimizer.zero_grad()
+    private.remove_hooks()
     return work.eval(), spent
 
 
