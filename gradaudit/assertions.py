@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from .audit import AuditResult
 from .errors import GradAuditError
-from .families import module_label
+from .families import modules_label
 
 Audits = AuditResult | Iterable[AuditResult] | str | os.PathLike
 METRICS = ("rouge1", "rouge2", "token_recall", "exact")
@@ -81,7 +81,7 @@ def _describe(audit: AuditResult, metric: str) -> str:
     )
     return "\n".join(
         [
-            f"  modules: {', '.join(module_label(m) for m in audit.modules)}",
+            f"  modules: {modules_label(audit.modules)}",
             f"  attack:  {audit.attack} ({audit.gradient} gradient, batch of {audit.batch_size})",
             f"  step:    {'-' if audit.step is None else audit.step}",
             f"  scores:  {scores or '-'}",

@@ -183,6 +183,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import read_report, redact_report, write_report
+
+    report = read_report(args.dir)
+    if args.redact:
+        report = redact_report(report)
+    write_report(args.dir, report)
+    html = Path(args.dir) / "report.html"
+    if args.open:
+        print(html.resolve())
+    else:
+        print(f"report: {html} (and report.md, report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradaudit", description="Audit training-text leakage from partial gradients."
@@ -226,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-out"))
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser(
+        "report", help="re-render report.md and report.html of an audit directory from report.json"
+    )
+    report.add_argument("dir", type=Path, help="audit directory holding report.json")
+    report.add_argument(
+        "--redact",
+        action="store_true",
+        help="remove all text, in report.json too (cannot be undone): scores and counts only",
+    )
+    report.add_argument("--open", action="store_true", help="print the path of report.html")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

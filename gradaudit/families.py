@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -64,10 +64,28 @@ def locate_name(
     return None
 
 
-def module_label(module_name: str) -> str:
-    """`query@2` for a known component, the full module name otherwise."""
-    found = locate_name(module_name)
-    return module_name if found is None else f"{found[0]}@{found[1]}"
+def _layer_ranges(layers: list[int]) -> str:
+    runs: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def modules_label(module_names: Iterable[str]) -> str:
+    """Short label of a module set, e.g. `query@0-2, ffn_in@4`; unknown names stay in full."""
+    layers: dict[str, list[int]] = {}
+    others: list[str] = []
+    for name in module_names:
+        found = locate_name(name)
+        if found is None:
+            others.append(name)
+        else:
+            layers.setdefault(found[0], []).append(found[1])
+    parts = [f"{c}@{_layer_ranges(layers[c])}" for c in COMPONENTS if c in layers]
+    return ", ".join(parts + others)
 
 
 def _base_prefix(model: nn.Module) -> str:

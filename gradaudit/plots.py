@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .io import atomic_write_bytes  # noqa: E402
 
@@ -44,3 +45,40 @@ def heatmap(
 def heatmap_png(path: str | Path, matrix, *, rows, columns, title) -> Path:
     """Write `heatmap(...)` to `path` atomically."""
     return atomic_write_bytes(path, heatmap(matrix, rows=rows, columns=columns, title=title))
+
+
+Points = Sequence[tuple[float, float]]
+
+
+def line_panels(
+    panels: Mapping[str, Mapping[str, Points]],
+    *,
+    xlabel: str,
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+) -> bytes:
+    """Side-by-side panels (title -> series label -> (x, y) points), one legend below them.
+
+    x values are integers (steps or audit numbers); `ylim` widens a little so points on the
+    bounds stay visible.
+    """
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False, sharey=ylim is not None
+    )
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for k, (label, points) in enumerate(series.items()):
+            xs, ys = zip(*sorted(points)) if points else ((), ())
+            # Distinct markers and dashes keep coinciding series visible under each other.
+            ax.plot(xs, ys, label=label, marker="osD^v<>p*h"[k % 10], markersize=6 - k % 3,
+                    linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85)  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ylim is not None:
+            ax.set_ylim(ylim[0] - 0.03, ylim[1] + 0.03)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if len(labels) > 1:
+        rows = (len(labels) + 3) // 4
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+        fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
+    return figure_png(fig)
