@@ -1,0 +1,318 @@
+"""Auditing during training: record each step's batch, snapshot sampled steps, attack them.
+
+The auditor never changes training: it draws from no global RNG, modifies no gradient,
+never switches train/eval and copies tensors to the CPU on sampled steps only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import random
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .audit import AuditResult
+from .audit_config import AuditConfig
+from .batch import BATCH_KEYS, check_batch
+from .errors import GradAuditError
+from .io import private_dir
+from .report import build_report, read_report, write_report
+from .selection import select_modules
+from .snapshot import GradientSnapshot
+from .worker import WORKER_NAME, BackgroundAttacker, Job, run_job, snapshot_dir
+
+Batch = dict[str, torch.Tensor]
+# Relative slack when telling a clipped total norm (== max_grad_norm) from an unclipped one.
+_CLIP_TOLERANCE = 1e-3
+
+
+def concat_batches(batches: Sequence[Batch], pad_token_id: int = 0) -> Batch:
+    """Concatenate micro-batches along the batch axis, right-padding to a common length."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+    out = {}
+    for key in batches[0]:
+        parts = []
+        for b in batches:
+            t = b[key]
+            if t.dim() == 2 and t.shape[1] < width:
+                t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pads.get(key, 0))
+            parts.append(t)
+        out[key] = torch.cat(parts)
+    return out
+
+
+@contextmanager
+def preserve_rng() -> Iterator[None]:
+    """Restore the python, numpy and torch (CPU and CUDA) generators on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Create `directory` privately and prove a file can be written in it."""
+    try:
+        path = private_dir(directory)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".gradaudit-probe-"):
+            pass
+    except OSError as error:
+        raise GradAuditError(
+            f"output_dir {directory} is not writable ({error.strerror or error}): "
+            "choose a directory you can write to"
+        ) from None
+    return path
+
+
+class Auditor:
+    """Audits sampled optimizer steps of a training loop; `close()` writes the report.
+
+    With `optimizer`, gradients are taken in its step pre-hook (after all-reduce, unscaling
+    and clipping); without, call `before_step()` right before `optimizer.step()`.
+    Adapters pass `max_grad_norm` (to label clipped gradients), `is_main_process` (only the
+    main process saves, attacks and writes) and `gather` (one batch in, every rank's out).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AuditConfig,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        max_grad_norm: float | None = None,
+        is_main_process: bool = True,
+        gather: Callable[[Batch], list[Batch]] | None = None,
+        last_step: int | None = None,
+    ) -> None:
+        if multiprocessing.current_process().name == WORKER_NAME:
+            raise GradAuditError(
+                "the attack worker re-imported a training script that builds an Auditor at top "
+                "level: guard the script with `if __name__ == '__main__':` (the worker is spawned)"
+            )
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.modules = select_modules(model, config.modules)
+        self.max_grad_norm = max_grad_norm
+        self.is_main_process = is_main_process
+        self._gather = gather
+        if is_main_process and config.attack is not None and tokenizer is None:
+            raise GradAuditError(
+                f"attack {config.attack!r} needs the tokenizer: pass tokenizer=, or set "
+                "attack=None to only save snapshots"
+            )
+        if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
+            raise GradAuditError(
+                f"optimizer {type(optimizer).__name__} has no register_step_pre_hook: use a "
+                "torch.optim.Optimizer (torch >= 2.0), or pass no optimizer and call "
+                "auditor.before_step() before each optimizer.step()"
+            )
+        if is_main_process:
+            check_writable(config.output_dir)
+        why = config.selects_nothing(last_step)
+        if why is not None:
+            warnings.warn(
+                f"gradaudit: the sampling options select no step ({why}); no audit will run: "
+                "set every_n_steps, steps or probability",
+                stacklevel=2,
+            )
+        self._forward_params = list(inspect.signature(model.forward).parameters)
+        self._step = 0
+        self._audits = 0
+        self._audited_steps: list[int] = []
+        self._results: dict[int, AuditResult] = {}
+        self._batches: list[Batch] = []
+        self._checked = False
+        self._next: tuple[int, bool] = (0, False)
+        self._lock = threading.Lock()
+        self._attack_model: nn.Module | None = None
+        self._closed = False
+        self._hooks = [model.register_forward_pre_hook(self._record, with_kwargs=True)]
+        if optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._step_pre_hook))
+        self._attacker = None
+        if is_main_process and config.attack is not None and config.background:
+            self._attacker = BackgroundAttacker(model, tokenizer, config, self._add_result)
+
+    # -- state (resume) -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters to checkpoint, so a resumed run keeps counting steps and audits."""
+        return {"step": self._step, "audits": self._audits, "audited_steps": self._audited_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters; audits of earlier steps are read back from the old report."""
+        self._step = int(state["step"])
+        self._audited_steps = [s for s in state["audited_steps"] if s <= self._step]
+        self._audits = len(self._audited_steps)
+        if not self.is_main_process or not (Path(self.config.output_dir) / "report.json").is_file():
+            return
+        for audit in read_report(self.config.output_dir)["audits"]:
+            if audit["step"] in self._audited_steps:
+                self._results[audit["step"]] = AuditResult.from_dict(audit)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._step
+
+    @property
+    def results(self) -> list[AuditResult]:
+        """Finished audits, by step."""
+        with self._lock:
+            return [self._results[s] for s in sorted(self._results)]
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _sampled(self, step: int) -> bool:
+        if self._next[0] != step:
+            self._next = (step, self.config.is_sampled(step, self._audits))
+        return self._next[1]
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._closed or not torch.is_grad_enabled():
+            return  # evaluation forwards are not training batches
+        if not self._checked or self._sampled(self._step + 1):
+            inputs = {**dict(zip(self._forward_params, args)), **kwargs}
+            tensors = {k: inputs[k] for k in BATCH_KEYS if torch.is_tensor(inputs.get(k))}
+            check_batch(tensors)
+            self._checked = True
+            if self._sampled(self._step + 1):
+                self._batches.append(
+                    {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+                )
+
+    def _step_pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.before_step()
+
+    def before_step(self, step: int | None = None) -> None:
+        """Take the gradients of step `step` (default: the next one) if it is sampled."""
+        step = self._step + 1 if step is None else step
+        try:
+            if not self._closed and self._sampled(step):
+                self._capture(step)
+        finally:
+            self._step = step
+            self._batches = []
+
+    # -- capture and attack ---------------------------------------------------------------
+
+    def _gradient_kind(self) -> tuple[str, dict[str, float]]:
+        if not self.max_grad_norm or self.max_grad_norm <= 0:
+            return "raw", {}
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        norm = float(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        )
+        clipped = norm >= self.max_grad_norm * (1 - _CLIP_TOLERANCE)
+        return ("clipped" if clipped else "raw"), {
+            "grad_norm": norm,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
+    def _capture(self, step: int) -> None:
+        pad = getattr(self.model.config, "pad_token_id", None) or 0
+        batch = concat_batches(self._batches, pad) if self._batches else None
+        if self._gather is not None:  # every rank takes part, so no rank waits forever
+            gathered = [b for b in self._gather(batch) if b is not None]
+            batch = concat_batches(gathered, pad) if gathered else None
+        self._audits += 1  # on every rank, so all ranks keep sampling the same steps
+        self._audited_steps.append(step)
+        if not self.is_main_process:
+            return
+        job = Job(
+            step=step,
+            directory=str(snapshot_dir(self.config.output_dir, step)),
+            modules=self.modules,
+            batch_size=0 if batch is None else int(batch["input_ids"].shape[0]),
+            gradient="raw",
+            info={"micro_batches": len(self._batches)},
+        )
+        attack = self.config.attack or "none"
+        if batch is None:
+            self._add_result(
+                job.result(
+                    attack,
+                    "no training forward was recorded for this step: build the auditor before "
+                    "the first forward of the step",
+                )
+            )
+            return
+        try:
+            job.gradient, norms = self._gradient_kind()
+            job.info.update(norms)
+            snapshot = GradientSnapshot.from_grads(
+                self.model, batch, self.modules, kind=job.gradient, step=step, include_weights=True
+            )
+            snapshot.meta = dict(job.info)
+            snapshot.save(job.directory)
+        except Exception as error:  # noqa: BLE001 - a failed capture is recorded, never raised
+            self._add_result(job.result(attack, f"capture failed: {type(error).__name__}: {error}"))
+            return
+        if self.config.attack is None:
+            self._add_result(job.result(attack))  # capture only
+        elif self._attacker is not None:
+            self._attacker.submit(job)
+        else:
+            self._add_result(self._attack_inline(job))
+
+    def _attack_inline(self, job: Job) -> AuditResult:
+        with preserve_rng():
+            if self._attack_model is None:  # weights come from the snapshot; no hooks on it
+                try:
+                    self._attack_model = type(self.model)(self.model.config)
+                except Exception as error:  # noqa: BLE001 - recorded, never raised
+                    return job.result(self.config.attack, f"cannot rebuild the model: {error}")
+            return run_job(self._attack_model, self.tokenizer, self.config, job)
+
+    def _add_result(self, result: AuditResult) -> None:
+        with self._lock:
+            self._results[result.step] = result
+            self._write_report()
+
+    def _write_report(self) -> Path:
+        audits = [self._results[s] for s in sorted(self._results)]
+        report = build_report(audits, config=self.config.to_dict(), redact=self.config.redact)
+        return write_report(self.config.output_dir, report)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close(self, timeout_s: float | None = None) -> Path | None:
+        """Stop recording, wait for pending attacks (at most `timeout_s`), write the report.
+
+        Returns the report path on the main process, None elsewhere.
+        """
+        if not self._closed:
+            self._closed = True
+            for hook in self._hooks:
+                hook.remove()
+            self._batches = []
+            if self._attacker is not None:
+                self._attacker.close(timeout_s)
+        if not self.is_main_process:
+            return None
+        with self._lock:
+            return self._write_report()
+
+    def __enter__(self) -> Auditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
