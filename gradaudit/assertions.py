@@ -1,7 +1,9 @@
 """Leakage assertions for test suites: a plain AssertionError with a readable message.
 
 Both take one `AuditResult`, several, or an audit directory holding `report.json`, and judge
-the worst case over all of them: the highest score any audit reached.
+the worst case over all of them: the highest score any audit reached. Under pytest the
+helpers' own frames are hidden from tracebacks (`__tracebackhide__`), so a failure shows the
+test's line and this module's message, and no stored text through frame locals.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def _thresholds(prefix: str, values: dict[str, float | None]) -> dict[str, float
 
 
 def _check_ran(function: str, audits: list[AuditResult]) -> None:
+    __tracebackhide__ = True  # pytest shows the caller's line, not these helpers' internals
     for i, audit in enumerate(audits):
         if audit.error is not None or any(getattr(audit, m) is None for m in METRICS):
             raise AssertionError(
@@ -91,6 +94,7 @@ def _describe(audit: AuditResult, metric: str) -> str:
 
 
 def _check(function: str, target: Audits, limits: dict[str, float], upper: bool) -> None:
+    __tracebackhide__ = True
     audits = load_audits(target)
     _check_ran(function, audits)
     op, name = (">", "max") if upper else ("<", "min")
@@ -123,6 +127,7 @@ def assert_no_leakage(
 
     Thresholds are shares in [0, 1]; None skips a metric. An audit that errored fails too.
     """
+    __tracebackhide__ = True
     limits = _thresholds(
         "max",
         {"rouge1": max_rouge1, "rouge2": max_rouge2, "token_recall": max_token_recall,
@@ -143,6 +148,7 @@ def assert_leaks(
 
     Use it to check that an audit still finds a leak it is known to find (e.g. no DP noise).
     """
+    __tracebackhide__ = True
     limits = _thresholds(
         "min",
         {"rouge1": min_rouge1, "rouge2": min_rouge2, "token_recall": min_token_recall,
