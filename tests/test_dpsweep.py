@@ -2,8 +2,8 @@ import json
 import math
 
 import pytest
+from _tiny import tiny_tokenizer
 from conftest import WORDS, make_tiny_model
-from transformers import BertTokenizerFast
 
 from gradaudit import GradAuditError
 from gradaudit.attacks import attack_names
@@ -12,14 +12,9 @@ from gradaudit.data import Examples
 from gradaudit.dpsweep import SweepSettings, run_dpsweep
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    # transformers 5 reads a vocabulary file from `vocab=` (it ignores `vocab_file=`).
-    from conftest import SPECIALS
-
-    path = tmp_path_factory.mktemp("dpvocab") / "vocab.txt"
-    path.write_text("\n".join(SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(WORDS))) + "\n")
-    return BertTokenizerFast(vocab=str(path), do_lower_case=True)
+@pytest.fixture
+def tokenizer(tiny_vocab):
+    return tiny_tokenizer(tiny_vocab)  # conftest's fixture still passes `vocab_file=`
 
 
 def _examples(n: int) -> Examples:
