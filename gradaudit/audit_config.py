@@ -26,6 +26,9 @@ class AuditConfig:
     `first_step + k * every_n_steps`, or wins a draw of `probability` (a generator seeded
     by `seed` and the step, so every rank and every resumed run draws the same). With none
     of the three rules given, every `DEFAULT_EVERY_N_STEPS` steps are audited.
+    Each background attack may take `attack_timeout_s`; `close()` waits for pending ones
+    at most `close_timeout_s` in all (None: until each finished or timed out); the worker uses
+    `worker_threads` CPU threads, leaving the others to training.
     `attack=None` captures and saves snapshots without attacking them (attack them later
     with `gradaudit attack OUTPUT_DIR/snapshots`).
     """
@@ -44,6 +47,8 @@ class AuditConfig:
     output_dir: str = "gradaudit-out"
     background: bool = True
     attack_timeout_s: float = 3600.0
+    close_timeout_s: float | None = None
+    worker_threads: int = 1
     keep_snapshots: bool = False
     redact: bool = False
 
@@ -69,8 +74,12 @@ class AuditConfig:
             raise GradAuditError(f"max_audits must be >= 0 or null, got {self.max_audits}")
         if self.budget <= 0:
             raise GradAuditError(f"budget must be positive, got {self.budget}")
-        if self.attack_timeout_s <= 0:
-            raise GradAuditError(f"attack_timeout_s must be positive, got {self.attack_timeout_s}")
+        if self.worker_threads < 1:
+            raise GradAuditError(f"worker_threads must be >= 1, got {self.worker_threads}")
+        for name in ("attack_timeout_s", "close_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise GradAuditError(f"{name} must be positive, got {value}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -130,6 +139,15 @@ class AuditConfig:
                 f"known: {', '.join(sorted(known))}"
             )
         return cls(**dict(data))
+
+    @classmethod
+    def load(cls, source: AuditConfig | Mapping[str, Any] | str | Path) -> AuditConfig:
+        """A config from itself, a mapping, or a YAML/JSON file path."""
+        if isinstance(source, AuditConfig):
+            return source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        return cls.from_file(source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> AuditConfig:

@@ -27,7 +27,7 @@ from .audit_config import AuditConfig
 from .batch import BATCH_KEYS, check_batch
 from .errors import GradAuditError
 from .io import private_dir
-from .report import build_report, read_report, write_report
+from .report import SCORE_KEYS, build_report, read_report, write_report
 from .selection import select_modules
 from .snapshot import GradientSnapshot
 from .worker import WORKER_NAME, BackgroundAttacker, Job, run_job, snapshot_dir
@@ -78,6 +78,18 @@ def check_writable(directory: str | Path) -> Path:
             "choose a directory you can write to"
         ) from None
     return path
+
+
+def result_metrics(result: AuditResult) -> dict[str, float]:
+    """`gradaudit/...` scalars of one finished audit, for a training logger."""
+    metrics = {"gradaudit/audited_step": float(result.step or 0)}
+    if result.error is not None:
+        metrics["gradaudit/error"] = 1.0
+    for key in SCORE_KEYS:
+        value = getattr(result, key)
+        if value is not None:
+            metrics[f"gradaudit/{key}"] = float(value)
+    return metrics
 
 
 class Auditor:
@@ -138,6 +150,7 @@ class Auditor:
         self._audits = 0
         self._audited_steps: list[int] = []
         self._results: dict[int, AuditResult] = {}
+        self._unseen: list[AuditResult] = []
         self._batches: list[Batch] = []
         self._checked = False
         self._next: tuple[int, bool] = (0, False)
@@ -162,7 +175,8 @@ class Auditor:
         self._step = int(state["step"])
         self._audited_steps = [s for s in state["audited_steps"] if s <= self._step]
         self._audits = len(self._audited_steps)
-        if not self.is_main_process or not (Path(self.config.output_dir) / "report.json").is_file():
+        report = Path(self.config.output_dir) / "report.json"
+        if not self.is_main_process or not self._audited_steps or not report.is_file():
             return
         for audit in read_report(self.config.output_dir)["audits"]:
             if audit["step"] in self._audited_steps:
@@ -178,6 +192,12 @@ class Auditor:
         """Finished audits, by step."""
         with self._lock:
             return [self._results[s] for s in sorted(self._results)]
+
+    def new_results(self) -> list[AuditResult]:
+        """Audits finished since the last call (for logging them once)."""
+        with self._lock:
+            unseen, self._unseen = self._unseen, []
+        return unseen
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -267,7 +287,13 @@ class Auditor:
             self._add_result(job.result(attack, f"capture failed: {type(error).__name__}: {error}"))
             return
         if self.config.attack is None:
-            self._add_result(job.result(attack))  # capture only
+            self._add_result(
+                job.result(
+                    attack,
+                    "not attacked (capture only, attack is None): attack the snapshot with "
+                    f"`gradaudit attack {job.directory} --model ...`",
+                )
+            )
         elif self._attacker is not None:
             self._attacker.submit(job)
         else:
@@ -285,6 +311,7 @@ class Auditor:
     def _add_result(self, result: AuditResult) -> None:
         with self._lock:
             self._results[result.step] = result
+            self._unseen.append(result)
             self._write_report()
 
     def _write_report(self) -> Path:
@@ -294,8 +321,8 @@ class Auditor:
 
     # -- closing --------------------------------------------------------------------------
 
-    def close(self, timeout_s: float | None = None) -> Path | None:
-        """Stop recording, wait for pending attacks (at most `timeout_s`), write the report.
+    def close(self) -> Path | None:
+        """Stop recording, wait for pending attacks (`close_timeout_s`), write the report.
 
         Returns the report path on the main process, None elsewhere.
         """
@@ -305,7 +332,7 @@ class Auditor:
                 hook.remove()
             self._batches = []
             if self._attacker is not None:
-                self._attacker.close(timeout_s)
+                self._attacker.close(self.config.close_timeout_s)
         if not self.is_main_process:
             return None
         with self._lock:

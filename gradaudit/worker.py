@@ -25,6 +25,7 @@ from .snapshot import GradientSnapshot
 
 _POLL_S = 0.5
 WORKER_NAME = "gradaudit-attack-worker"
+_READY = "ready"
 
 
 @dataclass
@@ -38,8 +39,8 @@ class Job:
     gradient: str
     info: dict[str, Any] = field(default_factory=dict)
 
-    def result(self, attack: str, error: str | None = None) -> AuditResult:
-        """A result without scores: a failure, or (error None) a snapshot not attacked."""
+    def result(self, attack: str, error: str) -> AuditResult:
+        """A result without scores; `error` says why."""
         return AuditResult(
             modules=self.modules,
             attack=attack,
@@ -85,7 +86,11 @@ def run_job(
 
 def _worker_main(model_class, model_config, tokenizer, config: AuditConfig, jobs, results) -> None:
     """Entry point of the spawned process: build the model once, attack jobs until None."""
+    import torch
+
+    torch.set_num_threads(config.worker_threads)
     model = model_class(model_config)  # weights come from each snapshot
+    results.put(_READY)
     while (job := jobs.get()) is not None:
         results.put(run_job(model, tokenizer, config, job).to_dict())
 
@@ -169,16 +174,22 @@ class BackgroundAttacker:
         )
 
     def _attack(self, job: Job) -> AuditResult:
-        if self._process is None:
+        starting = self._process is None
+        if starting:
             self._start()
         self._process_jobs.put(job)
         deadline = time.monotonic() + self._config.attack_timeout_s
         while True:
             try:
-                return AuditResult.from_dict(self._process_results.get(timeout=_POLL_S))
+                message = self._process_results.get(timeout=_POLL_S)
             except queue.Empty:
-                pass
-            if not self._process.is_alive():
+                message = None
+            if message == _READY:  # the timeout counts from here, not from the slow start
+                deadline = time.monotonic() + self._config.attack_timeout_s
+                starting = False
+            elif message is not None:
+                return AuditResult.from_dict(message)
+            elif not self._process.is_alive():
                 code = self._process.exitcode
                 self._process = None
                 return job.result(
@@ -188,14 +199,14 @@ class BackgroundAttacker:
                     "your training script with `if __name__ == '__main__':` (the worker is "
                     "spawned and re-imports it)",
                 )
-            if time.monotonic() > deadline:
+            elif not starting and time.monotonic() > deadline:
                 self._stop(kill=True)
                 return job.result(
                     self._config.attack,
                     f"attack timed out after {self._config.attack_timeout_s:g} s: raise "
                     "attack_timeout_s or lower budget",
                 )
-            if self._closing_expired():
+            elif self._closing_expired():
                 self._stop(kill=True)
                 return self._not_attacked(job, "the close timeout passed while it ran")
 

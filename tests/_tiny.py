@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from conftest import SPECIALS, WORDS
 from torch.utils.data import Dataset
 from transformers import BertTokenizerFast
 
@@ -23,9 +25,23 @@ SENTENCES = [
 ]
 
 
-def tiny_tokenizer(vocab: Path) -> BertTokenizerFast:
-    """A WordPiece tokenizer over the words of `vocab` (transformers 5 takes `vocab=`)."""
+def tiny_tokenizer(directory: Path) -> BertTokenizerFast:
+    """A WordPiece tokenizer over the test words, its vocab file written in `directory`.
+
+    (conftest's `tiny_tokenizer` passes `vocab_file=`, which transformers 5 ignores: every
+    word becomes [UNK]; `vocab=` loads the file.)
+    """
+    vocab = Path(directory) / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(WORDS))) + "\n")
     return BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
+
+
+def one_thread() -> Iterator[None]:
+    """Body of a fixture: torch on one thread (shared CPUs thrash with more), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyTexts(Dataset):
@@ -46,10 +62,10 @@ class TinyTexts(Dataset):
 
 
 def tiny_config(out: Path, **overrides) -> AuditConfig:
-    """An inline, fast gradmatch config writing to `out`."""
+    """An inline, fast gradmatch config writing to `out` (every 5 steps unless `steps`)."""
     settings = {
         "modules": ["query@0"],
-        "every_n_steps": 5,
+        "every_n_steps": None if "steps" in overrides else 5,
         "attack": "gradmatch",
         "budget": 0.01,
         "output_dir": str(out),

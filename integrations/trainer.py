@@ -1,0 +1,142 @@
+"""`GradAuditCallback`: audit sampled steps of a `transformers.Trainer` run.
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.add_callback(GradAuditCallback(AuditConfig(modules=["query@0"]), trainer=trainer))
+
+With `trainer`, finished audits are logged as `gradaudit/rouge1` etc. through `trainer.log`,
+so every `report_to` integration receives them; without it they go to `report.json` only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
+
+from gradaudit.audit_config import AuditConfig
+from gradaudit.auditor import Auditor, result_metrics
+from gradaudit.errors import GradAuditError
+
+from .accelerate import gather_batches
+
+
+def _sharded_backend(args: TrainingArguments) -> str | None:
+    from accelerate.utils import DistributedType
+
+    kind = args.distributed_state.distributed_type if args.distributed_state else None
+    if args.deepspeed or kind == DistributedType.DEEPSPEED:
+        return "DeepSpeed"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    if args.fsdp or kind == DistributedType.FSDP:
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    return None
+
+
+class GradAuditCallback(TrainerCallback, ExportableState):
+    """Builds an `Auditor` at train begin, audits at `on_pre_optimizer_step`, closes at end.
+
+    Only world rank 0 saves, attacks and writes; under DDP the reference batch of a step is
+    gathered from every rank, as its gradient is the all-reduced one. Its counters are saved
+    in checkpoints, so a resumed run keeps counting steps and audits.
+    """
+
+    def __init__(
+        self,
+        config: AuditConfig | Mapping[str, Any] | str | Path,
+        trainer: Any = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        self.config = AuditConfig.load(config)
+        self.trainer = trainer
+        self.tokenizer = tokenizer
+        self.auditor: Auditor | None = None
+        self.auditor_state: dict[str, Any] | None = None
+        self._logging = False
+
+    def state(self) -> dict[str, Any]:
+        if self.auditor is not None:
+            self.auditor_state = self.auditor.state_dict()
+        return {
+            "args": {"config": self.config.to_dict()},
+            "attributes": {"auditor_state": self.auditor_state},
+        }
+
+    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
+        """This callback's counters from the checkpoint being resumed, if any."""
+        if self.auditor_state is not None:  # set by restore_callback_states_from_checkpoint
+            return self.auditor_state
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0]
+        return (saved or {}).get("attributes", {}).get("auditor_state")
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model=None,
+        processing_class=None,
+        **kwargs,
+    ) -> None:
+        backend = _sharded_backend(args)
+        if backend is not None:
+            raise GradAuditError(
+                f"GradAuditCallback does not support {backend}: it shards parameters and "
+                "gradients, so no rank holds a module's full gradient; audit a run trained "
+                "with DDP or on one process, or save snapshots with gradaudit.capture"
+            )
+        tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
+        saved = self._saved_state(state) if state.global_step > 0 else None
+        self.auditor = Auditor(
+            model,
+            self.config,
+            tokenizer=tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None,
+            max_grad_norm=args.max_grad_norm,
+            is_main_process=state.is_world_process_zero,
+            gather=gather_batches if args.world_size > 1 else None,
+            last_step=state.max_steps or None,
+        )
+        self.auditor.load_state_dict(
+            {"step": state.global_step, "audited_steps": (saved or {}).get("audited_steps", [])}
+        )
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        # The Trainer has all-reduced, unscaled and clipped the gradients by now.
+        self.auditor.before_step(state.global_step + 1)
+
+    def _log_new_results(self) -> None:
+        if self.auditor is None or self._logging:
+            return
+        results = self.auditor.new_results()
+        if self.trainer is None or not results:
+            return
+        self._logging = True  # trainer.log calls on_log of every callback, this one included
+        try:
+            for result in results:
+                self.trainer.log(result_metrics(result))
+        finally:
+            self._logging = False
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        self._log_new_results()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        if self.auditor is None:
+            return
+        self.auditor_state = self.auditor.state_dict()
+        self.auditor.close()
+        self._log_new_results()
