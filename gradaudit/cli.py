@@ -99,13 +99,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .audit import audit_snapshot
+    """Attack saved snapshots, sharded across ranks under torchrun or accelerate launch.
+
+    With RANK and WORLD_SIZE set, rank i attacks snapshots i, i + k, ... and rank 0 writes
+    the merged report.
+    """
+    import os
+
+    import torch
+
+    from .audit import AuditResult, audit_snapshot
     from .models import load_model
     from .report import build_report, write_report
     from .snapshot import GradientSnapshot
 
     options = parse_options(args.option)
-    model, tokenizer = load_model(args.model)
     root = Path(args.snapshots)
     dirs = (
         [root]
@@ -114,23 +122,48 @@ def cmd_attack(args: argparse.Namespace) -> int:
     )
     if not dirs:
         raise GradAuditError(f"{root} holds no snapshot (no snapshot.json in it or its subfolders)")
-    results = []
-    for i, directory in enumerate(tqdm(dirs, desc="attack", disable=args.quiet)):
-        snapshot = GradientSnapshot.load(directory, model)
-        result = audit_snapshot(
-            model,
-            tokenizer,
-            snapshot,
-            args.attack,
-            seed=args.seed + i,
-            device=args.device,
-            budget=args.budget,
-            **options,
-        )
-        results.append(result)
-        if not args.quiet:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # CPU collectives: only result lists travel
+        if device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    model, tokenizer = load_model(args.model)
+    results: list[tuple[int, AuditResult]] = []
+    mine = list(enumerate(dirs))[rank::world]
+    for i, directory in tqdm(mine, desc=f"attack (rank {rank})", disable=args.quiet):
+        try:
+            snapshot = GradientSnapshot.load(directory, model)
+            result = audit_snapshot(
+                model,
+                tokenizer,
+                snapshot,
+                args.attack,
+                seed=args.seed + i,  # by global index: sharded runs match a single one
+                device=device,
+                budget=args.budget,
+                **options,
+            )
+        except Exception as error:
+            if world == 1:
+                raise
+            # One rank's failure must not leave the others waiting at the gather.
+            result = AuditResult(
+                modules=[], attack=args.attack, batch_size=0, error=f"{directory}: {error}"
+            )
+        results.append((i, result))
+        if not args.quiet and result.error is None:
             tqdm.write(f"{directory}:")
             print_result(result)
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+        results = sorted((pair for part in gathered for pair in part), key=lambda p: p[0])
     config = {
         "command": "attack",
         "model": args.model,
@@ -139,8 +172,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "options": options,
         "budget": args.budget,
         "seed": args.seed,
+        "world_size": world,
     }
-    path = write_report(args.out, build_report(results, config=config, redact=args.redact))
+    report = build_report([r for _, r in results], config=config, redact=args.redact)
+    path = write_report(args.out, report)
     print(f"report: {path} and {path.with_suffix('.md')}")
     return 0
 
