@@ -72,7 +72,11 @@ def line_panels(
                     linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85)  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        xs_all = sorted({x for points in series.values() for x, _ in points})
+        if len(xs_all) <= 12:
+            ax.set_xticks(xs_all)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ylim is not None:
             ax.set_ylim(ylim[0] - 0.03, ylim[1] + 0.03)

@@ -29,8 +29,7 @@ h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 20px; margin: 36px 0 10px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 h3 { font-size: 16px; margin: 22px 0 8px; }
 .meta { color: #666; font-size: 13px; margin: 0 0 18px; }
-.verdict { border: 2px solid #c0392b; background: #fdf1ef; border-radius: 8px; padding: 14px 18px; }
-.verdict.low { border-color: #2e7d32; background: #eff7ef; }
+.verdict { border: 2px solid #8a8fa0; background: #f6f7fa; border-radius: 8px; padding: 14px 18px; }
 .verdict .headline { font-size: 18px; margin: 0 0 10px; }
 table { border-collapse: collapse; margin: 6px 0; font-size: 14px; }
 th, td { border: 1px solid #d5d5d5; padding: 4px 9px; text-align: left; vertical-align: top; }
@@ -86,7 +85,6 @@ def highlight(text: str, other: str) -> str:
 def _verdict(report: dict[str, Any]) -> str:
     worst = worst_case(report)
     epsilon = report_epsilon(report)
-    leaked = worst["rouge1"] is not None and worst["rouge1"] > 0
     eps = "not known (no DP accounting recorded)" if epsilon is None else fmt_number(epsilon)
     rows = [
         f"<tr><td>{escape(modules_label(key.split(', ')))}</td>"
@@ -97,7 +95,7 @@ def _verdict(report: dict[str, Any]) -> str:
     ]
     head = ["modules", "audits", "errors", "ROUGE-1", "ROUGE-2", "token recall", "exact"]
     return (
-        f'<section id="verdict" class="verdict{"" if leaked else " low"}">'
+        '<section id="verdict" class="verdict">'
         f'<p class="headline"><strong>Worst case over {len(report["audits"])} audit(s):</strong> '
         f"ROUGE-1 {fmt_score(worst['rouge1'])} · ROUGE-2 {fmt_score(worst['rouge2'])} · "
         f"token recall {fmt_score(worst['token_recall'])} · exact {fmt_score(worst['exact'])}"
