@@ -9,6 +9,8 @@ from .base import Attack, Reconstruction
 
 _REGISTRY: dict[str, str] = {
     "gradmatch": "gradaudit.attacks.gradmatch:GradMatchAttack",
+    "span": "gradaudit.attacks.span:SpanAttack",
+    "auto": "gradaudit.attacks.auto:AutoAttack",
 }
 
 

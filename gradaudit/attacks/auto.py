@@ -1,0 +1,70 @@
+"""The `auto` attack: `span` where the gradient spectrum allows it, `gradmatch` elsewhere.
+
+Span runs when some observed module is labelled `exact` (layer-0 query/key/value with a rank
+below the width); deep span mode is not implemented yet, so every other snapshot goes to
+gradmatch. `info["auto"]` records what ran and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..families import layout
+from ..snapshot import GradientSnapshot
+from ..spectrum import label
+from . import get_attack
+from .base import Attack, Reconstruction
+from .span import module_spectra
+from .span_exact import exact_applicable
+
+
+@dataclass
+class AutoOptions:
+    """`min_gap` decides the rank (see spectrum); `progress` is passed on to span."""
+
+    min_gap: float = 50.0
+    progress: bool = False
+
+
+class AutoAttack(Attack):
+    """Pick span or gradmatch per snapshot from the spectra of its gradients."""
+
+    name = "auto"
+    Options = AutoOptions
+
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        budget: float,
+    ) -> Reconstruction:
+        spectra = module_spectra(model, snapshot, self.options.min_gap, device)
+        tokens = int(snapshot.batch["attention_mask"].sum())
+        lay = layout(model)
+        labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
+        exact = sorted(m for m, lab in labels.items() if lab == "exact")
+        if exact:
+            opts = self.options
+            chosen = get_attack("span", min_gap=opts.min_gap, progress=opts.progress)
+            why = f"{', '.join(exact)}: per-token input with rank below the width (exact span)"
+        else:
+            chosen = get_attack("gradmatch")
+            why = "no module allows exact span recovery (labels: " + ", ".join(
+                f"{m}={lab}" for m, lab in labels.items()
+            ) + ")"
+        result = chosen.reconstruct(
+            model, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
+        )
+        result.info["auto"] = {"ran": chosen.name, "why": why, "labels": labels}
+        result.attack = self.name
+        result.options = {**self.options_dict(), chosen.name: result.options}
+        return result
+

@@ -1,0 +1,213 @@
+"""The `span` attack: the row space of a linear module's weight gradient spans its inputs.
+
+`G = sum_t delta_t x_t^T` has rank at most the number of tokens; below the input width its
+row space is a label-free, backward-free constraint on what the inputs were.
+
+- exact mode (`span_exact`): layer-0 query/key/value of an absolute-position encoder, whose
+  input is a per-token function of (token, position, segment): every vocabulary token is
+  tested at every slot, then sentences are sorted out by the gradient match;
+- deep mode (any other linear module) is not implemented yet: such snapshots are reported,
+  not attacked; `auto` sends them to gradmatch.
+
+What cannot leak is said in `info`: a rank-limited gradient (e.g. the last layer of a sequence
+classifier, where only [CLS] reaches the head) or a saturated one (rank = width) is reported,
+not attacked; with `saturated="gradmatch"` a saturated snapshot falls back to gradmatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import GradAuditError
+from ..families import layout
+from ..snapshot import GradientSnapshot
+from ..spectrum import Spectrum, label, spectrum
+from .base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
+from .span_exact import (
+    Search,
+    content_slots,
+    exact_applicable,
+    extend_basis,
+    known_inputs,
+    layer0_inputs,
+    pick_by_gap,
+    residuals,
+    screen_tokens,
+    slot_offsets,
+)
+
+SATURATED_CHOICES = ("stop", "gradmatch")
+
+
+@dataclass
+class SpanOptions:
+    """Numbers the span attack uses (see the span_exact module docstring)."""
+
+    chunk: int = 4096
+    min_gap: float = 50.0
+    pool_ratio: float = 10.0
+    pool_extra: int = 1
+    sweeps: int = 3
+    forward_batch: int = 32
+    saturated: str = "stop"
+    progress: bool = False
+
+
+def module_spectra(
+    model: nn.Module, snapshot: GradientSnapshot, min_gap: float, device: torch.device
+) -> dict[str, Spectrum]:
+    """Spectrum of every observed module (NaN/inf raise, naming the module)."""
+    noisy = snapshot.kind == "noised"
+    return {
+        m: spectrum(snapshot.weight_gradient(m).to(device), noisy=noisy, min_gap=min_gap, name=m)
+        for m in snapshot.modules
+    }
+
+
+class SpanAttack(Attack):
+    """Recover tokens from the row space of linear-module weight gradients."""
+
+    name = "span"
+    Options = SpanOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.saturated not in SATURATED_CHOICES:
+            raise GradAuditError(
+                f"saturated={self.options.saturated!r}: choose one of "
+                f"{', '.join(SATURATED_CHOICES)}"
+            )
+        if self.options.chunk < 1 or self.options.forward_batch < 1:
+            raise GradAuditError("chunk and forward_batch must be at least 1")
+
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        budget: float,
+    ) -> Reconstruction:
+        opts = self.options
+        lay = layout(model)
+        spectra = module_spectra(model, snapshot, opts.min_gap, device)
+        tokens = int(snapshot.batch["attention_mask"].sum())
+        info: dict[str, Any] = {
+            "spectra": {m: s.summary() for m, s in spectra.items()},
+            "tokens": tokens,
+        }
+        content = content_mask(snapshot, tokenizer)
+        ids = snapshot.batch["input_ids"].clone()
+        ids[content] = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+        labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
+        info["labels"] = labels
+        usable = {m: spectra[m] for m, lab in labels.items() if lab in ("exact", "span")}
+        why = self._unusable_reason(labels)
+        if not usable:
+            if why.startswith("saturated") and opts.saturated == "gradmatch":
+                from . import get_attack
+
+                result = get_attack("gradmatch").reconstruct(
+                    model, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
+                )
+                result.info.update(info, mode="gradmatch", why=why)
+                return result
+            info.update(mode="none", why=why)
+            return self._result(tokenizer, snapshot, ids, info)
+        exact = [m for m in usable if labels[m] == "exact"]
+        if exact:
+            module = min(exact, key=lambda m: usable[m].rank)
+            ids, details = self._exact(model, snapshot, lay, module, usable[module], tokenizer, ids)
+            info.update(mode="exact", module=module, **details)
+            info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
+            info["why"] += f"{usable[module].rank} < width {usable[module].width}"
+        else:
+            info.update(
+                mode="none",
+                why="only modules past layer 0 have a usable span, and deep mode is not "
+                "implemented yet: attack them with gradmatch (or auto)",
+            )
+        return self._result(tokenizer, snapshot, ids, info)
+
+    @staticmethod
+    def _unusable_reason(labels: dict[str, str]) -> str:
+        if set(labels.values()) == {"zero"}:
+            return "all-zero gradient: nothing to recover (the batch contributed no gradient)"
+        if set(labels.values()) <= {"saturated", "zero"}:
+            return "saturated: the gradient has full rank, so its span constrains nothing"
+        limited = [m for m, lab in labels.items() if lab == "rank-limited"]
+        if limited:
+            return (
+                f"rank-limited: {', '.join(limited)} have rank far below the tokens (at "
+                "the last layer of a sequence classifier only [CLS] reaches the head), so they "
+                "cannot leak the other tokens"
+            )
+        return ""
+
+    def _result(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        snapshot: GradientSnapshot,
+        ids: torch.Tensor,
+        info: dict[str, Any],
+    ) -> Reconstruction:
+        lengths = snapshot.batch["attention_mask"].sum(1).tolist()
+        token_ids = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
+        return Reconstruction(
+            token_ids=token_ids,
+            texts=decode(tokenizer, token_ids),
+            attack="span",
+            options=self.options_dict(),
+            info=info,
+        )
+
+    def _exact(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        lay: Any,
+        module: str,
+        spec: Spectrum,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        opts = self.options
+        device = spec.basis.device
+        content = content_mask(snapshot, tokenizer)
+        special = snapshot.batch["attention_mask"].bool() & ~content
+        basis = extend_basis(spec.basis, known_inputs(lay, snapshot.batch, special, device))
+        slots = content_slots(snapshot.batch, content, lay)
+        offsets = slot_offsets(lay, slots, device)
+        keep = max(len(s.sentences) for s in slots) + opts.pool_extra
+        screened = screen_tokens(
+            lay, basis, offsets, candidate_token_ids(tokenizer), keep=keep, chunk=opts.chunk
+        )
+        pools, slot_res = [], []
+        for j, slot in enumerate(tqdm(slots, desc="span slots", disable=not opts.progress)):
+            inputs = layer0_inputs(lay, screened[j], offsets[j].expand(len(screened[j]), -1))
+            res, order = residuals(inputs, basis).sort()
+            cand = screened[j][order]
+            k = pick_by_gap(res, len(slot.sentences))
+            pool = cand[: max(k, int((res <= res[0] * opts.pool_ratio).sum()))]
+            pools.append(pool)
+            slot_res.append((float(res[k - 1]), float(res[k]) if len(res) > k else float("inf")))
+            for i, b in enumerate(slot.sentences):
+                ids[b, slot.column] = pool[min(i, k - 1)]
+        details: dict[str, Any] = {
+            "slot_residual_max": max(r for r, _ in slot_res),
+            "slot_margin_min": min(nxt / max(r, 1e-300) for r, nxt in slot_res),
+            "searched_slots": sum(len(p) > 1 for p in pools),
+        }
+        batch = {k: v.to(device) for k, v in snapshot.batch.items()}
+        target = snapshot.weight_gradient(module).to(device)
+        search = Search(model, model.get_submodule(module), batch, target, opts.forward_batch)
+        found, details["gradient_residual"] = search.run(ids.to(device), slots, pools, opts.sweeps)
+        return found.cpu(), details

@@ -1,0 +1,296 @@
+"""Exact span mode: layer-0 query/key/value of an absolute-position encoder.
+
+Method. The input of these modules is a per-token function of (token, position, segment),
+`x = LayerNorm(E[v] + P[t] + T[s])`, and the rows of the weight gradient span exactly the
+inputs of the batch's tokens. Every candidate token `v` is tested at every occupied slot
+`(t, s)` by its normalised residual `|x - V^T V x| / |x|` against the row space `V`:
+
+- screening in float64 with matmuls only, vocabulary chunk by chunk (`chunk` rows at a time;
+  LayerNorm's mean, scale and the projection are expanded into inner products, so no
+  vocab x slots x width tensor exists), keeping the best `n + 2` tokens per slot;
+- a key gradient holds only differences of inputs (each sentence's key signals sum to zero),
+  so the known special tokens' inputs are added to the basis first (`extend_basis`);
+- the kept ones are recomputed exactly; a slot shared by `n` sentences holds `k <= n`
+  distinct tokens, `k` being where the sorted residuals jump the most.
+
+With one sentence that is the text. With several, each slot keeps a pool of tokens whose
+residual is within `pool_ratio` of its best, and the choice per (sentence, slot) is searched
+coordinate by coordinate (replace a token, or swap two sentences' tokens at a slot), each move
+scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a candidate
+sentence's own forward/backward pass gives its exact contribution `G_b`, and moves are
+evaluated in batches of hypothesis sentences.
+
+Limits. Token type ids, lengths and special-token positions are taken as known structure.
+Every input lies in span{LN-scaled word part, position part, beta}, so the rank is at most
+distinct words + positions + 1: once a batch has about that many tokens (B >= 4 on SST-2)
+a true word at a wrong slot is almost in the span too, slot pools grow, and the pairing rests
+on the search, a local one that can stop far from the truth (its final relative gradient
+residual is reported: about 1e-6 when exact). B = 1 needs no search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..families import ModelLayout
+
+EXACT_COMPONENTS = ("query", "key", "value")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One column of the padded batch with its position/segment id and who occupies it."""
+
+    column: int
+    position: int
+    segment: int
+    sentences: tuple[int, ...]
+
+
+def exact_applicable(lay: ModelLayout, module: str) -> bool:
+    """True for layer-0 query/key/value of an absolute-position encoder."""
+    where = lay.locate(module)
+    absolute = getattr(lay.model.config, "position_embedding_type", "absolute") == "absolute"
+    return absolute and where is not None and where[1] == 0 and where[0] in EXACT_COMPONENTS
+
+
+def content_slots(
+    batch: dict[str, torch.Tensor], content: torch.Tensor, lay: ModelLayout
+) -> list[Slot]:
+    """The slots holding text to recover, grouped by (column, position id, segment)."""
+    positions = lay.position_ids(batch["attention_mask"])
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for b, column in content.nonzero().tolist():
+        key = (column, int(positions[b, column]), int(batch["token_type_ids"][b, column]))
+        groups.setdefault(key, []).append(b)
+    return [Slot(c, p, s, tuple(bs)) for (c, p, s), bs in sorted(groups.items())]
+
+
+def _norm_affine(lay: ModelLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = lay.embedding_norm
+    return (
+        norm.weight.detach().to(device, torch.float64),
+        norm.bias.detach().to(device, torch.float64),
+    )
+
+
+def slot_offsets(lay: ModelLayout, slots: list[Slot], device: torch.device) -> torch.Tensor:
+    """Position + segment embedding of each slot (float64, slots x width)."""
+    pos = torch.tensor([s.position for s in slots], dtype=torch.long, device=device)
+    seg = torch.tensor([s.segment for s in slots], dtype=torch.long, device=device)
+    pos_table = lay.position_embeddings.weight.detach()
+    seg_table = lay.token_type_embeddings.weight.detach()
+    return (pos_table[pos] + seg_table[seg]).to(torch.float64)
+
+
+def layer0_inputs(lay: ModelLayout, token_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Exact float64 layer-0 inputs of `token_ids` (n) at slots with `offsets` (n x width)."""
+    gamma, beta = _norm_affine(lay, offsets.device)
+    words = lay.word_embeddings.weight.detach()[token_ids].to(torch.float64)
+    z = words + offsets
+    z = z - z.mean(-1, keepdim=True)
+    eps = lay.embedding_norm.eps
+    return gamma * z / torch.sqrt(z.square().mean(-1, keepdim=True) + eps) + beta
+
+
+def known_inputs(
+    lay: ModelLayout, batch: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Exact layer-0 inputs of the batch's tokens where `mask` is true (e.g. special tokens)."""
+    positions = lay.position_ids(batch["attention_mask"])[mask].to(device)
+    offsets = lay.position_embeddings.weight.detach()[positions]
+    offsets = offsets + lay.token_type_embeddings.weight.detach()[batch["token_type_ids"][mask]]
+    return layer0_inputs(lay, batch["input_ids"][mask].to(device), offsets.to(torch.float64))
+
+
+def extend_basis(basis: torch.Tensor, inputs: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """Orthonormal basis of span(basis) plus the `inputs` rows that lie outside it.
+
+    A key gradient holds only differences of inputs (softmax ignores a shift shared by a
+    sentence's keys, so each sentence's key signals sum to zero); adding the known [CLS]
+    input restores the inputs' own span. Rows already inside (query, value) add nothing.
+    """
+    outside = inputs[residuals(inputs, basis) > tol]
+    if not len(outside):
+        return basis
+    return torch.linalg.qr(torch.cat([basis, outside]).T).Q.T
+
+
+def screen_tokens(
+    lay: ModelLayout,
+    basis: torch.Tensor,
+    offsets: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    keep: int,
+    chunk: int,
+) -> torch.Tensor:
+    """The `keep` candidates per slot with the smallest residual (slots x keep token ids).
+
+    Inner products only: for x = gamma*z/sigma + beta and a basis W,
+    |Wx|^2 = |W(gamma z)|^2/sigma^2 + 2 W(gamma z).W beta/sigma + |W beta|^2, each term a
+    matmul between a vocabulary chunk and the slots. The smaller of the row basis and its
+    complement is used.
+    """
+    device = basis.device
+    width = basis.shape[1]
+    gamma, beta = _norm_affine(lay, device)
+    eps = lay.embedding_norm.eps
+    use_complement = basis.shape[0] > width // 2
+    if use_complement:
+        w = torch.linalg.svd(basis, full_matrices=True).Vh[basis.shape[0] :]
+    else:
+        w = basis
+    w_g = w * gamma  # W diag(gamma)
+    off = offsets - offsets.mean(-1, keepdim=True)  # slots x d, centred
+    b = off @ w_g.T  # slots x k
+    c = w @ beta  # k
+    off_sq = off.square().sum(-1)
+    off_gsq = (gamma * off).square().sum(-1)
+    off_gb = off @ (gamma * beta)
+    b_sq = b.square().sum(-1)
+    b_c = b @ c
+    table = lay.word_embeddings.weight.detach()
+    best_res = torch.zeros((len(offsets), 0), dtype=torch.float64, device=device)
+    best_ids = torch.zeros((len(offsets), 0), dtype=torch.long, device=device)
+    for start in range(0, len(candidates), chunk):
+        ids = candidates[start : start + chunk].to(device)
+        e = table[ids].to(torch.float64)
+        e = e - e.mean(-1, keepdim=True)
+        a = e @ w_g.T  # chunk x k
+        z_sq = e.square().sum(-1, keepdim=True) + 2 * e @ off.T + off_sq  # chunk x slots
+        sigma = torch.sqrt(z_sq / width + eps)
+        gz_sq = (gamma * e).square().sum(-1, keepdim=True) + 2 * (gamma.square() * e) @ off.T
+        gz_sq = gz_sq + off_gsq
+        gzb = (e @ (gamma * beta)).unsqueeze(-1) + off_gb
+        x_sq = gz_sq / sigma.square() + 2 * gzb / sigma + beta.square().sum()
+        wz_sq = a.square().sum(-1, keepdim=True) + 2 * a @ b.T + b_sq
+        wzc = (a @ c).unsqueeze(-1) + b_c
+        wx_sq = wz_sq / sigma.square() + 2 * wzc / sigma + c.square().sum()
+        res = wx_sq if use_complement else x_sq - wx_sq
+        res = (res.clamp_min(0) / x_sq).T  # slots x chunk
+        best_res = torch.cat([best_res, res], 1)
+        best_ids = torch.cat([best_ids, ids.expand(len(offsets), -1)], 1)
+        top = best_res.topk(min(keep, best_res.shape[1]), dim=1, largest=False)
+        best_res, best_ids = top.values, best_ids.gather(1, top.indices)
+    return best_ids
+
+
+def residuals(inputs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Normalised residual of each row of `inputs` (..., width) against the row space."""
+    projected = (inputs @ basis.T) @ basis
+    return (inputs - projected).norm(dim=-1) / inputs.norm(dim=-1)
+
+
+def pick_by_gap(res: torch.Tensor, count: int) -> int:
+    """How many of the sorted residuals `res` are true: 1..count, at the largest jump."""
+    if count <= 1 or res.numel() <= 1:
+        return 1
+    logs = res.clamp_min(1e-300).log()
+    jumps = logs[1 : count + 1] - logs[:count]
+    return int(jumps.argmax()) + 1
+
+
+def sentence_gradients(
+    model: nn.Module, module: nn.Module, batch: dict[str, torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Weight gradient of `module` per sentence (n x out x in) for `scale` x the batch loss."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        captured.extend((inputs[0], out))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            loss = model(**batch).loss * scale
+            (signal,) = torch.autograd.grad(loss, captured[1])
+    finally:
+        handle.remove()
+    return torch.einsum("bto,bti->boi", signal, captured[0].detach())
+
+
+def _hypothesis_batch(
+    batch: dict[str, torch.Tensor], rows: list[int], ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    out = {k: v[rows] for k, v in batch.items() if k != "input_ids"}
+    out["input_ids"] = ids
+    return out
+
+
+@dataclass
+class Search:
+    """Coordinate search over per-slot token choices, scored by the full gradient match."""
+
+    model: nn.Module
+    module: nn.Module
+    batch: dict[str, torch.Tensor]
+    target: torch.Tensor
+    forward_batch: int
+
+    def gradients(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """Per-sentence gradients of hypothesis sentences (`rows` give their structure)."""
+        size = self.batch["input_ids"].shape[0]
+        parts = []
+        for start in range(0, len(rows), self.forward_batch):
+            part = rows[start : start + self.forward_batch]
+            hyp = _hypothesis_batch(self.batch, part, ids[start : start + self.forward_batch])
+            parts.append(sentence_gradients(self.model, self.module, hyp, len(part) / size))
+        return torch.cat(parts)
+
+    def run(
+        self, ids: torch.Tensor, slots: list[Slot], pools: list[torch.Tensor], sweeps: int
+    ) -> tuple[torch.Tensor, float]:
+        """Improve `ids` (batch x length) slot by slot; returns them and the relative residual."""
+        rows = list(range(ids.shape[0]))
+        grads = self.gradients(rows, ids)
+        residual = self.target - grads.sum(0)
+        for _ in range(sweeps):
+            changed = False
+            for slot, pool in zip(slots, pools):
+                if len(pool) == 1:
+                    continue
+                while self._improve(ids, grads, residual, slot, pool):
+                    changed = True
+            if not changed:
+                break
+        return ids, float(residual.norm() / self.target.norm())
+
+    def _improve(
+        self,
+        ids: torch.Tensor,
+        grads: torch.Tensor,
+        residual: torch.Tensor,
+        slot: Slot,
+        pool: torch.Tensor,
+    ) -> bool:
+        """Apply the best single or swap move at `slot`; False when none lowers the residual."""
+        col = slot.column
+        current = {b: int(ids[b, col]) for b in slot.sentences}
+        moves = [(b, int(v)) for b in slot.sentences for v in pool if int(v) != current[b]]
+        hyp_ids = torch.stack([ids[b] for b, _ in moves])
+        hyp_ids[:, col] = torch.tensor([v for _, v in moves], device=ids.device)
+        hyp = self.gradients([b for b, _ in moves], hyp_ids)
+        index = {m: i for i, m in enumerate(moves)}
+        change = hyp - grads[[b for b, _ in moves]]  # moves x out x in
+        candidates = [((i,), change[i]) for i in range(len(moves))]
+        members = slot.sentences
+        for x, b in enumerate(members):
+            for c in members[x + 1 :]:
+                if (b, current[c]) in index and (c, current[b]) in index:
+                    i, j = index[(b, current[c])], index[(c, current[b])]
+                    candidates.append(((i, j), change[i] + change[j]))
+        stack = torch.stack([d for _, d in candidates])
+        norms = (residual - stack).flatten(1).norm(dim=1)
+        best = int(norms.argmin())
+        if not norms[best] < residual.norm() * (1 - 1e-6):
+            return False
+        for i in candidates[best][0]:
+            b, v = moves[i]
+            ids[b, col] = v
+            grads[b] = hyp[i]
+        residual.sub_(candidates[best][1])
+        return True

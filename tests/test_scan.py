@@ -1,0 +1,68 @@
+"""`scan`: rank, tokens and a leakage label per linear module, without an attack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from gradaudit.batch import make_batch
+from gradaudit.families import layout
+from gradaudit.scan import scan, to_json, to_table
+from gradaudit.selection import select_modules
+
+WORDS = "the a movie film plot was is good bad very boring funny and not".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("scan_vocab") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval(), tokenizer
+
+
+def test_scan_labels_known_cases(tiny):
+    model, tokenizer = tiny
+    batch = make_batch(model, tokenizer, ["the movie was good", "a very boring plot"], [1, 0])
+    rows = {r.module: r for r in scan(model, batch, select_modules(model, "all@all"))}
+    lay = layout(model)
+    tokens = int(batch["attention_mask"].sum())
+    assert rows[lay.component_name("query", 0)].label == "exact"
+    assert rows[lay.component_name("ffn_in", 0)].label == "span"
+    for component in ("query", "attn_output", "ffn_in", "ffn_out"):
+        row = rows[lay.component_name(component, 1)]
+        assert row.label == "rank-limited", component
+        assert row.rank <= 2  # one [CLS] per sentence
+    assert rows[lay.component_name("key", 1)].label == "span"
+    assert all(r.tokens == tokens for r in rows.values())
+    assert 0 < rows[lay.component_name("ffn_in", 0)].param_share < 1
+
+
+def test_scan_outputs(tiny):
+    model, tokenizer = tiny
+    batch = make_batch(model, tokenizer, ["the movie was good"], [1])
+    rows = scan(model, batch, select_modules(model, "query@all"))
+    table = to_table(rows)
+    assert "rank-limited" in table and "exact" in table
+    assert [r["label"] for r in json.loads(to_json(rows))] == ["exact", "rank-limited"]
+
+
+@pytest.mark.slow
+def test_scan_minilm_labels(minilm):
+    model, tokenizer = minilm
+    batch = make_batch(model, tokenizer, ["a gripping film .", "dull and slow"], [1, 0])
+    rows = scan(model, batch, select_modules(model, "all@all"))
+    assert len(rows) == 36
+    assert {r.label for r in rows} >= {"exact", "span", "rank-limited"}

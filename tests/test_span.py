@@ -1,0 +1,145 @@
+"""The span attack (exact mode), the spectrum it rests on, and `auto`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from gradaudit.attacks import get_attack
+from gradaudit.batch import make_batch
+from gradaudit.errors import GradAuditError
+from gradaudit.families import layout
+from gradaudit.snapshot import capture
+from gradaudit.spectrum import spectrum
+
+WORDS = (
+    "the a movie film story plot actor cast music scene is was not very too quite good bad "
+    "great awful boring charming funny dull long short slow and but it this of with"
+).split()
+BATCH = ["the movie was good", "a very boring plot", "this film is not funny", "too long and dull"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """A random 2-layer BERT of width 64 over a written vocabulary, and its tokenizer."""
+    path = tmp_path_factory.mktemp("span_vocab") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval(), tokenizer
+
+
+def run(model, tokenizer, texts, labels, module, attack="span", **options):
+    batch = make_batch(model, tokenizer, texts, labels)
+    snapshot = capture(model, batch, [module])
+    result = get_attack(attack, **options).reconstruct(
+        model, snapshot, tokenizer=tokenizer, device="cpu", budget=0.02
+    )
+    lengths = batch["attention_mask"].sum(1)
+    truth = [ids[: int(n)].tolist() for ids, n in zip(batch["input_ids"], lengths)]
+    return truth, result
+
+
+def test_exact_recovers_one_sentence(tiny):
+    # Query only: in a random model attention is near uniform, so layer-0 key and value
+    # gradients are numerically near rank 1 (they are tested on MiniLM below).
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 0)
+    truth, result = run(model, tokenizer, ["the charming cast and the music"], [1], module)
+    assert result.token_ids == truth
+    assert result.info["mode"] == "exact"
+    assert result.info["slot_margin_min"] > 10  # next-best token's residual / the chosen one's
+    assert result.info["spectra"][module]["rank"] == len(truth[0])
+
+
+def test_exact_recovers_and_assigns_a_batch(tiny):
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 0)
+    truth, result = run(model, tokenizer, BATCH, [1, 0, 0, 0], module)
+    # Sentences of equal length and label are interchangeable in the gradient: compare sets.
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.info["gradient_residual"] < 1e-4
+
+
+def test_chunk_size_does_not_change_the_result(tiny):
+    model, tokenizer = tiny
+    module = layout(model).component_name("value", 0)
+    texts = ["a funny story with a great cast"]
+    _, small = run(model, tokenizer, texts, [1], module, chunk=5)
+    _, large = run(model, tokenizer, texts, [1], module, chunk=4096)
+    assert small.token_ids == large.token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("component", ["query", "key", "value"])
+def test_exact_on_minilm_one_sentence(minilm, component):
+    model, tokenizer = minilm
+    module = layout(model).component_name(component, 0)
+    text = "a gripping , tender and wholly original film about growing old ."
+    truth, result = run(model, tokenizer, [text], [1], module)
+    assert result.token_ids == truth
+    assert result.texts[0] == tokenizer.decode(truth[0], skip_special_tokens=True)
+
+
+def test_nan_gradient_is_a_clear_error():
+    grad = torch.ones(4, 6)
+    grad[1, 2] = float("nan")
+    with pytest.raises(GradAuditError, match="NaN or inf"):
+        spectrum(grad, name="layer.0.query")
+
+
+def test_zero_gradient_says_nothing_to_recover(tiny):
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 0)
+    batch = make_batch(model, tokenizer, ["the movie was good"], [1])
+    snapshot = capture(model, batch, [module])
+    snapshot.gradients = {k: torch.zeros_like(v) for k, v in snapshot.gradients.items()}
+    result = get_attack("span").reconstruct(model, snapshot, tokenizer=tokenizer, device="cpu")
+    assert "nothing to recover" in result.info["why"]
+    assert result.texts == [""]
+
+
+def test_saturated_gradient_is_reported(tiny):
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 0)
+    batch = make_batch(model, tokenizer, ["the movie was good"], [1])
+    snapshot = capture(model, batch, [module])
+    weight = f"{module}.weight"
+    snapshot.gradients[weight] = torch.randn_like(snapshot.gradients[weight])
+    result = get_attack("span").reconstruct(model, snapshot, tokenizer=tokenizer, device="cpu")
+    assert result.info["why"].startswith("saturated")
+    assert result.info["mode"] == "none"
+
+
+def test_last_layer_query_is_reported_rank_limited(tiny):
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 1)
+    _, result = run(model, tokenizer, BATCH[:2], [1, 0], module)
+    assert result.info["labels"][module] == "rank-limited"
+    assert "[CLS]" in result.info["why"]
+    assert result.texts == ["", ""]
+
+
+def test_auto_runs_span_at_layer_0_and_gradmatch_past_it(tiny):
+    model, tokenizer = tiny
+    lay = layout(model)
+    truth, exact = run(model, tokenizer, BATCH[:1], [1], lay.component_name("key", 0), "auto")
+    assert exact.info["auto"]["ran"] == "span"
+    assert exact.token_ids == truth
+    _, deep = run(model, tokenizer, BATCH[:1], [1], lay.component_name("value", 1), "auto")
+    assert deep.info["auto"]["ran"] == "gradmatch"
+    assert "labels" in deep.info["auto"]
+
+
+def test_unknown_saturated_choice_is_an_error():
+    with pytest.raises(GradAuditError, match="saturated"):
+        get_attack("span", saturated="maybe")
