@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from conftest import SPECIALS, WORDS
+from conftest import make_tiny_tokenizer
 from torch.utils.data import Dataset
 from transformers import BertTokenizerFast
 
@@ -26,14 +26,8 @@ SENTENCES = [
 
 
 def tiny_tokenizer(directory: Path) -> BertTokenizerFast:
-    """A WordPiece tokenizer over the test words, its vocab file written in `directory`.
-
-    (conftest's `tiny_tokenizer` passes `vocab_file=`, which transformers 5 ignores: every
-    word becomes [UNK]; `vocab=` loads the file.)
-    """
-    vocab = Path(directory) / "vocab.txt"
-    vocab.write_text("\n".join(SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(WORDS))) + "\n")
-    return BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
+    """The shared tiny tokenizer (see conftest), its vocab file written in `directory`."""
+    return make_tiny_tokenizer(directory)
 
 
 def one_thread() -> Iterator[None]:

@@ -23,17 +23,20 @@ WORDS = (
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-@pytest.fixture(scope="session")
-def tiny_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    tokens = SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(WORDS))
-    path.write_text("\n".join(tokens) + "\n")
-    return path
+def make_tiny_tokenizer(directory: Path) -> BertTokenizerFast:
+    """A WordPiece tokenizer over WORDS, its vocab file written in `directory`.
+
+    (`vocab=`, not `vocab_file=`: transformers 5 ignores the latter and maps every word to
+    [UNK].)
+    """
+    path = Path(directory) / "vocab.txt"
+    path.write_text("\n".join(SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(WORDS))) + "\n")
+    return BertTokenizerFast(vocab=str(path), do_lower_case=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_vocab: Path) -> BertTokenizerFast:
-    return BertTokenizerFast(vocab_file=str(tiny_vocab), do_lower_case=True)
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
 
 
 def make_tiny_model(vocab_size: int, *, hidden: int = 48, layers: int = 2, seed: int = 0):
