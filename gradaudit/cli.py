@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Sequence
@@ -272,6 +273,27 @@ def cmd_dpsweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .batch import make_batch
+    from .data import load_examples
+    from .io import atomic_write_text
+    from .models import load_model
+    from .scan import scan, to_json, to_table
+    from .selection import select_modules
+
+    model, tokenizer = load_model(args.model)
+    texts, labels = load_examples(args.data).batches(args.batch_size, 1)[0]
+    rows = scan(
+        model, make_batch(model, tokenizer, texts, labels), select_modules(model, args.modules)
+    )
+    print(to_table(rows))
+    if args.out is not None:
+        atomic_write_text(args.out / "scan.json", to_json(rows) + "\n")
+        atomic_write_text(args.out / "scan.txt", to_table(rows) + "\n")
+        print(f"wrote {args.out / 'scan.json'} and {args.out / 'scan.txt'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradaudit", description="Audit training-text leakage from partial gradients."
@@ -292,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--model", required=True)
     add_attack_arguments(attack)
     attack.set_defaults(func=cmd_attack)
+
+    scan = sub.add_parser("scan", help="no attack: gradient rank and leak label per module")
+    scan.add_argument("--model", required=True)
+    scan.add_argument("--data", required=True)
+    scan.add_argument("--modules", nargs="+", default=["all@all"])
+    scan.add_argument("--batch-size", type=int, default=1, help="sentences in the scanned batch")
+    scan.add_argument("--out", type=Path, default=None, help="also write scan.json/scan.txt here")
+    scan.set_defaults(func=cmd_scan)
 
     bench = sub.add_parser("bench", help="the paper's grid: data sets x modules x attacks x B")
     bench.add_argument("--model", default="minilm")
@@ -365,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--open", action="store_true", help="print the path of report.html")
     report.set_defaults(func=cmd_report)
+
+    # Commands that need a training framework live in gradaudit.integrations and register
+    # through this entry-point group, so the core never imports them by name.
+    for entry in importlib.metadata.entry_points(group="gradaudit.commands"):
+        entry.load()(sub)
     return parser
 
 
