@@ -52,27 +52,34 @@ def add_attack_arguments(
     )
 
 
-def print_result(result, out=sys.stdout) -> None:
+def print_result(result) -> None:
     """Per-sentence reconstructions with their ROUGE, then the batch scores."""
     for s in result.sentences:
-        print(f"  R1 {s['rouge1']:.2f} R2 {s['rouge2']:.2f}", file=out)
-        print(f"    reference:      {result.references[s['reference']]}", file=out)
-        print(f"    reconstruction: {result.reconstructions[s['reconstruction']]}", file=out)
-    print(
+        tqdm.write(f"  R1 {s['rouge1']:.2f} R2 {s['rouge2']:.2f}")
+        tqdm.write(f"    reference:      {result.references[s['reference']]}")
+        tqdm.write(f"    reconstruction: {result.reconstructions[s['reconstruction']]}")
+    tqdm.write(
         f"  batch: ROUGE-1 {result.rouge1:.3f} ROUGE-2 {result.rouge2:.3f} "
-        f"token recall {result.token_recall:.3f} in {result.seconds:.1f} s",
-        file=out,
+        f"token recall {result.token_recall:.3f} in {result.seconds:.1f} s"
     )
 
 
+def print_report_paths(path: Path) -> None:
+    print(f"report: {path.with_suffix('.html')} (also report.json, report.md)")
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
+    from .attacks import get_attack
     from .audit import audit_batch
     from .data import load_examples
     from .models import load_model
     from .report import build_report, write_report
+    from .selection import select_modules
 
     options = parse_options(args.option)
+    get_attack(args.attack, **options)  # a bad attack, option or module fails before any work
     model, tokenizer = load_model(args.model)
+    modules = select_modules(model, args.modules)
     batches = load_examples(args.data).batches(args.batch_size, args.limit)
     results = []
     for i, (texts, labels) in enumerate(tqdm(batches, desc="audit", disable=args.quiet)):
@@ -81,7 +88,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             tokenizer,
             texts,
             labels,
-            args.modules,
+            modules,
             args.attack,
             seed=args.seed + i,
             device=args.device,
@@ -94,8 +101,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print_result(result)
     config = {"command": "audit", **{k: v for k, v in vars(args).items() if k != "func"}}
     config["out"] = str(args.out)
-    path = write_report(args.out, build_report(results, config=config, redact=args.redact))
-    print(f"report: {path} and {path.with_suffix('.md')}")
+    print_report_paths(
+        write_report(args.out, build_report(results, config=config, redact=args.redact))
+    )
     return 0
 
 
@@ -176,8 +184,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "world_size": world,
     }
     report = build_report([r for _, r in results], config=config, redact=args.redact)
-    path = write_report(args.out, report)
-    print(f"report: {path} and {path.with_suffix('.md')}")
+    print_report_paths(write_report(args.out, report))
     return 0
 
 
@@ -225,12 +232,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = read_report(args.dir)
     if args.redact:
         report = redact_report(report)
-    write_report(args.dir, report)
-    html = Path(args.dir) / "report.html"
+    path = write_report(args.dir, report)
     if args.open:
-        print(html.resolve())
+        print(path.with_suffix(".html").resolve())
     else:
-        print(f"report: {html} (and report.md, report.json)")
+        print_report_paths(path)
     return 0
 
 

@@ -1,0 +1,101 @@
+"""The command line end to end on a tiny model saved to a local folder."""
+
+import json
+import os
+import stat
+
+import pytest
+from conftest import make_tiny_model
+
+from gradaudit.cli import main
+
+ROWS = "sentence\tlabel\nthe movie was good .\t1\na boring plot\t0\ni love the music\t1\n"
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "model"
+    make_tiny_model(tiny_tokenizer.vocab_size).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_text(ROWS)
+    return path
+
+
+def test_audit_prints_reconstructions_and_writes_private_reports(
+    model_dir, data_file, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "--attack", "gradmatch", "--budget", "0.01", "--limit", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "reference:      the movie was good" in printed
+    assert "reconstruction:" in printed and "ROUGE-1" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and len(report["audits"]) == 2
+    assert report["audits"][0]["modules"] == ["bert.encoder.layer.0.attention.self.query"]
+    assert 0.0 <= report["audits"][0]["rouge1"] <= 1.0
+    for name in ("report.json", "report.md"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
+
+
+def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from gradaudit import capture, select_modules
+    from gradaudit.batch import make_batch
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    batch = make_batch(model, tiny_tokenizer, ["a charming film"], [1])
+    for step in (1, 2):
+        capture(model, batch, select_modules(model, "value@0"), step=step).save(
+            tmp_path / "snaps" / f"step-{step}"
+        )
+    out = tmp_path / "out"
+    code = main([
+        "attack", str(tmp_path / "snaps"), "--model", str(model_dir), "--attack", "span",
+        "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    audits = json.loads((out / "report.json").read_text())["audits"]
+    assert [a["step"] for a in audits] == [1, 2]
+    assert all(a["reconstructions"] == ["a charming film"] for a in audits)
+
+
+def test_scan_labels_modules_and_writes_json(model_dir, data_file, tmp_path, capsys):
+    code = main([
+        "scan", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "ffn_in@last", "--batch-size", "2", "--out", str(tmp_path / "scan"),
+    ])  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert [r["label"] for r in rows] == ["exact", "rank-limited"]
+    assert "rank-limited" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_one_line(model_dir, data_file, tmp_path, capsys):
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "nope@0",
+        "--out", str(tmp_path / "o"),
+    ])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradaudit: error: unknown component 'nope'") and "\n" not in err
+
+
+def test_unknown_attack_option_fails_before_any_work(model_dir, data_file, tmp_path, capsys):
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "--option", "stepz=3", "--out", str(tmp_path / "o"),
+    ])  # fmt: skip
+    assert code == 2
+    assert "unknown option(s) stepz" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
