@@ -6,8 +6,10 @@ row space is a label-free, backward-free constraint on what the inputs were.
 - exact mode (`span_exact`): layer-0 query/key/value of an absolute-position encoder, whose
   input is a per-token function of (token, position, segment): every vocabulary token is
   tested at every slot, then sentences are sorted out by the gradient match;
-- deep mode (any other linear module) is not implemented yet: such snapshots are reported,
-  not attacked; `auto` sends them to gradmatch.
+- deep mode (`span_deep`): any other linear module with a usable span; candidate inputs from
+  the model's own forward pass must span the observed row space and lie in it (a search over
+  continuous embeddings, then tokens). The result's gradient-matching cosine and its span
+  residual (0 for the truth) are in `info`.
 
 What cannot leak is said in `info`: a rank-limited gradient (e.g. the last layer of a sequence
 classifier, where only [CLS] reaches the head) or a saturated one (rank = width) is reported,
@@ -29,6 +31,8 @@ from ..families import layout
 from ..snapshot import GradientSnapshot
 from ..spectrum import Spectrum, label, spectrum
 from .base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
+from .gradmatch import GradMatchOptions, _Matcher
+from .span_deep import DeepSettings, SpanObjective, deep_search
 from .span_exact import (
     Search,
     content_slots,
@@ -55,6 +59,14 @@ class SpanOptions:
     pool_extra: int = 1
     sweeps: int = 3
     forward_batch: int = 32
+    deep_steps: int = 300  # Adam steps per restart at budget 1
+    deep_restarts: int = 2
+    deep_lr: float = 0.05  # relative to the embeddings' per-dimension spread
+    deep_neighbours: int = 64  # nearest tokens each position tries
+    deep_bag: int = 8  # every position's nearest tokens every position also tries
+    deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
+    deep_swaps: int = 256  # pairwise swaps tried per sentence and sweep
+    gradient_check: bool = True
     saturated: str = "stop"
     progress: bool = False
 
@@ -83,8 +95,13 @@ class SpanAttack(Attack):
                 f"saturated={self.options.saturated!r}: choose one of "
                 f"{', '.join(SATURATED_CHOICES)}"
             )
-        if self.options.chunk < 1 or self.options.forward_batch < 1:
-            raise GradAuditError("chunk and forward_batch must be at least 1")
+        counts = ("chunk", "forward_batch", "deep_restarts", "deep_neighbours", "deep_sweeps")
+        for name in counts:
+            if getattr(self.options, name) < 1:
+                raise GradAuditError(f"{name} must be at least 1")
+        for name in ("deep_steps", "deep_bag", "deep_swaps"):
+            if getattr(self.options, name) < 0:
+                raise GradAuditError(f"{name} must be at least 0")
 
     def _reconstruct(
         self,
@@ -130,11 +147,9 @@ class SpanAttack(Attack):
             info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
             info["why"] += f"{usable[module].rank} < width {usable[module].width}"
         else:
-            info.update(
-                mode="none",
-                why="only modules past layer 0 have a usable span, and deep mode is not "
-                "implemented yet: attack them with gradmatch (or auto)",
-            )
+            ids, details = self._deep(model, snapshot, lay, usable, tokenizer, seed, budget)
+            info.update(mode="deep", modules=sorted(usable), **details)
+            info["why"] = f"{', '.join(sorted(usable))}: rank below the width past layer 0"
         return self._result(tokenizer, snapshot, ids, info)
 
     @staticmethod
@@ -211,3 +226,35 @@ class SpanAttack(Attack):
         search = Search(model, model.get_submodule(module), batch, target, opts.forward_batch)
         found, details["gradient_residual"] = search.run(ids.to(device), slots, pools, opts.sweeps)
         return found.cpu(), details
+
+    def _deep(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        lay: Any,
+        usable: dict[str, Spectrum],
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        budget: float,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        opts = self.options
+        device = next(iter(usable.values())).basis.device
+        content = content_mask(snapshot, tokenizer)
+        bases = {m: s.basis for m, s in usable.items()}
+        objective = SpanObjective(model, lay, snapshot, bases, content, device)
+        settings = DeepSettings(
+            steps=round(opts.deep_steps * budget),
+            restarts=opts.deep_restarts,
+            lr=opts.deep_lr,
+            neighbours=opts.deep_neighbours,
+            bag=opts.deep_bag,
+            sweeps=max(1, round(opts.deep_sweeps * budget)),
+            swaps=opts.deep_swaps,
+            forward_batch=opts.forward_batch,
+        )
+        ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
+        if opts.gradient_check:
+            matcher = _Matcher(model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0))
+            distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
+            details["gradient_cosine"] = 1 - float(distance)
+        return ids.cpu(), details

@@ -1,0 +1,228 @@
+"""Deep span mode: any linear module past layer 0 whose weight gradient has a usable span.
+
+Method. The inputs `X` of a module (one row per real token of the batch) span the row space
+`V` (r x d, orthonormal) of its weight gradient. A candidate batch is scored two ways, summed
+over the observed modules:
+
+- `outside`: `|X - X V^T V|^2 / |X|^2`, how far its inputs lie outside `V`;
+- `uncovered`: `1 - |V Q|^2 / r` with `Q` an orthonormal basis of its inputs (QR), the mean
+  squared residual of `V`'s basis vectors against the span of its inputs.
+
+The first alone rewards repeating a few true words; the second rules that out. The truth scores
+zero. A key gradient only holds inputs minus their sentence's mean (the attention weights'
+signals sum to zero), so key inputs are centred per sentence first. When the rank is below the
+number of (centred) rows, the inputs span more than `V` and only `uncovered` is used.
+
+Each score runs the model's own forward only up to the deepest observed module (a forward
+pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
+embeddings from a few random starts (all starts in one batch), the nearest tokens, then
+coordinate descent: each position tries its `neighbours` nearest tokens and the bag of all
+positions' `bag` nearest, then pairwise swaps within a sentence (at most `swaps` per sweep),
+every candidate scored in batches of `forward_batch` sequences, until a sweep changes nothing
+or `sweeps` ends. With several sentences their inputs jointly span `V`; positions are searched
+jointly, swaps stay within a sentence. Lengths and special tokens are known structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..families import ModelLayout
+from ..snapshot import GradientSnapshot
+
+
+@dataclass
+class DeepSettings:
+    """Search sizes of deep mode (already scaled by the budget)."""
+
+    steps: int
+    restarts: int
+    lr: float
+    neighbours: int
+    bag: int
+    sweeps: int
+    swaps: int
+    forward_batch: int
+
+
+class _Stop(Exception):
+    """Raised by the last input hook: nothing past the observed modules is computed."""
+
+
+class SpanObjective:
+    """Two-way span mismatch of candidate batches against the observed row spaces."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lay: ModelLayout,
+        snapshot: GradientSnapshot,
+        bases: dict[str, torch.Tensor],
+        content: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.bases = {m: v.to(device, torch.float64) for m, v in bases.items()}
+        self.centred = {m: (lay.locate(m) or ("", 0))[0] == "key" for m in bases}
+        batch = {k: v.to(device) for k, v in snapshot.batch.items()}
+        self.real = batch["attention_mask"].bool()
+        rows = int(self.real.sum())
+        self.outside = {
+            m: len(v) >= rows - (len(self.real) if self.centred[m] else 0)
+            for m, v in bases.items()
+        }
+        self.content = content.to(device)
+        self.embeddings = lay.word_embeddings.weight.detach()
+        self.known_ids = batch["input_ids"].masked_fill(self.content, 0)
+        self.inputs = {
+            "attention_mask": batch["attention_mask"],
+            "token_type_ids": batch["token_type_ids"],
+            "position_ids": lay.position_ids(batch["attention_mask"]),
+        }
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings (..., B, L, H) of token ids (..., B, L)."""
+        return self.embeddings[ids]
+
+    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
+        """Score (K,) of K candidate batches `xs` (K, B, L, H); content rows of `xs` are used."""
+        k = xs.shape[0]
+        embeds = torch.where(self.content.unsqueeze(-1), xs, self.embed(self.known_ids))
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                seen[name] = args[0]
+                if len(seen) == len(self.bases):
+                    raise _Stop
+
+            return hook
+
+        handles = [
+            self.model.get_submodule(m).register_forward_pre_hook(keep(m)) for m in self.bases
+        ]
+        inputs = {n: v.repeat(k, 1) for n, v in self.inputs.items()}
+        try:
+            self.model(inputs_embeds=embeds.flatten(0, 1), **inputs)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        total = xs.new_zeros(k, dtype=torch.float64)
+        for name, basis in self.bases.items():
+            x = seen[name].reshape(k, *self.real.shape, -1).to(torch.float64)
+            if self.centred[name]:
+                real = self.real.unsqueeze(-1)
+                mean = (x * real).sum(2, keepdim=True) / real.sum(1, keepdim=True)
+                x = x - mean
+            rows = x[:, self.real]  # (K, N, d)
+            q, _ = torch.linalg.qr(rows.transpose(1, 2))
+            total = total + 1 - (basis @ q).square().sum((1, 2)) / basis.shape[0]
+            if self.outside[name]:
+                inside = (rows @ basis.T).square().sum((1, 2))
+                total = total + 1 - inside / rows.square().sum((1, 2))
+        return total
+
+    def score_ids(self, ids: torch.Tensor, per_pass: int) -> torch.Tensor:
+        """Scores (K,) of K token-id batches (K, B, L), `per_pass` batches per forward."""
+        with torch.no_grad():
+            return torch.cat([self(self.embed(c)) for c in ids.split(per_pass)])
+
+
+def _nearest(
+    x: torch.Tensor, vocab: torch.Tensor, candidates: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Ids (P, k) of the k candidate tokens nearest by cosine to each row of `x` (P, H)."""
+    sims = F.normalize(x, dim=-1) @ vocab.T
+    return candidates[sims.topk(min(k, len(candidates)), dim=-1).indices]
+
+
+def _continuous(
+    objective: SpanObjective, settings: DeepSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam from `restarts` random starts at once; the embeddings (K, B, L, H) and scores."""
+    emb = objective.embeddings
+    shape = (settings.restarts, *objective.content.shape, emb.shape[1])
+    start = torch.randn(shape, generator=generator, dtype=emb.dtype).to(emb.device)
+    scale = emb.std(0)
+    x = (start * scale + emb.mean(0)).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=settings.lr * float(scale.mean()))
+    for _ in range(settings.steps):
+        loss = objective(x).sum()
+        (x.grad,) = torch.autograd.grad(loss, [x])
+        optimizer.step()
+    x = x.detach()
+    with torch.no_grad():
+        return x, objective(x)
+
+
+def deep_search(
+    objective: SpanObjective,
+    candidates: torch.Tensor,
+    settings: DeepSettings,
+    seed: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token ids (B, L) minimising `objective` over `candidates` at content positions."""
+    device = objective.content.device
+    generator = torch.Generator().manual_seed(seed)
+    candidates = candidates.to(device)
+    vocab = F.normalize(objective.embeddings[candidates], dim=-1)
+    x, continuous = _continuous(objective, settings, generator)
+    per_pass = max(1, settings.forward_batch // objective.content.shape[0])
+    mask = objective.content
+    near = torch.stack([_nearest(xk[mask], vocab, candidates, 1)[:, 0] for xk in x])
+    starts = objective.known_ids.repeat(len(x), 1, 1)
+    starts[:, mask] = near
+    start_scores = objective.score_ids(starts, per_pass)
+    best = start_scores.argmin()
+    ids, current = starts[best], start_scores[best]
+    top = _nearest(x[best][mask], vocab, candidates, max(settings.neighbours, settings.bag))
+    bag = top[:, : settings.bag].flatten().unique()
+    positions = mask.nonzero().tolist()
+    pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
+    sentence_slots = [mask[b].nonzero().flatten() for b in range(mask.shape[0])]
+    pairs = [torch.combinations(s, 2) for s in sentence_slots if len(s) > 1]
+    sweeps = 0
+    for _ in range(settings.sweeps):
+        before = current
+        for (b, p), pool in zip(positions, pools):
+            trial = ids.repeat(len(pool), 1, 1)
+            trial[:, b, p] = pool
+            ids, current = _take_best(objective, trial, per_pass, ids, current)
+        for b, pair in zip([i for i, s in enumerate(sentence_slots) if len(s) > 1], pairs):
+            chosen = pair[torch.randperm(len(pair), generator=generator)[: settings.swaps]]
+            trial = ids.repeat(len(chosen), 1, 1)
+            rows = torch.arange(len(chosen), device=device)
+            i, j = chosen[:, 0].to(device), chosen[:, 1].to(device)
+            trial[rows, b, i], trial[rows, b, j] = ids[b, j], ids[b, i]
+            ids, current = _take_best(objective, trial, per_pass, ids, current)
+        sweeps += 1
+        if not bool(current < before):
+            break
+    return ids, {
+        "continuous_residuals": continuous.tolist(),
+        "start_residuals": start_scores.tolist(),
+        "residual": float(current),
+        "sweeps": sweeps,
+    }
+
+
+def _take_best(
+    objective: SpanObjective,
+    trial: torch.Tensor,
+    per_pass: int,
+    ids: torch.Tensor,
+    current: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids` or the best of `trial` (K, B, L) if it scores lower (no host sync)."""
+    scores = objective.score_ids(trial, per_pass)
+    i = scores.argmin()
+    better = scores[i] < current
+    return torch.where(better, trial[i], ids), torch.minimum(scores[i], current)
