@@ -249,10 +249,12 @@ class Auditor:
 
     def _capture(self, step: int) -> None:
         pad = getattr(self.model.config, "pad_token_id", None) or 0
+        ranks = 1
         batch = concat_batches(self._batches, pad) if self._batches else None
         if self._gather is not None:  # every rank takes part, so no rank waits forever
             gathered = [b for b in self._gather(batch) if b is not None]
             batch = concat_batches(gathered, pad) if gathered else None
+            ranks = len(gathered)
         self._audits += 1  # on every rank, so all ranks keep sampling the same steps
         self._audited_steps.append(step)
         if not self.is_main_process:
@@ -263,7 +265,7 @@ class Auditor:
             modules=self.modules,
             batch_size=0 if batch is None else int(batch["input_ids"].shape[0]),
             gradient="raw",
-            info={"micro_batches": len(self._batches)},
+            info={"micro_batches": len(self._batches), "ranks": ranks},
         )
         attack = self.config.attack or "none"
         if batch is None:
