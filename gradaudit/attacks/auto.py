@@ -1,8 +1,9 @@
 """The `auto` attack: `span` where the gradient spectrum allows it, `gradmatch` elsewhere.
 
-Span runs when some observed module is labelled `exact` (layer-0 query/key/value with a rank
-below the width); deep span mode is not implemented yet, so every other snapshot goes to
-gradmatch. `info["auto"]` records what ran and why.
+Span runs when some observed module is labelled `exact` (layer-0 query/key/value) or `span`
+(any other linear module with a rank below the width: deep mode). Every other snapshot
+(saturated, rank-limited or zero gradients) goes to gradmatch. `info["auto"]` records what ran
+and why.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ class AutoAttack(Attack):
         tokens = int(snapshot.batch["attention_mask"].sum())
         lay = layout(model)
         labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
-        exact = sorted(m for m, lab in labels.items() if lab == "exact")
-        if exact:
+        usable = sorted(m for m, lab in labels.items() if lab in ("exact", "span"))
+        if usable:
             opts = self.options
             chosen = get_attack("span", min_gap=opts.min_gap, progress=opts.progress)
-            why = f"{', '.join(exact)}: per-token input with rank below the width (exact span)"
+            mode = "exact" if any(labels[m] == "exact" for m in usable) else "deep"
+            why = f"{', '.join(usable)}: rank below the width ({mode} span)"
         else:
             chosen = get_attack("gradmatch")
-            why = "no module allows exact span recovery (labels: " + ", ".join(
+            why = "no module has a usable span (labels: " + ", ".join(
                 f"{m}={lab}" for m, lab in labels.items()
             ) + ")"
         result = chosen.reconstruct(
