@@ -8,6 +8,7 @@ from _tiny import TinyTexts, final_weights, one_thread, read_audits, tiny_config
 from conftest import make_tiny_model
 from gradaudit.integrations.trainer import GradAuditCallback
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
 
 from gradaudit import GradAuditError
 
@@ -94,8 +95,7 @@ def test_auditing_does_not_change_training(tokenizer, tmp_path):
     plain = make_trainer(tokenizer, tmp_path / "plain", max_steps=20)
     plain.train()
     config = tiny_config(tmp_path / "audit", every_n_steps=5)
-    audited = make_trainer(tokenizer, tmp_path / "audited", config, max_steps=20, max_grad_norm=1.0)
-    audited.args.max_grad_norm = plain.args.max_grad_norm
+    audited = make_trainer(tokenizer, tmp_path / "audited", config, max_steps=20)
     audited.train()
     assert [a["step"] for a in read_audits(tmp_path / "audit")] == [1, 6, 11, 16]
     expected, got = final_weights(plain.model), final_weights(audited.model)
@@ -111,3 +111,10 @@ def test_unknown_module_fails_before_the_first_step(tokenizer, tmp_path):
     with pytest.raises(GradAuditError, match="matches no module"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_fsdp_is_refused_at_train_begin(tokenizer, tmp_path):
+    callback = GradAuditCallback(tiny_config(tmp_path / "a"))
+    args = TrainingArguments(str(tmp_path / "t"), fsdp=True, use_cpu=True, report_to=[])
+    with pytest.raises(GradAuditError, match="does not support FSDP"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=None)
