@@ -59,9 +59,11 @@ class AutoAttack(Attack):
             why = f"{', '.join(usable)}: rank below the width ({mode} span)"
         else:
             chosen = get_attack("gradmatch")
-            why = "no module has a usable span (labels: " + ", ".join(
-                f"{m}={lab}" for m, lab in labels.items()
-            ) + ")"
+            why = (
+                "no module has a usable span (labels: "
+                + ", ".join(f"{m}={lab}" for m, lab in labels.items())
+                + ")"
+            )
         result = chosen.reconstruct(
             model, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
         )
@@ -69,4 +71,3 @@ class AutoAttack(Attack):
         result.attack = self.name
         result.options = {**self.options_dict(), chosen.name: result.options}
         return result
-

@@ -65,7 +65,7 @@ class SpanOptions:
     deep_neighbours: int = 64  # nearest tokens each position tries
     deep_bag: int = 8  # every position's nearest tokens every position also tries
     deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
-    deep_swaps: int = 256  # pairwise swaps tried per sentence and sweep
+    deep_moves: int = 1024  # reorderings (swaps, moves of a token) tried per sweep
     gradient_check: bool = True
     saturated: str = "stop"
     progress: bool = False
@@ -99,7 +99,7 @@ class SpanAttack(Attack):
         for name in counts:
             if getattr(self.options, name) < 1:
                 raise GradAuditError(f"{name} must be at least 1")
-        for name in ("deep_steps", "deep_bag", "deep_swaps"):
+        for name in ("deep_steps", "deep_bag", "deep_moves"):
             if getattr(self.options, name) < 0:
                 raise GradAuditError(f"{name} must be at least 0")
 
@@ -249,7 +249,7 @@ class SpanAttack(Attack):
             neighbours=opts.deep_neighbours,
             bag=opts.deep_bag,
             sweeps=max(1, round(opts.deep_sweeps * budget)),
-            swaps=opts.deep_swaps,
+            moves=opts.deep_moves,
             forward_batch=opts.forward_batch,
         )
         ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)

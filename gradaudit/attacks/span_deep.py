@@ -17,10 +17,11 @@ Each score runs the model's own forward only up to the deepest observed module (
 pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
 embeddings from a few random starts (all starts in one batch), the nearest tokens, then
 coordinate descent: each position tries its `neighbours` nearest tokens and the bag of all
-positions' `bag` nearest, then pairwise swaps within a sentence (at most `swaps` per sweep),
-every candidate scored in batches of `forward_batch` sequences, until a sweep changes nothing
-or `sweeps` ends. With several sentences their inputs jointly span `V`; positions are searched
-jointly, swaps stay within a sentence. Lengths and special tokens are known structure.
+positions' `bag` nearest; then reorderings: swaps of two content tokens (across sentences
+too) and moves of a token to another slot of its sentence, the others shifting (at most
+`moves` random ones per sweep). Every candidate is scored in batches of `forward_batch`
+sequences, until a sweep changes nothing or `sweeps` ends. With several sentences their
+inputs jointly span `V`. Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class DeepSettings:
     neighbours: int
     bag: int
     sweeps: int
-    swaps: int
+    moves: int
     forward_batch: int
 
 
@@ -74,8 +75,7 @@ class SpanObjective:
         self.real = batch["attention_mask"].bool()
         rows = int(self.real.sum())
         self.outside = {
-            m: len(v) >= rows - (len(self.real) if self.centred[m] else 0)
-            for m, v in bases.items()
+            m: len(v) >= rows - (len(self.real) if self.centred[m] else 0) for m, v in bases.items()
         }
         self.content = content.to(device)
         self.embeddings = lay.word_embeddings.weight.detach()
@@ -144,6 +144,29 @@ def _nearest(
     return candidates[sims.topk(min(k, len(candidates)), dim=-1).indices]
 
 
+def _reorderings(mask: torch.Tensor) -> torch.Tensor:
+    """Index permutations (M, B * L) of the flattened batch: every swap of two content tokens,
+    and every move of one content token to another slot of its sentence (the others shift)."""
+    mask = mask.cpu()
+    identity = torch.arange(mask.numel())
+    perms = []
+    for i, j in torch.combinations(mask.flatten().nonzero().flatten(), 2).tolist():
+        perm = identity.clone()
+        perm[i], perm[j] = j, i
+        perms.append(perm)
+    for b, row in enumerate(mask):
+        slots = row.nonzero().flatten() + b * mask.shape[1]
+        for i, j in torch.combinations(torch.arange(len(slots)), 2).tolist():
+            if j - i < 2:
+                continue  # a move by one slot is a swap
+            segment = slots[i : j + 1]
+            for shifted in (segment.roll(1), segment.roll(-1)):
+                perm = identity.clone()
+                perm[segment] = shifted
+                perms.append(perm)
+    return torch.stack(perms) if perms else identity.unsqueeze(0)[:0]
+
+
 def _continuous(
     objective: SpanObjective, settings: DeepSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +210,7 @@ def deep_search(
     bag = top[:, : settings.bag].flatten().unique()
     positions = mask.nonzero().tolist()
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
-    sentence_slots = [mask[b].nonzero().flatten() for b in range(mask.shape[0])]
-    pairs = [torch.combinations(s, 2) for s in sentence_slots if len(s) > 1]
+    moves = _reorderings(mask)
     sweeps = 0
     for _ in range(settings.sweeps):
         before = current
@@ -196,12 +218,9 @@ def deep_search(
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        for b, pair in zip([i for i, s in enumerate(sentence_slots) if len(s) > 1], pairs):
-            chosen = pair[torch.randperm(len(pair), generator=generator)[: settings.swaps]]
-            trial = ids.repeat(len(chosen), 1, 1)
-            rows = torch.arange(len(chosen), device=device)
-            i, j = chosen[:, 0].to(device), chosen[:, 1].to(device)
-            trial[rows, b, i], trial[rows, b, j] = ids[b, j], ids[b, i]
+        if len(moves):
+            chosen = moves[torch.randperm(len(moves), generator=generator)[: settings.moves]]
+            trial = ids.flatten()[chosen.to(device)].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
         sweeps += 1
         if not bool(current < before):
