@@ -31,6 +31,9 @@ class AuditConfig:
     `worker_threads` CPU threads, leaving the others to training.
     `attack=None` captures and saves snapshots without attacking them (attack them later
     with `gradaudit attack OUTPUT_DIR/snapshots`).
+    `separate_modules` attacks each selected module's gradient on its own (an adversary who
+    sees one module, the partial-gradient threat); False attacks them jointly.
+    `dp_delta` is the δ of ε under DP-SGD (default 1/N when the data set size N is known).
     """
 
     modules: list[str] = field(default_factory=lambda: ["query@0"])
@@ -51,6 +54,8 @@ class AuditConfig:
     worker_threads: int = 1
     keep_snapshots: bool = False
     redact: bool = False
+    separate_modules: bool = True
+    dp_delta: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.modules, str):
@@ -72,6 +77,8 @@ class AuditConfig:
             )
         if self.max_audits is not None and self.max_audits < 0:
             raise GradAuditError(f"max_audits must be >= 0 or null, got {self.max_audits}")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise GradAuditError(f"dp_delta must lie in (0, 1), got {self.dp_delta}")
         if self.budget <= 0:
             raise GradAuditError(f"budget must be positive, got {self.budget}")
         if self.worker_threads < 1:

@@ -6,6 +6,7 @@ never switches train/eval and copies tensors to the CPU on sampled steps only.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import multiprocessing
 import random
@@ -80,6 +81,11 @@ def check_writable(directory: str | Path) -> Path:
     return path
 
 
+def _is_opacus(optimizer: Any) -> bool:
+    # Checked by module so that opacus is imported only for runs that use it.
+    return optimizer is not None and type(optimizer).__module__.startswith("opacus.")
+
+
 def result_metrics(result: AuditResult) -> dict[str, float]:
     """`gradaudit/...` scalars of one finished audit, for a training logger."""
     metrics = {"gradaudit/audited_step": float(result.step or 0)}
@@ -112,14 +118,25 @@ class Auditor:
         is_main_process: bool = True,
         gather: Callable[[Batch], list[Batch]] | None = None,
         last_step: int | None = None,
+        privacy_engine: Any = None,
+        dataset_size: int | None = None,
     ) -> None:
         if multiprocessing.current_process().name == WORKER_NAME:
             raise GradAuditError(
                 "the attack worker re-imported a training script that builds an Auditor at top "
                 "level: guard the script with `if __name__ == '__main__':` (the worker is spawned)"
             )
+        # An Opacus DPOptimizer releases clipped, noised gradients: capture those, not `.grad`
+        # after backward (the paper's code attacks the latter).
+        self._dp_optimizer = optimizer if _is_opacus(optimizer) else None
+        if self._dp_optimizer is not None or privacy_engine is not None:
+            from .privacy import unwrap_model
+
+            model = unwrap_model(model)
         self.model = model
         self.config = config
+        self.privacy_engine = privacy_engine
+        self.dataset_size = dataset_size
         self.tokenizer = tokenizer
         self.modules = select_modules(model, config.modules)
         self.max_grad_norm = max_grad_norm
@@ -130,7 +147,11 @@ class Auditor:
                 f"attack {config.attack!r} needs the tokenizer: pass tokenizer=, or set "
                 "attack=None to only save snapshots"
             )
-        if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
+        if (
+            optimizer is not None
+            and self._dp_optimizer is None
+            and not hasattr(optimizer, "register_step_pre_hook")
+        ):
             raise GradAuditError(
                 f"optimizer {type(optimizer).__name__} has no register_step_pre_hook: use a "
                 "torch.optim.Optimizer (torch >= 2.0), or pass no optimizer and call "
@@ -158,7 +179,11 @@ class Auditor:
         self._attack_model: nn.Module | None = None
         self._closed = False
         self._hooks = [model.register_forward_pre_hook(self._record, with_kwargs=True)]
-        if optimizer is not None:
+        if self._dp_optimizer is not None:
+            from .privacy import watch_released_gradients
+
+            self._hooks.append(watch_released_gradients(self._dp_optimizer, self.before_step))
+        elif optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._step_pre_hook))
         self._attacker = None
         if is_main_process and config.attack is not None and config.background:
@@ -180,7 +205,9 @@ class Auditor:
             return
         for audit in read_report(self.config.output_dir)["audits"]:
             if audit["step"] in self._audited_steps:
-                self._results[audit["step"]] = AuditResult.from_dict(audit)
+                self._results[(audit["step"], tuple(audit["modules"]))] = AuditResult.from_dict(
+                    audit
+                )
 
     @property
     def step(self) -> int:
@@ -191,7 +218,7 @@ class Auditor:
     def results(self) -> list[AuditResult]:
         """Finished audits, by step."""
         with self._lock:
-            return [self._results[s] for s in sorted(self._results)]
+            return [self._results[k] for k in sorted(self._results)]
 
     def new_results(self) -> list[AuditResult]:
         """Audits finished since the last call (for logging them once)."""
@@ -255,6 +282,11 @@ class Auditor:
             gathered = [b for b in self._gather(batch) if b is not None]
             batch = concat_batches(gathered, pad) if gathered else None
             ranks = len(gathered)
+        if self._dp_optimizer is not None:
+            from .privacy import step_batch_size
+
+            if step_batch_size(self._dp_optimizer) == 0:
+                return  # an empty Poisson batch releases pure noise: skipped, not audited
         self._audits += 1  # on every rank, so all ranks keep sampling the same steps
         self._audited_steps.append(step)
         if not self.is_main_process:
@@ -278,16 +310,11 @@ class Auditor:
             )
             return
         try:
-            job.gradient, norms = self._gradient_kind()
-            job.info.update(norms)
-            snapshot = GradientSnapshot.from_grads(
-                self.model, batch, self.modules, kind=job.gradient, step=step, include_weights=True
-            )
-            snapshot.meta = dict(job.info)
-            snapshot.save(job.directory)
+            self._snapshot(batch, step, job)
         except Exception as error:  # noqa: BLE001 - a failed capture is recorded, never raised
             self._add_result(job.result(attack, f"capture failed: {type(error).__name__}: {error}"))
             return
+        job.epsilon = self.epsilon()
         if self.config.attack is None:
             self._add_result(
                 job.result(
@@ -296,10 +323,60 @@ class Auditor:
                     f"`gradaudit attack {job.directory} --model ...`",
                 )
             )
-        elif self._attacker is not None:
-            self._attacker.submit(job)
+            return
+        groups = [[m] for m in self.modules] if self.config.separate_modules else [self.modules]
+        for i, group in enumerate(groups):
+            part = dataclasses.replace(job, modules=group, release=i == len(groups) - 1)
+            if self._attacker is not None:
+                self._attacker.submit(part)
+            else:
+                self._add_result(self._attack_inline(part))
+
+    def _snapshot(self, batch: Batch, step: int, job: Job) -> GradientSnapshot:
+        """Save the released gradient of `step` with the weights that produced it."""
+        if self._dp_optimizer is not None:
+            from .privacy import dp_snapshot
+
+            job.gradient = "noised"
+            snapshot = dp_snapshot(
+                self.model, self._dp_optimizer, batch, self.modules,
+                kind="noised", step=step, include_weights=True,
+            )  # fmt: skip
         else:
-            self._add_result(self._attack_inline(job))
+            job.gradient, norms = self._gradient_kind()
+            job.info.update(norms)
+            snapshot = GradientSnapshot.from_grads(
+                self.model, batch, self.modules, kind=job.gradient, step=step, include_weights=True
+            )
+        snapshot.meta = {**snapshot.meta, **job.info}
+        snapshot.save(job.directory)
+        return snapshot
+
+    def _delta(self) -> float | None:
+        if self.config.dp_delta is not None:
+            return self.config.dp_delta
+        return 1.0 / self.dataset_size if self.dataset_size else None
+
+    def epsilon(self) -> float | None:
+        """ε spent so far by the privacy engine's own accountant (None without one or δ)."""
+        delta = self._delta()
+        if self.privacy_engine is None or delta is None:
+            return None
+        from .privacy import engine_epsilon
+
+        return engine_epsilon(self.privacy_engine, delta)
+
+    def privacy(self) -> dict[str, Any] | None:
+        """The engine's privacy statement (ε and its assumptions in words), when known."""
+        delta = self._delta()
+        if self.privacy_engine is None or delta is None:
+            return None
+        from .privacy import engine_statement
+
+        clip = getattr(self._dp_optimizer, "max_grad_norm", None)
+        return engine_statement(
+            self.privacy_engine, delta, clip=clip, dataset_size=self.dataset_size
+        )
 
     def _attack_inline(self, job: Job) -> AuditResult:
         with preserve_rng():
@@ -312,13 +389,20 @@ class Auditor:
 
     def _add_result(self, result: AuditResult) -> None:
         with self._lock:
-            self._results[result.step] = result
+            self._results[(result.step, tuple(result.modules))] = result
             self._unseen.append(result)
             self._write_report()
 
     def _write_report(self) -> Path:
-        audits = [self._results[s] for s in sorted(self._results)]
-        report = build_report(audits, config=self.config.to_dict(), redact=self.config.redact)
+        audits = [self._results[k] for k in sorted(self._results)]
+        privacy = self.privacy()
+        report = build_report(
+            audits,
+            config=self.config.to_dict(),
+            redact=self.config.redact,
+            epsilon=None if privacy is None else privacy["epsilon"],
+            privacy=privacy,
+        )
         return write_report(self.config.output_dir, report)
 
     # -- closing --------------------------------------------------------------------------

@@ -297,7 +297,8 @@ def prepare_empty_step(optimizer: DPOptimizer) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside an Opacus `GradSampleModule` (or the model itself)."""
     return model._module if isinstance(model, GradSampleModule) else model
 
 
@@ -327,7 +328,7 @@ def dp_snapshot(
     _require_dp(optimizer)
     if step_batch_size(optimizer) == 0:
         return None
-    base = _unwrap(model)
+    base = unwrap_model(model)
     modules = list(modules)
     params = dict(base.named_parameters())
     trained = {id(p) for p in optimizer.params}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,16 @@ class GradientSnapshot:
             raise GradAuditError(
                 f"module {module!r} is not in this snapshot (it holds {', '.join(self.modules)})"
             ) from None
+
+    def restrict(self, modules: Iterable[str]) -> GradientSnapshot:
+        """The same snapshot observing only `modules` (each must be in it)."""
+        modules = list(modules)
+        keep = {k for m in modules for k in self.gradients if k.rsplit(".", 1)[0] == m}
+        for module in modules:
+            self.weight_gradient(module)
+        return dataclasses.replace(
+            self, gradients={k: v for k, v in self.gradients.items() if k in keep}, modules=modules
+        )
 
     @classmethod
     def from_grads(

@@ -38,6 +38,9 @@ class Job:
     batch_size: int
     gradient: str
     info: dict[str, Any] = field(default_factory=dict)
+    epsilon: float | None = None
+    # The step's last job deletes the shared snapshot directory (unless keep_snapshots).
+    release: bool = True
 
     def result(self, attack: str, error: str) -> AuditResult:
         """A result without scores; `error` says why."""
@@ -48,6 +51,7 @@ class Job:
             gradient=self.gradient,
             step=self.step,
             error=error,
+            epsilon=self.epsilon,
             info={**self.info, "snapshot": self.directory},
         )
 
@@ -59,7 +63,7 @@ def run_job(
     import torch
 
     try:
-        snapshot = GradientSnapshot.load(job.directory, model)
+        snapshot = GradientSnapshot.load(job.directory, model).restrict(job.modules)
         result = audit_snapshot(
             model,
             tokenizer,
@@ -79,7 +83,8 @@ def run_job(
     except Exception as error:  # noqa: BLE001 - every attack failure is recorded, never raised
         return job.result(config.attack, f"{type(error).__name__}: {error}")
     result.info = {**result.info, **job.info}
-    if not config.keep_snapshots:
+    result.epsilon = job.epsilon
+    if job.release and not config.keep_snapshots:
         shutil.rmtree(job.directory, ignore_errors=True)
     return result
 

@@ -206,3 +206,19 @@ def test_bad_input_fails_before_training(tokenizer, tmp_path):
     with pytest.raises(GradAuditError, match="batch lacks labels"):
         model(**batch)
     auditor.close()
+
+
+def test_each_module_is_attacked_on_its_own_unless_joined(tokenizer, tmp_path):
+    model = make_tiny_model(tokenizer.vocab_size).train()
+    modules = ["query@0", "ffn_in@1"]
+    train(model, tokenizer, tiny_config(tmp_path / "a", steps=[2], modules=modules), steps=3)
+    audits = read_audits(tmp_path / "a")
+    assert [(a["step"], a["modules"]) for a in audits] == [
+        (2, ["bert.encoder.layer.0.attention.self.query"]),
+        (2, ["bert.encoder.layer.1.intermediate.dense"]),
+    ]
+    assert all(a["error"] is None for a in audits)
+    assert not list((tmp_path / "a" / "snapshots").iterdir())  # freed after the last module
+    joined = tiny_config(tmp_path / "b", steps=[2], modules=modules, separate_modules=False)
+    train(make_tiny_model(tokenizer.vocab_size).train(), tokenizer, joined, steps=3)
+    assert [len(a["modules"]) for a in read_audits(tmp_path / "b")] == [2]
