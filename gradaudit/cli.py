@@ -29,6 +29,27 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attack-budget",
+        action="append",
+        default=[],
+        type=_budget_pair,
+        metavar="ATTACK=BUDGET",
+        help="budget for one attack, e.g. gradmatch=0.1 (default 1)",
+    )
+
+
+def _budget_pair(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if sep and name:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not ATTACK=BUDGET, e.g. gradmatch=0.1")
+
+
 def add_attack_arguments(
     parser: argparse.ArgumentParser, default_attack: str = "gradmatch"
 ) -> None:
@@ -208,9 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         grid.batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
     if args.sentences:
         grid.sentences = args.sentences
-    for pair in args.attack_budget:
-        name, _, value = pair.partition("=")
-        grid.budgets[name] = float(value)
+    grid.budgets.update(dict(args.attack_budget))
     if args.data_dir is None or not Path(args.data_dir).is_dir():
         raise GradAuditError(
             f"--data-dir {args.data_dir} is not a folder: pass the folder holding cola/dev.tsv, "
@@ -245,10 +264,7 @@ def cmd_dpsweep(args: argparse.Namespace) -> int:
     from .dpsweep import SweepSettings, parse_floats, render_table, run_dpsweep, write_dpsweep
     from .models import load_model
 
-    budgets = {}
-    for pair in args.attack_budget:
-        name, _, value = pair.partition("=")
-        budgets[name] = float(value)
+    budgets = dict(args.attack_budget)
     settings = SweepSettings(
         modules=args.modules,
         sigmas=parse_floats(args.sigmas),
@@ -339,13 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--attacks", help="comma list, e.g. gradmatch,span,auto")
     bench.add_argument("--batch-sizes", help="comma list, e.g. 1,4,8")
     bench.add_argument("--sentences", type=int, help="sentences per cell")
-    bench.add_argument(
-        "--attack-budget",
-        action="append",
-        default=[],
-        metavar="ATTACK=BUDGET",
-        help="budget for one attack, e.g. gradmatch=0.1 (default 1)",
-    )
+    add_budget_argument(bench)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -365,13 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--delta", type=float, default=None, help="δ (default 1/N)")
     dp.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
     dp.add_argument("--attacks", default="auto,gradmatch", help="comma list of attacks")
-    dp.add_argument(
-        "--attack-budget",
-        action="append",
-        default=[],
-        metavar="ATTACK=BUDGET",
-        help="budget for one attack, e.g. gradmatch=0.1 (default 1)",
-    )
+    add_budget_argument(dp)
     dp.add_argument("--batch-size", type=int, default=1, help="sentences per attacked batch")
     dp.add_argument("--batches", type=int, default=2, help="attacked batches per σ")
     dp.add_argument(

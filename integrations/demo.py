@@ -20,10 +20,18 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="fine-tune MiniLM with the auditor on; print leakage")
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps (default 24)")
     parser.add_argument(
-        "--modules", nargs="+", default=["value@0", "ffn_in@2"],
-        help="module specs to audit, each on its own (default: value@0 ffn_in@2)",
+        "--modules", nargs="+", default=["value@0", "key@1"],
+        help="module specs to audit, each on its own (default: value@0 key@1)",
     )  # fmt: skip
-    parser.add_argument("--audits", type=int, default=3, help="audited steps (default 3)")
+    parser.add_argument("--audits", type=int, default=4, help="audited steps (default 4)")
+    parser.add_argument("--batch-size", type=int, default=1, help="training batch (default 1)")
+    parser.add_argument(
+        "--budget", type=float, default=0.5, help="attack budget (default 0.5, 1 = full)"
+    )
+    parser.add_argument(
+        "--attack-timeout", type=float, default=60.0,
+        help="seconds per attack before it is recorded as timed out (default 60)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("gradaudit-demo"))
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_demo)
@@ -85,13 +93,15 @@ def run_demo(args: argparse.Namespace) -> int:
         first_step=max(1, every // 2),
         max_audits=args.audits,
         attack="auto",
+        budget=args.budget,
+        attack_timeout_s=args.attack_timeout,
         output_dir=str(out / "audit"),
         background=True,
         seed=args.seed,
     )
     training = TrainingArguments(
         output_dir=str(out / "trainer"),
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=args.batch_size,
         max_steps=args.steps,
         learning_rate=5e-5,
         max_grad_norm=1.0,

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from conftest import make_tiny_tokenizer
 from torch.utils.data import Dataset
-from transformers import BertTokenizerFast
 
 from gradaudit import AuditConfig
 
@@ -23,19 +20,6 @@ SENTENCES = [
     ("a great cast and a bright script", 1),
     ("never watch this dark sad movie", 0),
 ]
-
-
-def tiny_tokenizer(directory: Path) -> BertTokenizerFast:
-    """The shared tiny tokenizer (see conftest), its vocab file written in `directory`."""
-    return make_tiny_tokenizer(directory)
-
-
-def one_thread() -> Iterator[None]:
-    """Body of a fixture: torch on one thread (shared CPUs thrash with more), then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyTexts(Dataset):

@@ -54,6 +54,21 @@ def make_tiny_model(vocab_size: int, *, hidden: int = 48, layers: int = 2, seed:
     return BertForSequenceClassification(config).eval()
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tiny_tokenizer: BertTokenizerFast) -> BertTokenizerFast:
+    """The tiny tokenizer under the name the training-loop tests use."""
+    return tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (shared CPUs thrash with more), then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model(tiny_tokenizer: BertTokenizerFast):
     return make_tiny_model(tiny_tokenizer.vocab_size)

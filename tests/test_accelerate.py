@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import TinyTexts, one_thread, read_audits, tiny_config, tiny_tokenizer
+from _tiny import TinyTexts, read_audits, tiny_config
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from conftest import make_tiny_model
@@ -17,15 +17,7 @@ from gradaudit.integrations.accelerate import AccelerateAuditor
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ListTracker(GeneralTracker):

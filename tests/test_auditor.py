@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import TinyTexts, one_thread, read_audits, tiny_config, tiny_tokenizer
+from _tiny import TinyTexts, read_audits, tiny_config
 from conftest import make_tiny_model
 from torch import nn
 from torch.utils.data import DataLoader
@@ -17,15 +17,7 @@ from transformers import DataCollatorWithPadding
 from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
 from gradaudit.auditor import concat_batches
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def no_dropout(model: nn.Module) -> nn.Module:

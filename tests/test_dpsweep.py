@@ -2,7 +2,6 @@ import json
 import math
 
 import pytest
-from _tiny import tiny_tokenizer
 from conftest import WORDS, make_tiny_model
 
 from gradaudit import GradAuditError
@@ -10,11 +9,6 @@ from gradaudit.attacks import attack_names
 from gradaudit.cli import main
 from gradaudit.data import Examples
 from gradaudit.dpsweep import SweepSettings, run_dpsweep
-
-
-@pytest.fixture
-def tokenizer(tiny_vocab):
-    return tiny_tokenizer(tiny_vocab)  # conftest's fixture still passes `vocab_file=`
 
 
 def _examples(n: int) -> Examples:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import TinyTexts, final_weights, one_thread, read_audits, tiny_config, tiny_tokenizer
+from _tiny import TinyTexts, final_weights, read_audits, tiny_config
 from conftest import make_tiny_model
 from gradaudit.integrations.trainer import GradAuditCallback
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -12,15 +12,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from gradaudit import GradAuditError
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_trainer(tokenizer, out, config=None, *, max_steps, **args) -> Trainer:
