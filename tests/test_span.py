@@ -143,3 +143,26 @@ def test_auto_runs_span_at_layer_0_and_gradmatch_past_it(tiny):
 def test_unknown_saturated_choice_is_an_error():
     with pytest.raises(GradAuditError, match="saturated"):
         get_attack("span", saturated="maybe")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("component", ["query", "key"])
+def test_exact_on_minilm_batch_of_four(minilm, component):
+    # Near the rank ceiling the row space fits a true word at a wrong position as well as the
+    # truth, so this rests on the attention membership test and the label-ordered check.
+    model, tokenizer = minilm
+    module = layout(model).component_name(component, 0)
+    truth, result = run(model, tokenizer, BATCH, [1, 0, 0, 0], module)
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.token_ids[0] == truth[0]  # the only label-1 sentence keeps its row
+    assert result.info["gradient_residual"] < 1e-4
+
+
+@pytest.mark.slow
+def test_exact_on_minilm_batch_of_four_lengths(minilm):
+    model, tokenizer = minilm
+    module = layout(model).component_name("query", 0)
+    texts = ["it is good", "a bad film indeed", "the plot was very very dull"]
+    texts.append("this cast is not funny at all , sadly")
+    truth, result = run(model, tokenizer, texts, [1, 0, 0, 0], module)
+    assert result.token_ids == truth

@@ -211,7 +211,7 @@ class SpanAttack(Attack):
             res, order = residuals(inputs, basis).sort()
             cand = screened[j][order]
             k = pick_by_gap(res, len(slot.sentences))
-            pool = cand[: max(k, int((res <= res[0] * opts.pool_ratio).sum()))]
+            pool = cand
             pools.append(pool)
             slot_res.append((float(res[k - 1]), float(res[k]) if len(res) > k else float("inf")))
             for i, b in enumerate(slot.sentences):

@@ -13,31 +13,45 @@ inputs of the batch's tokens. Every candidate token `v` is tested at every occup
 - the kept ones are recomputed exactly; a slot shared by `n` sentences holds `k <= n`
   distinct tokens, `k` being where the sorted residuals jump the most.
 
-With one sentence that is the text. With several, each slot keeps a pool of tokens whose
-residual is within `pool_ratio` of its best, and the choice per (sentence, slot) is searched
+With one sentence that is the text. With several, the row space stops deciding: every input
+lies in span{LN-scaled word part, position part, beta}, so near rank = distinct words +
+positions + 1 (B >= 4 on SST-2) a true word at a wrong slot fits the gradient as well as the
+truth (measured: same fit residual, 1.5e-7). For query and key modules, `Membership` scores a
+hypothesis by the attention structure instead (per head, a token's backward signal lies in the
+span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for one
+swapped token. `assign` descends on it (swaps and pool replacements per slot, a few random
+restarts), whole sentences of equal length are then ordered by the gradient match (the
+membership test is label-blind), and the result is kept if its relative gradient residual is
+below `EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched
 coordinate by coordinate (replace a token, or swap two sentences' tokens at a slot), each move
 scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a candidate
-sentence's own forward/backward pass gives its exact contribution `G_b`, and moves are
-evaluated in batches of hypothesis sentences.
+sentence's own forward/backward pass gives its exact contribution `G_b`.
 
 Limits. Token type ids, lengths and special-token positions are taken as known structure.
-Every input lies in span{LN-scaled word part, position part, beta}, so the rank is at most
-distinct words + positions + 1: once a batch has about that many tokens (B >= 4 on SST-2)
-a true word at a wrong slot is almost in the span too, slot pools grow, and the pairing rests
-on the search, a local one that can stop far from the truth (its final relative gradient
-residual is reported: about 1e-6 when exact). B = 1 needs no search.
+The membership descent is local: on SST-2 batches of 4 it stalls (membership 0.04-0.4) when
+the slot pools' ranking is far from the truth, and from B = 8 the signals `D = G pinv(H)` are
+ill-posed (more distinct inputs than the rank ceiling), so the truth no longer scores ~0.
+The coordinate search can stop far from the truth too (its final relative gradient residual
+is reported: about 1e-6 when exact). B = 1 needs no search.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..families import ModelLayout
+from ..families import ModelLayout, layout
 
 EXACT_COMPONENTS = ("query", "key", "value")
+PARTNERS = {"query": "key", "key": "query"}
+EXACT_RESIDUAL = 1e-4
+MEMBERSHIP_EXACT = 1e-6
+RESTARTS = 4
+MAX_ORDERS = 24
 
 
 @dataclass(frozen=True)
@@ -222,6 +236,135 @@ def _hypothesis_batch(
 
 
 @dataclass
+class Membership:
+    """Which sentence a token belongs to, from layer-0 attention (query and key modules).
+
+    Given a hypothesis (token ids), its distinct inputs `H` give each one's backward signal
+    `D` from `G = D^T H` (least squares). Per head, a query signal is a zero-sum combination
+    of its own sentence's keys, so it lies in the span of the sentence's key differences; a
+    key signal is a combination of its own sentence's queries. `score` sums, per group of
+    sentences sharing a row, the relative residual of the signals against those spans: about
+    1e-9 for the truth, 1e-3 and up for a swapped token, even where the row space of `G`
+    cannot tell the two apart (every true word at every true position is in it).
+    """
+
+    lay: ModelLayout
+    component: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    heads: int
+    target: torch.Tensor
+    batch: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        module: nn.Module,
+        batch: dict[str, torch.Tensor],
+        target: torch.Tensor,
+    ) -> Membership | None:
+        """The test for `module` when it is a layer's query or key projection, else None."""
+        lay = layout(model)
+        name = next(n for n, m in model.named_modules() if m is module)
+        where = lay.locate(name)
+        if where is None or where[0] not in PARTNERS:
+            return None
+        partner = model.get_submodule(lay.component_name(PARTNERS[where[0]], where[1]))
+        weight = partner.weight.detach().to(target.device, torch.float64)
+        bias = partner.bias.detach() if partner.bias is not None else weight.new_zeros(1)
+        heads = int(model.config.num_attention_heads)
+        return cls(lay, where[0], weight, bias.to(weight), heads, target.double(), batch)
+
+    def score(self, ids: torch.Tensor) -> float:
+        """Membership residual of the hypothesis `ids` (batch x length); ~0 when right."""
+        mask = self.batch["attention_mask"].bool()
+        positions = self.lay.position_ids(self.batch["attention_mask"])[mask]
+        segments = self.batch["token_type_ids"][mask]
+        tokens = ids[mask]
+        code = (tokens * (positions.max() + 1) + positions) * (segments.max() + 1) + segments
+        unique, inverse = torch.unique(code, return_inverse=True)
+        first = torch.zeros(len(unique), dtype=torch.long, device=ids.device)
+        first.scatter_(0, inverse, torch.arange(len(code), device=ids.device))
+        offsets = self.lay.position_embeddings.weight.detach()[positions[first]]
+        offsets = offsets + self.lay.token_type_embeddings.weight.detach()[segments[first]]
+        inputs = layer0_inputs(self.lay, tokens[first], offsets.to(torch.float64))
+        signals = torch.linalg.lstsq(inputs.T, self.target.T).solution
+        rows = inverse.split(mask.sum(1).tolist())
+        spans = [self._span(inputs[r]) for r in rows]
+        owners: dict[int, list[int]] = {}
+        for b, r in enumerate(rows):
+            for i in r.tolist():
+                owners.setdefault(i, []).append(b)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, bs in owners.items():
+            groups.setdefault(tuple(bs), []).append(i)
+        fit = self.target - signals.T @ inputs
+        total = float(fit.square().sum() / self.target.square().sum())
+        for bs, members in groups.items():
+            span = (
+                spans[bs[0]]
+                if len(bs) == 1
+                else torch.linalg.qr(torch.cat([spans[b] for b in bs], -1)).Q
+            )
+            sig = signals[members].reshape(len(members), self.heads, -1).transpose(0, 1)
+            res = sig - (sig @ span) @ span.transpose(1, 2)
+            total += float(res.square().sum() / sig.square().sum().clamp_min(1e-300))
+        return total
+
+    def _span(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
+        if self.component == "query":
+            vectors = (inputs[1:] - inputs[:1]) @ self.weight.T
+        else:
+            vectors = inputs @ self.weight.T + self.bias
+        vectors = vectors.reshape(len(vectors), self.heads, -1).permute(1, 2, 0)
+        return torch.linalg.qr(vectors).Q
+
+
+def assign(
+    membership: Membership,
+    ids: torch.Tensor,
+    slots: list[Slot],
+    pools: list[torch.Tensor],
+    sweeps: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float]:
+    """Token per (sentence, slot) by coordinate descent on the membership score.
+
+    Starts from distinct tokens per slot (the pool's best first). Swaps keep the distinct
+    inputs, hence the backward signals, fixed; replacements draw from the slot's pool.
+    """
+    ids = ids.clone()
+    for slot, pool in zip(slots, pools):
+        order = torch.randperm(len(slot.sentences), generator=generator).tolist()
+        for i, b in zip(order, slot.sentences):
+            ids[b, slot.column] = pool[min(i, len(pool) - 1)]
+    best = membership.score(ids)
+    for _ in range(sweeps * len(slots)):
+        improved = False
+        for slot, pool in zip(slots, pools):
+            col, members = slot.column, slot.sentences
+            moves = [
+                ((b, int(ids[c, col])), (c, int(ids[b, col])))
+                for x, b in enumerate(members)
+                for c in members[x + 1 :]
+                if ids[b, col] != ids[c, col]
+            ]
+            moves += [((b, int(v)),) for b in members for v in pool if v != ids[b, col]]
+            for move in moves:
+                trial = ids.clone()
+                for b, v in move:
+                    trial[b, col] = v
+                value = membership.score(trial)
+                if value < best * (1 - 1e-6):
+                    best, ids, improved = value, trial, True
+        if not improved:
+            break
+    return ids, best
+
+
+@dataclass
 class Search:
     """Coordinate search over per-slot token choices, scored by the full gradient match."""
 
@@ -246,6 +389,16 @@ class Search:
     ) -> tuple[torch.Tensor, float]:
         """Improve `ids` (batch x length) slot by slot; returns them and the relative residual."""
         rows = list(range(ids.shape[0]))
+        membership = Membership.build(self.model, self.module, self.batch, self.target)
+        if membership is not None:
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(RESTARTS):
+                assigned, score = assign(membership, ids, slots, pools, sweeps, generator)
+                if score < MEMBERSHIP_EXACT:
+                    break
+            assigned, residual = self.order_by_label(assigned)
+            if residual < EXACT_RESIDUAL:
+                return assigned, residual
         grads = self.gradients(rows, ids)
         residual = self.target - grads.sum(0)
         for _ in range(sweeps):
@@ -258,6 +411,33 @@ class Search:
             if not changed:
                 break
         return ids, float(residual.norm() / self.target.norm())
+
+    def order_by_label(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Best order of `ids`' rows among sentences of equal length (membership is label-blind).
+
+        Returns the ids and their relative gradient residual; orders tried in one batch.
+        """
+        size = ids.shape[0]
+        lengths = self.batch["attention_mask"].sum(1).tolist()
+        groups: dict[int, list[int]] = {}
+        for b, n in enumerate(lengths):
+            groups.setdefault(n, []).append(b)
+        orders = [list(range(size))]
+        for group in groups.values():
+            if len(group) > 1 and math.factorial(len(group)) <= MAX_ORDERS:
+                extended = []
+                for order in orders:
+                    for perm in itertools.permutations(group):
+                        new = list(order)
+                        for b, p in zip(group, perm):
+                            new[b] = order[p]
+                        extended.append(new)
+                orders = extended[:MAX_ORDERS]
+        grads = self.gradients(list(range(size)) * len(orders), ids[sum(orders, [])])
+        fits = grads.reshape(len(orders), size, *grads.shape[1:]).sum(1)
+        norms = (self.target - fits).flatten(1).norm(dim=1) / self.target.norm()
+        best = int(norms.argmin())
+        return ids[orders[best]], float(norms[best])
 
     def _improve(
         self,
