@@ -1,0 +1,57 @@
+"""`gradaudit bench` on a tiny model: the grid runs end to end and writes its outputs."""
+
+import json
+
+import pytest
+from conftest import make_tiny_model
+
+from gradaudit.bench import DATASET_FILES, BenchGrid, render_table, run_bench, write_bench
+from gradaudit.errors import GradAuditError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rows = "sentence\tlabel\nthe movie was good\t1\na boring plot\t0\ni love the music\t1\n"
+    for relative in DATASET_FILES.values():
+        path = tmp_path / "data" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rows)
+    return tmp_path / "data"
+
+
+def test_bench_grid_scores_every_cell_and_attack_and_writes_heatmaps(
+    tiny_tokenizer, data_dir, tmp_path
+):
+    model = make_tiny_model(tiny_tokenizer.vocab_size)
+    grid = BenchGrid(
+        datasets=["sst2"], components=["query", "ffn_in"], layers=[0, 1],
+        attacks=["span", "gradmatch"], batch_sizes=[1], sentences=2, budgets={"gradmatch": 0.01},
+    )  # fmt: skip
+    result = run_bench(model, tiny_tokenizer, data_dir, grid)
+    assert len(result["rows"]) == 2 * 2 * 2 * 2  # cells x sentences x attacks
+    cells = {(c["component"], c["layer"], c["attack"]): c for c in result["cells"]}
+    assert len(cells) == 8
+    assert cells[("query", 0, "span")]["rouge1"] == 1.0  # exact mode at layer 0, B = 1
+    assert all(c["seconds"] is not None or c["errors"] for c in cells.values())
+    table = render_table(result)
+    assert "faster" in table and "query@0" in table
+    written = write_bench(tmp_path / "out", result)
+    names = sorted(p.name for p in written)
+    assert "bench.json" in names and "heatmap_span_B1_rouge1.png" in names
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert saved["grid"]["budgets"] == {"gradmatch": 0.01}
+
+
+def test_quick_grid_is_a_small_subset_and_full_covers_the_paper():
+    quick, full = BenchGrid.quick(), BenchGrid()
+    assert len(quick.cells(6)) < len(full.cells(6))
+    assert set(full.datasets) == {"cola", "sst2", "rotten_tomatoes"}
+    assert ("full", None) in full.cells(6) and ("layer", 5) in full.cells(6)
+
+
+def test_unknown_dataset_is_refused(tiny_tokenizer, data_dir):
+    model = make_tiny_model(tiny_tokenizer.vocab_size)
+    with pytest.raises(GradAuditError, match="unknown data set"):
+        run_bench(model, tiny_tokenizer, data_dir, BenchGrid(datasets=["imdb"]))
