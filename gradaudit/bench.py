@@ -192,9 +192,13 @@ def render_table(result: dict[str, Any]) -> str:
         (c["dataset"], c["component"], c["layer"], c["batch_size"], c["attack"]): c["seconds"]
         for c in result["cells"]
     }
+    budgets = ", ".join(
+        f"{a}={result['grid']['budgets'].get(a, 1.0):g}" for a in result["grid"]["attacks"]
+    )
     lines = [
+        f"budgets: {budgets} (speed-ups compare these budgets)",
         f"{'dataset':<16}{'module':<12}{'B':>3}  {'attack':<10}{'R1':>7}{'R2':>7}"
-        f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}"
+        f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}",
     ]
     for c in result["cells"]:
 

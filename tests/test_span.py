@@ -129,14 +129,14 @@ def test_last_layer_query_is_reported_rank_limited(tiny):
     assert result.texts == ["", ""]
 
 
-def test_auto_runs_span_at_layer_0_and_gradmatch_past_it(tiny):
+def test_auto_runs_exact_span_at_layer_0_and_deep_span_past_it(tiny):
     model, tokenizer = tiny
     lay = layout(model)
     truth, exact = run(model, tokenizer, BATCH[:1], [1], lay.component_name("key", 0), "auto")
     assert exact.info["auto"]["ran"] == "span"
     assert exact.token_ids == truth
     _, deep = run(model, tokenizer, BATCH[:1], [1], lay.component_name("value", 1), "auto")
-    assert deep.info["auto"]["ran"] == "gradmatch"
+    assert deep.info["auto"]["ran"] == "span" and deep.info["mode"] == "deep"
     assert "labels" in deep.info["auto"]
 
 
