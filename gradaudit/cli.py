@@ -213,12 +213,34 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def bench_overhead(model, tokenizer, args: argparse.Namespace) -> int:
+    """`bench --overhead`: the same fine-tuning with and without the auditor, in one run."""
+    from .data import load_examples
+    from .io import atomic_write_json
+    from .overhead import measure_overhead
+
+    if args.data_dir is None:
+        raise GradAuditError("--overhead needs --data-dir (the folder holding sst2/dev.tsv)")
+    examples = load_examples(str(Path(args.data_dir) / "sst2" / "dev.tsv"))
+    overhead = measure_overhead(model, tokenizer, examples.texts, examples.labels, seed=args.seed)
+    result = overhead.to_dict()
+    print(
+        f"step time, capture only / no auditor: {overhead.capture_ratio:.3f} (target <= 1.02)\n"
+        f"step p95, background attacks / attacks off: {overhead.background_p95_ratio:.3f} "
+        "(target <= 1.10)"
+    )
+    print(f"wrote {atomic_write_json(Path(args.out) / 'overhead.json', result)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchGrid, render_table, run_bench, write_bench
     from .models import load_model
     from .selection import parse_layers
 
     model, tokenizer = load_model(args.model)
+    if args.overhead:
+        return bench_overhead(model, tokenizer, args)
     grid = BenchGrid.quick() if args.quick else BenchGrid()
     for name in ("datasets", "components", "attacks"):
         if getattr(args, name):
@@ -349,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="minilm")
     bench.add_argument("--data-dir", help="folder with cola/, sst2/, rotten_tomatoes/ files")
     bench.add_argument("--quick", action="store_true", help="a small subset: minutes on 2 CPUs")
+    bench.add_argument(
+        "--overhead", action="store_true", help="training step time with and without the auditor"
+    )
     bench.add_argument("--datasets", help="comma list of cola,sst2,rotten_tomatoes")
     bench.add_argument("--components", help="comma list of query,...,ffn_out,layer,full")
     bench.add_argument("--layers", help="e.g. 0-5, 0,2 or all")

@@ -55,7 +55,6 @@ class SpanOptions:
 
     chunk: int = 4096
     min_gap: float = 50.0
-    pool_ratio: float = 10.0
     pool_extra: int = 1
     sweeps: int = 3
     forward_batch: int = 32
