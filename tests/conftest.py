@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,14 +24,14 @@ WORDS = (
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_tiny_tokenizer(directory: Path) -> BertTokenizerFast:
-    """A WordPiece tokenizer over WORDS, its vocab file written in `directory`.
+def make_tiny_tokenizer(directory: Path, words: Sequence[str] = WORDS) -> BertTokenizerFast:
+    """A WordPiece tokenizer over `words`, its vocab file written in `directory`.
 
     (`vocab=`, not `vocab_file=`: transformers 5 ignores the latter and maps every word to
     [UNK].)
     """
     path = Path(directory) / "vocab.txt"
-    path.write_text("\n".join(SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(WORDS))) + "\n")
+    path.write_text("\n".join(SPECIALS + [".", ",", "!", "?", "'"] + sorted(set(words))) + "\n")
     return BertTokenizerFast(vocab=str(path), do_lower_case=True)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.batch import make_batch
 from gradaudit.families import layout
@@ -18,19 +17,9 @@ WORDS = "the a movie film plot was is good bad very boring funny and not".split(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.mktemp("scan_vocab") / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=True)
-    config = BertConfig(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).eval(), tokenizer
+    """A random 2-layer BERT of width 48 over this file's words, and its tokenizer."""
+    tokenizer = make_tiny_tokenizer(tmp_path_factory.mktemp("vocab"), WORDS)
+    return make_tiny_model(len(tokenizer.get_vocab()), hidden=48), tokenizer
 
 
 def test_scan_labels_known_cases(tiny):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.attacks import get_attack
 from gradaudit.batch import make_batch
@@ -22,20 +22,9 @@ BATCH = ["the movie was good", "a very boring plot", "this film is not funny", "
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    """A random 2-layer BERT of width 64 over a written vocabulary, and its tokenizer."""
-    path = tmp_path_factory.mktemp("span_vocab") / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=True)
-    config = BertConfig(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).eval(), tokenizer
+    """A random 2-layer BERT of width 64 over this file's words, and its tokenizer."""
+    tokenizer = make_tiny_tokenizer(tmp_path_factory.mktemp("vocab"), WORDS)
+    return make_tiny_model(len(tokenizer.get_vocab()), hidden=64), tokenizer
 
 
 def run(model, tokenizer, texts, labels, module, attack="span", **options):
