@@ -126,10 +126,15 @@ def score(
     )
 
 
+def words(text: str) -> list[str]:
+    """The words ROUGE compares: special tokens stripped, lowercased, alphanumeric."""
+    return _TOKENIZER.tokenize(strip_special(text))
+
+
 def canary_exposure(secret: str, reconstruction: str) -> float:
     """Share of a planted secret's words (a multiset) found in one reconstruction."""
-    wanted = Counter(_TOKENIZER.tokenize(strip_special(secret)))
+    wanted = Counter(words(secret))
     if not wanted:
         raise GradAuditError("a canary secret needs at least one word")
-    found = Counter(_TOKENIZER.tokenize(strip_special(reconstruction)))
+    found = Counter(words(reconstruction))
     return sum((wanted & found).values()) / sum(wanted.values())

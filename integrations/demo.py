@@ -23,7 +23,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--modules", nargs="+", default=["value@0", "key@1"],
         help="module specs to audit, each on its own (default: value@0 key@1)",
     )  # fmt: skip
-    parser.add_argument("--audits", type=int, default=4, help="audited steps (default 4)")
+    parser.add_argument("--audits", type=int, default=8, help="audited steps (default 8)")
     parser.add_argument("--batch-size", type=int, default=1, help="training batch (default 1)")
     parser.add_argument(
         "--budget", type=float, default=0.5, help="attack budget (default 0.5, 1 = full)"
@@ -47,14 +47,16 @@ def write_dataset(path: Path) -> Path:
 
 def canary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Per audit: the canary messages in its batch and the share of their secrets recovered."""
-    from gradaudit.metrics import canary_exposure
+    from gradaudit.metrics import canary_exposure, words
 
+    # References are the tokenizer's decoding ("hi," for "hi ,"): compare them word by word.
+    secrets = {tuple(words(message)): secret for message, secret in CANARIES.items()}
     rows = []
     for audit in report["audits"]:
         exposures = []
         for s in audit.get("sentences") or []:
             reference = audit["references"][s["reference"]]
-            secret = next((v for k, v in CANARIES.items() if k == reference), None)
+            secret = secrets.get(tuple(words(reference)))
             if secret is not None:
                 rec = audit["reconstructions"][s["reconstruction"]]
                 exposures.append(canary_exposure(secret, rec))

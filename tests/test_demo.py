@@ -19,8 +19,9 @@ def test_canary_rows_measure_the_secret_share_in_the_matched_reconstruction():
     message = next(iter(CANARIES))
     secret_words = CANARIES[message].split()
     leaked = " ".join(secret_words[:2])
+    decoded = message.replace(" ,", ",").replace(" .", ".")  # as the tokenizer decodes it
     audit = {
-        "references": ["thanks a lot .", message],
+        "references": ["thanks a lot .", decoded],
         "reconstructions": [leaked, "thanks a lot ."],
         "sentences": [
             {"reference": 0, "reconstruction": 1},
