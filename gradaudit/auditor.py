@@ -14,6 +14,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,12 @@ class Auditor:
             self._hooks.append(watch_released_gradients(self._dp_optimizer, self.before_step))
         elif optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._step_pre_hook))
+        # Background mode writes snapshots from a thread of its own, off the training step.
+        self._writer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradaudit-writer")
+            if is_main_process and config.background
+            else None
+        )
         self._attacker = None
         if is_main_process and config.attack is not None and config.background:
             self._attacker = BackgroundAttacker(model, tokenizer, config, self._add_result)
@@ -310,11 +317,24 @@ class Auditor:
             )
             return
         try:
-            self._snapshot(batch, step, job)
+            snapshot = self._snapshot(batch, step, job)
         except Exception as error:  # noqa: BLE001 - a failed capture is recorded, never raised
             self._add_result(job.result(attack, f"capture failed: {type(error).__name__}: {error}"))
             return
         job.epsilon = self.epsilon()
+        if self._writer is not None:  # the tensors are copied; writing them can wait
+            self._writer.submit(self._save_and_attack, snapshot, job)
+        else:
+            self._save_and_attack(snapshot, job)
+
+    def _save_and_attack(self, snapshot: GradientSnapshot, job: Job) -> None:
+        """Write the snapshot, then attack each module group (inline or in the worker)."""
+        attack = self.config.attack or "none"
+        try:
+            snapshot.save(job.directory)
+        except Exception as error:  # noqa: BLE001 - a failed save is recorded, never raised
+            self._add_result(job.result(attack, f"saving failed: {type(error).__name__}: {error}"))
+            return
         if self.config.attack is None:
             self._add_result(
                 job.result(
@@ -333,7 +353,7 @@ class Auditor:
                 self._add_result(self._attack_inline(part))
 
     def _snapshot(self, batch: Batch, step: int, job: Job) -> GradientSnapshot:
-        """Save the released gradient of `step` with the weights that produced it."""
+        """Copy the released gradient of `step` and the weights that produced it to the CPU."""
         if self._dp_optimizer is not None:
             from .privacy import dp_snapshot
 
@@ -349,7 +369,6 @@ class Auditor:
                 self.model, batch, self.modules, kind=job.gradient, step=step, include_weights=True
             )
         snapshot.meta = {**snapshot.meta, **job.info}
-        snapshot.save(job.directory)
         return snapshot
 
     def _delta(self) -> float | None:
@@ -417,6 +436,8 @@ class Auditor:
             for hook in self._hooks:
                 hook.remove()
             self._batches = []
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
             if self._attacker is not None:
                 self._attacker.close(self.config.close_timeout_s)
         if not self.is_main_process:
