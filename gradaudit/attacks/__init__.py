@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ..errors import GradAuditError
 from .base import Attack, Reconstruction
 
+# Attacks are imported when first asked for: `auto` itself builds attacks through this module,
+# and importing gradaudit need not load every attack.
 _REGISTRY: dict[str, str] = {
     "gradmatch": "gradaudit.attacks.gradmatch:GradMatchAttack",
     "span": "gradaudit.attacks.span:SpanAttack",
@@ -22,8 +25,6 @@ def get_attack(name: str, **options: Any) -> Attack:
     """The attack called `name`, configured with `options` (unknown names are an error)."""
     if name not in _REGISTRY:
         raise GradAuditError(f"unknown attack {name!r}: choose one of {', '.join(attack_names())}")
-    import importlib
-
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)(**options)
 
