@@ -23,9 +23,8 @@ from gradaudit.privacy import (
     check_dp_parameters,
     default_delta,
     dp_snapshot,
+    dp_step,
     engine_statement,
-    is_empty_batch,
-    prepare_empty_step,
     watch_released_gradients,
 )
 
@@ -81,17 +80,11 @@ def main() -> None:
     handle = watch_released_gradients(optimizer, on_step)
     for ids, mask, labels in loader:
         current = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        optimizer.zero_grad()
-        if is_empty_batch(current):
-            prepare_empty_step(optimizer)
-        else:
-            private(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
+        dp_step(private, optimizer, current)
         step += 1
         if len(captured) == args.steps:
             break
     handle.remove()
-    optimizer.zero_grad()
     private.remove_hooks()  # attacks copy the model: without Opacus's hooks
 
     model.eval()

@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import multiprocessing
 import random
+import sys
 import tempfile
 import threading
 import warnings
@@ -82,9 +83,37 @@ def check_writable(directory: str | Path) -> Path:
     return path
 
 
-def _is_opacus(optimizer: Any) -> bool:
-    # Checked by module so that opacus is imported only for runs that use it.
-    return optimizer is not None and type(optimizer).__module__.startswith("opacus.")
+def find_dp_optimizer(optimizer: Any) -> Any:
+    """The Opacus DPOptimizer that `optimizer` is or wraps (e.g. accelerate's), else None."""
+    # No DPOptimizer exists before opacus is imported: runs without DP never import it.
+    if optimizer is None or "opacus" not in sys.modules:
+        return None
+    from .privacy import find_dp_optimizer as find
+
+    return find(optimizer)
+
+
+def _check_dp_wiring(
+    dp_optimizer: Any, privacy_engine: Any, delta: float | None, dataset_size: int | None
+) -> None:
+    """Refuse a DP run whose audits would attack the wrong gradient or miss ε."""
+    if dp_optimizer is None:
+        raise GradAuditError(
+            "privacy_engine was given but the optimizer is not (and wraps no) Opacus "
+            "DPOptimizer, so the audit would attack the raw gradient, not the released one: "
+            "pass optimizer= the optimizer PrivacyEngine.make_private returned"
+        )
+    if privacy_engine is None:
+        raise GradAuditError(
+            "the optimizer is an Opacus DPOptimizer but no privacy_engine was given, so ε "
+            "cannot be reported: pass privacy_engine= the PrivacyEngine that made it private "
+            "(or the Opacus accountant attached to it)"
+        )
+    if delta is None and not dataset_size:
+        raise GradAuditError(
+            "ε needs δ: pass dataset_size= (δ = 1/N for N training examples) or set "
+            "AuditConfig.dp_delta"
+        )
 
 
 def result_metrics(result: AuditResult) -> dict[str, float]:
@@ -106,6 +135,9 @@ class Auditor:
     and clipping); without, call `before_step()` right before `optimizer.step()`.
     Adapters pass `max_grad_norm` (to label clipped gradients), `is_main_process` (only the
     main process saves, attacks and writes) and `gather` (one batch in, every rank's out).
+    With an Opacus DPOptimizer (or a wrapper of one) as `optimizer`, the gradient it releases
+    is audited ("noised"); pass `privacy_engine` and `dataset_size` (or `config.dp_delta`)
+    for ε.
     """
 
     def __init__(
@@ -129,11 +161,12 @@ class Auditor:
             )
         # An Opacus DPOptimizer releases clipped, noised gradients: capture those, not `.grad`
         # after backward (the paper's code attacks the latter).
-        self._dp_optimizer = optimizer if _is_opacus(optimizer) else None
+        self._dp_optimizer = find_dp_optimizer(optimizer)
         if self._dp_optimizer is not None or privacy_engine is not None:
             from .privacy import unwrap_model
 
             model = unwrap_model(model)
+            _check_dp_wiring(self._dp_optimizer, privacy_engine, config.dp_delta, dataset_size)
         self.model = model
         self.config = config
         self.privacy_engine = privacy_engine
@@ -220,6 +253,15 @@ class Auditor:
     def step(self) -> int:
         """Optimizer steps taken so far."""
         return self._step
+
+    @property
+    def dp_optimizer(self) -> Any:
+        """The Opacus DPOptimizer whose released gradients are audited, or None.
+
+        Its steps are taken by the auditor's own hook, so adapters must not call
+        `before_step()` for them.
+        """
+        return self._dp_optimizer
 
     @property
     def results(self) -> list[AuditResult]:

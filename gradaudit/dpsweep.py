@@ -32,10 +32,9 @@ from .privacy import (
     check_dp_parameters,
     check_opacus_compatible,
     default_delta,
+    dp_step,
     engine_epsilon,
-    is_empty_batch,
     per_sample_gradients,
-    prepare_empty_step,
     privacy_statement,
     private_snapshot,
 )
@@ -199,19 +198,15 @@ def dp_finetune(
         done = 0
         while done < steps:
             for ids, mask, types, labels in loader:
-                optimizer.zero_grad()
-                if is_empty_batch({"input_ids": ids}):
-                    prepare_empty_step(optimizer)
-                else:
-                    private(
-                        input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels
-                    ).loss.backward()
-                optimizer.step()
+                batch = {
+                    "input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                    "labels": labels,
+                }  # fmt: skip
+                dp_step(private, optimizer, batch)
                 done += 1
                 if done == steps:
                     break
     spent = engine_epsilon(engine, delta)
-    optimizer.zero_grad()
     private.remove_hooks()
     return work.eval(), spent
 

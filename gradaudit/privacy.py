@@ -107,12 +107,22 @@ def epsilon(
     return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
+def _accountant(privacy_engine: Any) -> Any:
+    # A PrivacyEngine keeps its accountant as `.accountant`; dp-transformers' Trainer exposes
+    # the Opacus accountant itself. Either one counts the steps its DPOptimizer takes.
+    return getattr(privacy_engine, "accountant", privacy_engine)
+
+
 def engine_epsilon(privacy_engine: Any, delta: float) -> float:
-    """ε spent so far by an Opacus `PrivacyEngine`, from its own accountant (0 if negative)."""
+    """ε spent so far by an Opacus `PrivacyEngine` (or accountant), from its accountant.
+
+    A negative value from the RDP conversion is reported as 0.
+    """
     check_dp_parameters(delta=delta)
-    if len(privacy_engine.accountant) == 0:
+    accountant = _accountant(privacy_engine)
+    if len(accountant) == 0:
         return 0.0
-    return max(0.0, float(privacy_engine.get_epsilon(delta)))
+    return max(0.0, float(accountant.get_epsilon(delta)))
 
 
 def _number(value: float) -> str:
@@ -207,14 +217,15 @@ def engine_statement(
     sampling: str = "poisson",
     dataset_size: int | None = None,
 ) -> dict[str, Any]:
-    """`privacy_statement` of an Opacus `PrivacyEngine`, with ε from its own accountant."""
-    history = list(privacy_engine.accountant.history)
+    """`privacy_statement` of an Opacus `PrivacyEngine` (or accountant), with its own ε."""
+    accountant = _accountant(privacy_engine)
+    history = list(accountant.history)
     return privacy_statement(
         noise_multiplier=[h[0] for h in history] or [0.0],
         sample_rate=[h[1] for h in history] or [1.0],
         steps=sum(int(h[2]) for h in history),
         delta=delta,
-        accountant=privacy_engine.accountant.mechanism(),
+        accountant=accountant.mechanism(),
         clip=clip,
         sampling=sampling,
         dataset_size=dataset_size,
@@ -252,18 +263,28 @@ def is_dp_optimizer(optimizer: Any) -> bool:
     return isinstance(optimizer, DPOptimizer)
 
 
-def _require_dp(optimizer: Any) -> DPOptimizer:
-    if not is_dp_optimizer(optimizer):
-        raise GradAuditError(
-            f"{type(optimizer).__name__} is not an Opacus DPOptimizer: make the model private "
-            "with opacus.PrivacyEngine().make_private(...) first"
-        )
+def find_dp_optimizer(optimizer: Any) -> DPOptimizer | None:
+    """The Opacus `DPOptimizer` that `optimizer` is or wraps, else None.
+
+    Wrappers keep the optimizer they wrap as `.optimizer`: accelerate's `AcceleratedOptimizer`
+    does, and it is what a `transformers.Trainer` hands its callbacks.
+    """
+    while optimizer is not None and not is_dp_optimizer(optimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
 
 
-def watch_released_gradients(
-    optimizer: DPOptimizer, on_step: Callable[[], None]
-) -> RemovableHandle:
+def _require_dp(optimizer: Any) -> DPOptimizer:
+    found = find_dp_optimizer(optimizer)
+    if found is None:
+        raise GradAuditError(
+            f"{type(optimizer).__name__} is not (and wraps no) Opacus DPOptimizer: make the "
+            "model private with opacus.PrivacyEngine().make_private(...) first"
+        )
+    return found
+
+
+def watch_released_gradients(optimizer: Any, on_step: Callable[[], None]) -> RemovableHandle:
     """Run `on_step()` inside each real DP-SGD step, when `p.grad` holds the released gradient.
 
     A step pre-hook on the wrapped `original_optimizer`: it fires after per-example clipping,
@@ -272,11 +293,10 @@ def watch_released_gradients(
     BatchMemoryManager. Empty Poisson batches fire too (see `step_batch_size`).
     `handle.remove()` stops it.
     """
-    _require_dp(optimizer)
-    return optimizer.original_optimizer.register_step_pre_hook(lambda *_: on_step())
+    return _require_dp(optimizer).original_optimizer.register_step_pre_hook(lambda *_: on_step())
 
 
-def step_batch_size(optimizer: DPOptimizer) -> int:
+def step_batch_size(optimizer: Any) -> int:
     """Examples behind the DP step being taken (0 for an empty Poisson batch)."""
     grad_samples = _require_dp(optimizer).grad_samples
     return int(grad_samples[0].shape[0]) if grad_samples else 0
@@ -287,7 +307,7 @@ def is_empty_batch(batch: Mapping[str, torch.Tensor]) -> bool:
     return int(batch["input_ids"].shape[0]) == 0
 
 
-def prepare_empty_step(optimizer: DPOptimizer) -> None:
+def prepare_empty_step(optimizer: Any) -> None:
     """Give every parameter zero per-example gradients, for an empty Poisson batch.
 
     Transformers cannot run a forward pass on zero examples; with this, `optimizer.step()`
@@ -295,6 +315,34 @@ def prepare_empty_step(optimizer: DPOptimizer) -> None:
     """
     for p in _require_dp(optimizer).params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def dp_step(
+    model: nn.Module,
+    optimizer: Any,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    backward: Callable[[torch.Tensor], Any] | None = None,
+) -> torch.Tensor | None:
+    """One DP-SGD step of an Opacus loop on `batch`; its loss, or None for an empty batch.
+
+    An empty Poisson batch gets `prepare_empty_step` (transformers cannot run on zero
+    examples, and the step must still release noise and be counted); any other batch a
+    forward and `backward(loss)` (default `loss.backward()`; pass `accelerator.backward`
+    under Accelerate). Then `optimizer.step()` and `optimizer.zero_grad()`: Opacus keeps
+    per-example and summed gradients until its own `zero_grad`. `optimizer` is a
+    DPOptimizer or a wrapper of one.
+    """
+    loss = None
+    if is_empty_batch(batch):
+        prepare_empty_step(optimizer)
+    else:
+        loss = model(**batch).loss
+        (backward or torch.Tensor.backward)(loss)
+        loss = loss.detach()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -310,7 +358,7 @@ def _dp_denominator(optimizer: DPOptimizer) -> float:
 
 def dp_snapshot(
     model: nn.Module,
-    optimizer: DPOptimizer,
+    optimizer: Any,
     batch: Mapping[str, torch.Tensor],
     modules: Iterable[str],
     *,
@@ -323,9 +371,10 @@ def dp_snapshot(
 
     `kind` "noised": `p.grad`, exactly what the step releases; "clipped": the same without
     noise; "raw": the mean per-example gradient, the unprotected gradient behind the step.
-    `model` may be the Opacus-wrapped module or the original one.
+    `model` may be the Opacus-wrapped module or the original one; `optimizer` a DPOptimizer
+    or a wrapper of one.
     """
-    _require_dp(optimizer)
+    optimizer = _require_dp(optimizer)
     if step_batch_size(optimizer) == 0:
         return None
     base = unwrap_model(model)

@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import torch
 from test_privacy import _private_training
 
-from gradaudit import AuditConfig, Auditor, GradientSnapshot
-from gradaudit.privacy import is_empty_batch, prepare_empty_step
+from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
+from gradaudit.privacy import dp_step
 from gradaudit.worker import snapshot_dir
 
 
@@ -30,13 +31,8 @@ def test_auditor_captures_the_released_gradient_and_the_engines_epsilon(tmp_path
     optimizer.original_optimizer.register_step_pre_hook(record)
     for _ in range(2):
         for ids, mask, labels in loader:
-            optimizer.zero_grad()
             batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-            if is_empty_batch(batch):
-                prepare_empty_step(optimizer)
-            else:
-                private(**batch).loss.backward()
-            optimizer.step()
+            dp_step(private, optimizer, batch)
     auditor.close()
 
     report = json.loads((tmp_path / "report.json").read_text())
@@ -49,3 +45,12 @@ def test_auditor_captures_the_released_gradient_and_the_engines_epsilon(tmp_path
         assert torch.equal(snap.gradients[name], released[audit["step"]])
     assert report["epsilon"] == engine.get_epsilon(0.1)
     assert report["privacy"]["delta"] == 0.1 and report["privacy"]["sampling"] == "poisson"
+
+
+def test_privacy_engine_without_a_dp_optimizer_is_refused(tmp_path):
+    """Auditing `.grad` after backward in a DP run would attack what is never released."""
+    model, _, _, _, engine = _private_training(sigma=1.0)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = AuditConfig(modules=["query@0"], attack=None, output_dir=str(tmp_path), dp_delta=0.1)
+    with pytest.raises(GradAuditError, match="pass optimizer= the optimizer PrivacyEngine"):
+        Auditor(model, config, optimizer=plain, privacy_engine=engine)
