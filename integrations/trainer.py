@@ -5,6 +5,11 @@
 
 With `trainer`, finished audits are logged as `gradaudit/rouge1` etc. through `trainer.log`,
 so every `report_to` integration receives them; without it they go to `report.json` only.
+
+A Trainer made private with Opacus (dp-transformers style: a GradSampleModule, a DPOptimizer,
+Poisson batches) gets "noised" audits and ε when the callback is given the engine:
+`GradAuditCallback(config, trainer=trainer, privacy_engine=engine)`. See
+`examples/trainer_dp.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArgum
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
 
 from gradaudit.audit_config import AuditConfig
-from gradaudit.auditor import Auditor, result_metrics
+from gradaudit.auditor import Auditor, find_dp_optimizer, result_metrics
 from gradaudit.errors import GradAuditError
 
 from .accelerate import gather_batches
@@ -45,6 +50,10 @@ class GradAuditCallback(TrainerCallback, ExportableState):
     Only world rank 0 saves, attacks and writes; under DDP the reference batch of a step is
     gathered from every rank, as its gradient is the all-reduced one. Its counters are saved
     in checkpoints, so a resumed run keeps counting steps and audits.
+
+    When the Trainer's optimizer is (or wraps) an Opacus DPOptimizer, pass `privacy_engine`
+    (the `PrivacyEngine`, or the accountant, counting its steps); `dataset_size` (for
+    δ = 1/N) defaults to the length of the training data set.
     """
 
     def __init__(
@@ -52,10 +61,15 @@ class GradAuditCallback(TrainerCallback, ExportableState):
         config: AuditConfig | Mapping[str, Any] | str | Path,
         trainer: Any = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        privacy_engine: Any = None,
+        dataset_size: int | None = None,
     ) -> None:
         self.config = AuditConfig.load(config)
         self.trainer = trainer
         self.tokenizer = tokenizer
+        self.privacy_engine = privacy_engine
+        self.dataset_size = dataset_size
         self.auditor: Auditor | None = None
         self.auditor_state: dict[str, Any] | None = None
         self._logging = False
@@ -84,6 +98,8 @@ class GradAuditCallback(TrainerCallback, ExportableState):
         control: TrainerControl,
         model=None,
         processing_class=None,
+        optimizer=None,
+        train_dataloader=None,
         **kwargs,
     ) -> None:
         backend = _sharded_backend(args)
@@ -95,14 +111,21 @@ class GradAuditCallback(TrainerCallback, ExportableState):
             )
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         saved = self._saved_state(state) if state.global_step > 0 else None
+        # The Trainer hands callbacks accelerate's AcceleratedOptimizer; a DPOptimizer inside it
+        # releases its gradient only within step(), so the auditor hooks that one itself.
+        dataset = getattr(train_dataloader, "dataset", None)
+        dataset_size = self.dataset_size or (len(dataset) if hasattr(dataset, "__len__") else None)
         self.auditor = Auditor(
             model,
             self.config,
             tokenizer=tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None,
+            optimizer=find_dp_optimizer(optimizer),
             max_grad_norm=args.max_grad_norm,
             is_main_process=state.is_world_process_zero,
             gather=gather_batches if args.world_size > 1 else None,
             last_step=state.max_steps or None,
+            privacy_engine=self.privacy_engine,
+            dataset_size=dataset_size,
         )
         self.auditor.load_state_dict(
             {"step": state.global_step, "audited_steps": (saved or {}).get("audited_steps", [])}
@@ -111,8 +134,10 @@ class GradAuditCallback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        # The Trainer has all-reduced, unscaled and clipped the gradients by now.
-        self.auditor.before_step(state.global_step + 1)
+        # The Trainer has all-reduced, unscaled and clipped the gradients by now. A DPOptimizer
+        # has not yet clipped per example nor added noise: the auditor's hook takes that step.
+        if self.auditor.dp_optimizer is None:
+            self.auditor.before_step(state.global_step + 1)
 
     def _log_new_results(self) -> None:
         if self.auditor is None or self._logging:
