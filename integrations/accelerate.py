@@ -5,6 +5,9 @@ auditor = AccelerateAuditor(accelerator, model, optimizer, config, tokenizer=tok
 accelerator.register_for_checkpointing(auditor)  # optional: resume keeps counting
 ...  # the usual loop; gradients are taken in the optimizer's step pre-hook
 auditor.close()
+
+Made private with Opacus before `prepare`, pass `privacy_engine=engine, dataset_size=N`, and
+step with `gradaudit.privacy.dp_step(model, optimizer, batch, backward=accelerator.backward)`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ class AccelerateAuditor(Auditor):
 
     Hooks the torch optimizer inside the prepared `AcceleratedOptimizer`, so it sees each real
     step once (after gradient accumulation, all-reduce, unscaling and any clipping). Finished
-    audits are logged through `accelerator.log` when trackers are set.
+    audits are logged through `accelerator.log` when trackers are set. With an Opacus
+    DPOptimizer inside, the released gradient is audited: pass `privacy_engine` and
+    `dataset_size` (or `config.dp_delta`) for ε.
     """
 
     def __init__(
@@ -46,6 +51,8 @@ class AccelerateAuditor(Auditor):
         tokenizer: PreTrainedTokenizerBase | None = None,
         max_grad_norm: float | None = None,
         last_step: int | None = None,
+        privacy_engine: Any = None,
+        dataset_size: int | None = None,
     ) -> None:
         if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             raise GradAuditError(
@@ -63,6 +70,8 @@ class AccelerateAuditor(Auditor):
             is_main_process=accelerator.is_main_process,
             gather=gather_batches if accelerator.num_processes > 1 else None,
             last_step=last_step,
+            privacy_engine=privacy_engine,
+            dataset_size=dataset_size,
         )
 
     def _log_new_results(self) -> None:
