@@ -63,6 +63,8 @@ class SpanOptions:
     deep_lr: float = 0.05  # relative to the embeddings' per-dimension spread
     deep_neighbours: int = 64  # nearest tokens each position tries
     deep_bag: int = 8  # every position's nearest tokens every position also tries
+    deep_linearised: int = 32  # tokens per position ranked by the score's gradient, each sweep
+    deep_inserts: int = 16  # tokens tried as an insertion that shifts its sentence
     deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
     deep_moves: int = 1024  # reorderings (swaps, moves of a token) tried per sweep
     gradient_check: bool = True
@@ -98,7 +100,7 @@ class SpanAttack(Attack):
         for name in counts:
             if getattr(self.options, name) < 1:
                 raise GradAuditError(f"{name} must be at least 1")
-        for name in ("deep_steps", "deep_bag", "deep_moves"):
+        for name in ("deep_steps", "deep_bag", "deep_linearised", "deep_inserts", "deep_moves"):
             if getattr(self.options, name) < 0:
                 raise GradAuditError(f"{name} must be at least 0")
 
@@ -247,6 +249,8 @@ class SpanAttack(Attack):
             lr=opts.deep_lr,
             neighbours=opts.deep_neighbours,
             bag=opts.deep_bag,
+            linearised=opts.deep_linearised,
+            inserts=opts.deep_inserts,
             sweeps=max(1, round(opts.deep_sweeps * budget)),
             moves=opts.deep_moves,
             forward_batch=opts.forward_batch,

@@ -47,6 +47,8 @@ class DeepSettings:
     lr: float
     neighbours: int
     bag: int
+    linearised: int
+    inserts: int
     sweeps: int
     moves: int
     forward_batch: int
@@ -144,9 +146,76 @@ def _nearest(
     return candidates[sims.topk(min(k, len(candidates)), dim=-1).indices]
 
 
+def _first_order_best(
+    grad: torch.Tensor, vocab: torch.Tensor, candidates: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Ids (n, k) of the tokens whose embedding most lowers the score at each of n slots with
+    score gradients `grad` (n, H), to first order: replacing u by v changes it by about
+    (e_v - e_u) . grad, so these reach words wherever they lie in embedding space."""
+    return candidates[(grad @ vocab.T).topk(min(k, len(candidates)), largest=False).indices]
+
+
+def _score_gradient(objective: SpanObjective, ids: torch.Tensor, per_pass: int) -> torch.Tensor:
+    """Gradient (K, B, L, H) of each candidate's score with respect to its embeddings."""
+    grads = []
+    for part in ids.split(per_pass):
+        x = objective.embed(part).requires_grad_(True)
+        grads.append(torch.autograd.grad(objective(x).sum(), [x])[0])
+    return torch.cat(grads)
+
+
+def _shifted_insertions(
+    objective: SpanObjective,
+    ids: torch.Tensor,
+    vocab: torch.Tensor,
+    candidates: torch.Tensor,
+    settings: DeepSettings,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Candidates (M, B, L): one content token deleted and a new one inserted elsewhere in its
+    sentence, the tokens between shifting by one. Fixes a missing word plus a doubled one, which
+    no single replacement or reordering improves. The inserted tokens are the `inserts` best
+    to first order at the opened slot (a batched backward over the shifted sequences).
+    """
+    mask = objective.content
+    shifted, opened = [], []
+    for b, row in enumerate(mask):
+        columns = row.nonzero().flatten().tolist()
+        tokens = ids[b, columns].tolist()
+        for i in range(len(columns)):
+            rest = tokens[:i] + tokens[i + 1 :]
+            for j in range(len(columns)):
+                if abs(j - i) > 1:  # by one slot it is a plain replacement
+                    trial = ids.clone()
+                    trial[b, columns] = torch.tensor(rest[:j] + [tokens[i]] + rest[j:]).to(ids)
+                    shifted.append(trial)
+                    opened.append((b, columns[j]))
+    if not shifted or not settings.inserts:
+        return ids.unsqueeze(0)[:0]
+    limit = max(1, settings.moves // settings.inserts)
+    chosen = torch.randperm(len(shifted), generator=generator)[:limit].tolist()
+    trials = torch.stack([shifted[c] for c in chosen])
+    grad = _score_gradient(objective, trials, max(1, settings.forward_batch // ids.shape[0]))
+    rows, columns = torch.tensor([opened[c] for c in chosen], device=ids.device).T
+    inserts = _first_order_best(
+        grad[torch.arange(len(chosen)), rows, columns], vocab, candidates, settings.inserts
+    )
+    per = inserts.shape[1]
+    out = trials.repeat_interleave(per, 0)
+    out[torch.arange(len(out)), rows.repeat_interleave(per), columns.repeat_interleave(per)] = (
+        inserts.flatten()
+    )
+    return out
+
+
+BLOCK = 3  # longest run of tokens that an exchange moves as one
+
+
 def _reorderings(mask: torch.Tensor) -> torch.Tensor:
-    """Index permutations (M, B * L) of the flattened batch: every swap of two content tokens,
-    and every move of one content token to another slot of its sentence (the others shift)."""
+    """Index permutations (M, B * L) of the flattened batch: every swap of two content tokens
+    (across sentences too), every move of one content token to another slot of its sentence
+    (the others shift), and every exchange of two runs of up to `BLOCK` tokens of a sentence
+    of which one is longer than a token (a phrase put in the wrong place)."""
     mask = mask.cpu()
     identity = torch.arange(mask.numel())
     perms = []
@@ -164,6 +233,26 @@ def _reorderings(mask: torch.Tensor) -> torch.Tensor:
                 perm = identity.clone()
                 perm[segment] = shifted
                 perms.append(perm)
+        n = len(slots)
+        for i in range(n):
+            for first in range(1, BLOCK + 1):
+                for j in range(i + first, n):
+                    for second in range(1, min(BLOCK, n - j) + 1):
+                        if first == second == 1:
+                            continue  # a swap
+                        order = torch.arange(n)
+                        order = torch.cat(
+                            [
+                                order[:i],
+                                order[j : j + second],
+                                order[i + first : j],
+                                order[i : i + first],
+                                order[j + second :],
+                            ]
+                        )
+                        perm = identity.clone()
+                        perm[slots] = slots[order]
+                        perms.append(perm)
     return torch.stack(perms) if perms else identity.unsqueeze(0)[:0]
 
 
@@ -197,6 +286,7 @@ def deep_search(
     generator = torch.Generator().manual_seed(seed)
     candidates = candidates.to(device)
     vocab = F.normalize(objective.embeddings[candidates], dim=-1)
+    raw_vocab = objective.embeddings[candidates]
     x, continuous = _continuous(objective, settings, generator)
     per_pass = max(1, settings.forward_batch // objective.content.shape[0])
     mask = objective.content
@@ -214,7 +304,10 @@ def deep_search(
     sweeps = 0
     for _ in range(settings.sweeps):
         before = current
-        for (b, p), pool in zip(positions, pools):
+        slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
+        linearised = _first_order_best(slopes, raw_vocab, candidates, settings.linearised)
+        for (b, p), pool, extra in zip(positions, pools, linearised):
+            pool = torch.cat([pool, extra]).unique()
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
@@ -222,6 +315,9 @@ def deep_search(
             chosen = moves[torch.randperm(len(moves), generator=generator)[: settings.moves]]
             trial = ids.flatten()[chosen.to(device)].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
+        shifted = _shifted_insertions(objective, ids, raw_vocab, candidates, settings, generator)
+        if len(shifted):
+            ids, current = _take_best(objective, shifted, per_pass, ids, current)
         sweeps += 1
         if not bool(current < before):
             break
