@@ -16,12 +16,17 @@ number of (centred) rows, the inputs span more than `V` and only `uncovered` is 
 Each score runs the model's own forward only up to the deepest observed module (a forward
 pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
 embeddings from a few random starts (all starts in one batch), the nearest tokens, then
-coordinate descent: each position tries its `neighbours` nearest tokens and the bag of all
-positions' `bag` nearest; then reorderings: swaps of two content tokens (across sentences
-too) and moves of a token to another slot of its sentence, the others shifting (at most
-`moves` random ones per sweep). Every candidate is scored in batches of `forward_batch`
-sequences, until a sweep changes nothing or `sweeps` ends. With several sentences their
-inputs jointly span `V`. Lengths and special tokens are known structure.
+coordinate descent. Each sweep, every position tries its `neighbours` nearest tokens, the bag
+of all positions' `bag` nearest, and the `linearised` tokens that lower the score most to
+first order (one backward pass at the current tokens: these reach words the continuous search
+never came near). Then reorderings: swaps of two content tokens (across sentences too), moves
+of a token to another slot of its sentence (the others shifting), exchanges of two runs of up
+to three tokens (a misplaced phrase); then insertions: one token deleted and a new one
+inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
+one belongs: no single move improves that). At most `moves` random ones of each kind per
+sweep. Every candidate is scored in batches of `forward_batch` sequences, until a sweep
+changes nothing or `sweeps` ends. With several sentences their inputs jointly span `V`.
+Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
