@@ -62,8 +62,9 @@ class SpanOptions:
     deep_restarts: int = 2
     deep_lr: float = 0.05  # relative to the embeddings' per-dimension spread
     deep_neighbours: int = 64  # nearest tokens each position tries
-    deep_bag: int = 8  # every position's nearest tokens every position also tries
+    deep_bag: int = 8  # nearest tokens of each position that its whole sentence also tries
     deep_linearised: int = 32  # tokens per position ranked by the score's gradient, each sweep
+    deep_screen: int = 32  # of the nearest and bag tokens, tried per position (0: all)
     deep_inserts: int = 16  # tokens tried as an insertion that shifts its sentence
     deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
     deep_moves: int = 1024  # reorderings (swaps, moves of a token) tried per sweep
@@ -100,7 +101,8 @@ class SpanAttack(Attack):
         for name in counts:
             if getattr(self.options, name) < 1:
                 raise GradAuditError(f"{name} must be at least 1")
-        for name in ("deep_steps", "deep_bag", "deep_linearised", "deep_inserts", "deep_moves"):
+        sizes = ("deep_steps", "deep_bag", "deep_linearised", "deep_screen", "deep_inserts")
+        for name in (*sizes, "deep_moves"):
             if getattr(self.options, name) < 0:
                 raise GradAuditError(f"{name} must be at least 0")
 
@@ -250,6 +252,7 @@ class SpanAttack(Attack):
             neighbours=opts.deep_neighbours,
             bag=opts.deep_bag,
             linearised=opts.deep_linearised,
+            screen=opts.deep_screen,
             inserts=opts.deep_inserts,
             sweeps=max(1, round(opts.deep_sweeps * budget)),
             moves=opts.deep_moves,

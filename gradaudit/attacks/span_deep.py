@@ -16,10 +16,12 @@ number of (centred) rows, the inputs span more than `V` and only `uncovered` is 
 Each score runs the model's own forward only up to the deepest observed module (a forward
 pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
 embeddings from a few random starts (all starts in one batch), the nearest tokens, then
-coordinate descent. Each sweep, every position tries its `neighbours` nearest tokens, the bag
-of all positions' `bag` nearest, and the `linearised` tokens that lower the score most to
-first order (one backward pass at the current tokens: these reach words the continuous search
-never came near). Then reorderings: swaps of two content tokens (across sentences too), moves
+coordinate descent. Each sweep, every position tries the `screen` best to first order of its
+`neighbours` nearest tokens and the bag of its sentence's positions' `bag` nearest, plus the
+`linearised` tokens of the whole vocabulary that lower the score most to first order (one
+backward pass at the current tokens: these reach words the continuous search never came
+near); only the changed sentence runs forward, the others' module inputs
+are reused. Then reorderings: swaps of two content tokens (across sentences too), moves
 of a token to another slot of its sentence (the others shifting), exchanges of two runs of up
 to three tokens (a misplaced phrase); then insertions: one token deleted and a new one
 inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
@@ -53,6 +55,7 @@ class DeepSettings:
     neighbours: int
     bag: int
     linearised: int
+    screen: int
     inserts: int
     sweeps: int
     moves: int
@@ -97,10 +100,15 @@ class SpanObjective:
         """Word embeddings (..., B, L, H) of token ids (..., B, L)."""
         return self.embeddings[ids]
 
-    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
-        """Score (K,) of K candidate batches `xs` (K, B, L, H); content rows of `xs` are used."""
+    def module_inputs(
+        self, xs: torch.Tensor, sentences: list[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Inputs (K, S, L, d) of each observed module for candidate embeddings `xs`
+        (K, S, L, H) of the batch's `sentences` (all by default); content rows of `xs` count."""
+        rows = slice(None) if sentences is None else sentences
         k = xs.shape[0]
-        embeds = torch.where(self.content.unsqueeze(-1), xs, self.embed(self.known_ids))
+        known = self.embed(self.known_ids[rows])
+        embeds = torch.where(self.content[rows].unsqueeze(-1), xs, known)
         seen: dict[str, torch.Tensor] = {}
 
         def keep(name: str) -> Callable[..., None]:
@@ -114,7 +122,7 @@ class SpanObjective:
         handles = [
             self.model.get_submodule(m).register_forward_pre_hook(keep(m)) for m in self.bases
         ]
-        inputs = {n: v.repeat(k, 1) for n, v in self.inputs.items()}
+        inputs = {n: v[rows].repeat(k, 1) for n, v in self.inputs.items()}
         try:
             self.model(inputs_embeds=embeds.flatten(0, 1), **inputs)
         except _Stop:
@@ -122,9 +130,13 @@ class SpanObjective:
         finally:
             for handle in handles:
                 handle.remove()
-        total = xs.new_zeros(k, dtype=torch.float64)
+        return {m: x.reshape(k, *embeds.shape[1:3], -1) for m, x in seen.items()}
+
+    def score_inputs(self, seen: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Score (K,) of the whole batch's module inputs (K, B, L, d) per module."""
+        total = 0
         for name, basis in self.bases.items():
-            x = seen[name].reshape(k, *self.real.shape, -1).to(torch.float64)
+            x = seen[name].to(torch.float64)
             if self.centred[name]:
                 real = self.real.unsqueeze(-1)
                 mean = (x * real).sum(2, keepdim=True) / real.sum(1, keepdim=True)
@@ -136,6 +148,29 @@ class SpanObjective:
                 inside = (rows @ basis.T).square().sum((1, 2))
                 total = total + 1 - inside / rows.square().sum((1, 2))
         return total
+
+    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
+        """Score (K,) of K candidate batches `xs` (K, B, L, H); content rows of `xs` are used."""
+        return self.score_inputs(self.module_inputs(xs))
+
+    def score_variants(
+        self, ids: torch.Tensor, sentence: int, variants: torch.Tensor, per_pass: int
+    ) -> torch.Tensor:
+        """Scores (K,) of batch `ids` (B, L) with sentence `sentence` replaced by each of
+        `variants` (K, L). Only the variants run forward: the other sentences' inputs are
+        shared, which makes a batch of B sentences B times cheaper to search than whole
+        candidate batches."""
+        with torch.no_grad():
+            base = self.module_inputs(self.embed(ids).unsqueeze(0))
+            scores = []
+            for part in variants.split(per_pass * len(ids)):
+                changed = self.module_inputs(self.embed(part).unsqueeze(1), [sentence])
+                merged = {}
+                for name, x in base.items():
+                    merged[name] = x.repeat(len(part), 1, 1, 1)
+                    merged[name][:, sentence] = changed[name][:, 0]
+                scores.append(self.score_inputs(merged))
+            return torch.cat(scores)
 
     def score_ids(self, ids: torch.Tensor, per_pass: int) -> torch.Tensor:
         """Scores (K,) of K token-id batches (K, B, L), `per_pass` batches per forward."""
@@ -213,6 +248,7 @@ def _shifted_insertions(
     return out
 
 
+SOLVED = 1e-8  # nothing to improve: the truth scores ~1e-13 in float64
 BLOCK = 3  # longest run of tokens that an exchange moves as one
 
 
@@ -302,16 +338,21 @@ def deep_search(
     best = start_scores.argmin()
     ids, current = starts[best], start_scores[best]
     top = _nearest(x[best][mask], vocab, candidates, max(settings.neighbours, settings.bag))
-    bag = top[:, : settings.bag].flatten().unique()
     positions = mask.nonzero().tolist()
-    pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
+    sentence_of = torch.tensor([b for b, _ in positions], device=device)
+    bags = [top[sentence_of == b, : settings.bag].flatten() for b in range(len(mask))]
+    pools = [
+        torch.cat([top[i, : settings.neighbours], bags[b]]) for i, (b, _) in enumerate(positions)
+    ]
     moves = _reorderings(mask)
     sweeps = 0
     for _ in range(settings.sweeps):
         before = current
         slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
         linearised = _first_order_best(slopes, raw_vocab, candidates, settings.linearised)
-        for (b, p), pool, extra in zip(positions, pools, linearised):
+        for (b, p), pool, extra, slope in zip(positions, pools, linearised, slopes):
+            if settings.screen and len(pool) > settings.screen:
+                pool = pool[(objective.embed(pool) @ slope).topk(settings.screen, largest=False)[1]]
             pool = torch.cat([pool, extra]).unique()
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
@@ -324,7 +365,7 @@ def deep_search(
         if len(shifted):
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
         sweeps += 1
-        if not bool(current < before):
+        if not bool(current < before) or bool(current < SOLVED):
             break
     return ids, {
         "continuous_residuals": continuous.tolist(),
@@ -341,8 +382,21 @@ def _take_best(
     ids: torch.Tensor,
     current: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ids` or the best of `trial` (K, B, L) if it scores lower (no host sync)."""
-    scores = objective.score_ids(trial, per_pass)
+    """`ids` or the best of `trial` (K, B, L) if it scores lower.
+
+    A candidate that changes one sentence is scored by running that sentence alone (see
+    `score_variants`); one host sync per call sorts them out.
+    """
+    changed = (trial != ids).any(-1)  # (K, B)
+    alone = changed.sum(1) == 1
+    scores = torch.empty(len(trial), dtype=torch.float64, device=ids.device)
+    for b in range(ids.shape[0]):
+        rows = (alone & changed[:, b]).nonzero().flatten()
+        if len(rows):
+            scores[rows] = objective.score_variants(ids, b, trial[rows, b], per_pass)
+    rows = (~alone).nonzero().flatten()
+    if len(rows):
+        scores[rows] = objective.score_ids(trial[rows], per_pass)
     i = scores.argmin()
     better = scores[i] < current
     return torch.where(better, trial[i], ids), torch.minimum(scores[i], current)
