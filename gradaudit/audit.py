@@ -48,6 +48,15 @@ class AuditResult:
     epsilon: float | None = None
     redacted: bool = False
 
+    @property
+    def contrast(self) -> bool:
+        """Whether this audit attacked a never-released gradient shown only for contrast.
+
+        (The raw gradient behind a DP-SGD release, `AuditConfig.dp_contrast`.) Verdicts
+        (report summary, worst case, assertions) leave it out.
+        """
+        return bool(self.info.get("contrast"))
+
     def redact(self) -> AuditResult:
         """A copy without text: scores, lengths and counts only."""
         return AuditResult(

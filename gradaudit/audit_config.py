@@ -34,6 +34,10 @@ class AuditConfig:
     `separate_modules` attacks each selected module's gradient on its own (an adversary who
     sees one module, the partial-gradient threat); False attacks them jointly.
     `dp_delta` is the δ of ε under DP-SGD (default 1/N when the data set size N is known).
+    `dp_contrast` also audits, at each audited step of an Opacus DP-SGD run, the raw gradient
+    behind the release (the mean per-example gradient, never released), attacked like the
+    released one, to show what DP hides; it needs a DPOptimizer (the `Auditor` refuses it
+    otherwise).
     """
 
     modules: list[str] = field(default_factory=lambda: ["query@0"])
@@ -56,6 +60,7 @@ class AuditConfig:
     redact: bool = False
     separate_modules: bool = True
     dp_delta: float | None = None
+    dp_contrast: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.modules, str):
@@ -79,6 +84,8 @@ class AuditConfig:
             raise GradAuditError(f"max_audits must be >= 0 or null, got {self.max_audits}")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise GradAuditError(f"dp_delta must lie in (0, 1), got {self.dp_delta}")
+        if not isinstance(self.dp_contrast, bool):
+            raise GradAuditError(f"dp_contrast must be true or false, got {self.dp_contrast!r}")
         if self.budget <= 0:
             raise GradAuditError(f"budget must be positive, got {self.budget}")
         if self.worker_threads < 1:

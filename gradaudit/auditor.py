@@ -117,15 +117,25 @@ def _check_dp_wiring(
 
 
 def result_metrics(result: AuditResult) -> dict[str, float]:
-    """`gradaudit/...` scalars of one finished audit, for a training logger."""
-    metrics = {"gradaudit/audited_step": float(result.step or 0)}
+    """`gradaudit/...` scalars of one finished audit, for a training logger.
+
+    A contrast audit (`AuditConfig.dp_contrast`) logs under `gradaudit/contrast/...`, so the
+    unreleased gradient's scores never mix with the released ones.
+    """
+    prefix = "gradaudit/contrast/" if result.contrast else "gradaudit/"
+    metrics = {f"{prefix}audited_step": float(result.step or 0)}
     if result.error is not None:
-        metrics["gradaudit/error"] = 1.0
+        metrics[f"{prefix}error"] = 1.0
     for key in SCORE_KEYS:
         value = getattr(result, key)
         if value is not None:
-            metrics[f"gradaudit/{key}"] = float(value)
+            metrics[f"{prefix}{key}"] = float(value)
     return metrics
+
+
+def _result_key(result: AuditResult) -> tuple[int | None, tuple[str, ...], str]:
+    # A DP step's contrast audit shares step and modules with the released one.
+    return (result.step, tuple(result.modules), result.gradient)
 
 
 class Auditor:
@@ -137,7 +147,8 @@ class Auditor:
     main process saves, attacks and writes) and `gather` (one batch in, every rank's out).
     With an Opacus DPOptimizer (or a wrapper of one) as `optimizer`, the gradient it releases
     is audited ("noised"); pass `privacy_engine` and `dataset_size` (or `config.dp_delta`)
-    for ε.
+    for ε. With `config.dp_contrast`, the raw gradient behind each audited release is
+    audited too ("raw", marked `info["contrast"]`).
     """
 
     def __init__(
@@ -167,6 +178,12 @@ class Auditor:
 
             model = unwrap_model(model)
             _check_dp_wiring(self._dp_optimizer, privacy_engine, config.dp_delta, dataset_size)
+        if config.dp_contrast and self._dp_optimizer is None:
+            raise GradAuditError(
+                "dp_contrast audits the raw gradient behind a DP-SGD release, but the optimizer "
+                "is not (and wraps no) Opacus DPOptimizer: pass optimizer= the optimizer "
+                "PrivacyEngine.make_private returned, or set dp_contrast=False"
+            )
         self.model = model
         self.config = config
         self.privacy_engine = privacy_engine
@@ -245,9 +262,8 @@ class Auditor:
             return
         for audit in read_report(self.config.output_dir)["audits"]:
             if audit["step"] in self._audited_steps:
-                self._results[(audit["step"], tuple(audit["modules"]))] = AuditResult.from_dict(
-                    audit
-                )
+                result = AuditResult.from_dict(audit)
+                self._results[_result_key(result)] = result
 
     @property
     def step(self) -> int:
@@ -340,34 +356,50 @@ class Auditor:
         self._audited_steps.append(step)
         if not self.is_main_process:
             return
-        job = Job(
+        released = Job(
             step=step,
             directory=str(snapshot_dir(self.config.output_dir, step)),
             modules=self.modules,
             batch_size=0 if batch is None else int(batch["input_ids"].shape[0]),
-            gradient="raw",
+            gradient="raw" if self._dp_optimizer is None else "noised",
             info={"micro_batches": len(self._batches), "ranks": ranks},
         )
-        attack = self.config.attack or "none"
-        if batch is None:
-            self._add_result(
-                job.result(
-                    attack,
-                    "no training forward was recorded for this step: build the auditor before "
-                    "the first forward of the step",
+        jobs = [released]
+        if self.config.dp_contrast:  # only with a DPOptimizer (checked in __init__)
+            jobs.append(
+                dataclasses.replace(
+                    released,
+                    directory=str(snapshot_dir(self.config.output_dir, step, "raw")),
+                    gradient="raw",
+                    info={**released.info, "contrast": True},
                 )
             )
+        attack = self.config.attack or "none"
+        if batch is None:
+            for job in jobs:
+                self._add_result(
+                    job.result(
+                        attack,
+                        "no training forward was recorded for this step: build the auditor "
+                        "before the first forward of the step",
+                    )
+                )
             return
-        try:
-            snapshot = self._snapshot(batch, step, job)
-        except Exception as error:  # noqa: BLE001 - a failed capture is recorded, never raised
-            self._add_result(job.result(attack, f"capture failed: {type(error).__name__}: {error}"))
-            return
-        job.epsilon = self.epsilon()
-        if self._writer is not None:  # the tensors are copied; writing them can wait
-            self._writer.submit(self._save_and_attack, snapshot, job)
-        else:
-            self._save_and_attack(snapshot, job)
+        epsilon = self.epsilon()
+        weights = None
+        for job in jobs:
+            try:
+                snapshot = self._snapshot(batch, step, job, weights)
+            except Exception as error:  # noqa: BLE001 - a failed capture is recorded, never raised
+                message = f"capture failed: {type(error).__name__}: {error}"
+                self._add_result(job.result(attack, message))
+                continue
+            weights = snapshot.weights
+            job.epsilon = epsilon
+            if self._writer is not None:  # the tensors are copied; writing them can wait
+                self._writer.submit(self._save_and_attack, snapshot, job)
+            else:
+                self._save_and_attack(snapshot, job)
 
     def _save_and_attack(self, snapshot: GradientSnapshot, job: Job) -> None:
         """Write the snapshot, then attack each module group (inline or in the worker)."""
@@ -394,22 +426,30 @@ class Auditor:
             else:
                 self._add_result(self._attack_inline(part))
 
-    def _snapshot(self, batch: Batch, step: int, job: Job) -> GradientSnapshot:
-        """Copy the released gradient of `step` and the weights that produced it to the CPU."""
+    def _snapshot(
+        self, batch: Batch, step: int, job: Job, weights: dict[str, torch.Tensor] | None = None
+    ) -> GradientSnapshot:
+        """Copy `job.gradient` of `step` and the weights that produced it to the CPU.
+
+        `weights` already copied for this step (by its other snapshot) are shared, not copied
+        again on the training path.
+        """
         if self._dp_optimizer is not None:
             from .privacy import dp_snapshot
 
-            job.gradient = "noised"
             snapshot = dp_snapshot(
                 self.model, self._dp_optimizer, batch, self.modules,
-                kind="noised", step=step, include_weights=True,
+                kind=job.gradient, step=step, include_weights=weights is None,
             )  # fmt: skip
         else:
             job.gradient, norms = self._gradient_kind()
             job.info.update(norms)
             snapshot = GradientSnapshot.from_grads(
-                self.model, batch, self.modules, kind=job.gradient, step=step, include_weights=True
-            )
+                self.model, batch, self.modules,
+                kind=job.gradient, step=step, include_weights=weights is None,
+            )  # fmt: skip
+        if weights is not None:
+            snapshot.weights = weights
         snapshot.meta = {**snapshot.meta, **job.info}
         return snapshot
 
@@ -450,7 +490,7 @@ class Auditor:
 
     def _add_result(self, result: AuditResult) -> None:
         with self._lock:
-            self._results[(result.step, tuple(result.modules))] = result
+            self._results[_result_key(result)] = result
             self._unseen.append(result)
             self._write_report()
 

@@ -370,13 +370,23 @@ def dp_snapshot(
     """Snapshot of a DP step from inside `watch_released_gradients`; None for an empty batch.
 
     `kind` "noised": `p.grad`, exactly what the step releases; "clipped": the same without
-    noise; "raw": the mean per-example gradient, the unprotected gradient behind the step.
+    noise; "raw": the mean per-example gradient, the unprotected gradient behind the step
+    (refused when the DPOptimizer holds another number of examples than `batch`, as after
+    virtual steps).
     `model` may be the Opacus-wrapped module or the original one; `optimizer` a DPOptimizer
     or a wrapper of one.
     """
     optimizer = _require_dp(optimizer)
-    if step_batch_size(optimizer) == 0:
+    examples = step_batch_size(optimizer)
+    if examples == 0:
         return None
+    if kind == "raw" and examples != int(batch["input_ids"].shape[0]):
+        raise GradAuditError(
+            f"the raw gradient needs the per-example gradients of all {batch['input_ids'].shape[0]}"
+            f" examples of the batch, but the DPOptimizer holds {examples} (virtual steps of a "
+            "BatchMemoryManager and other ranks' examples are not kept): audit only the "
+            "released gradient"
+        )
     base = unwrap_model(model)
     modules = list(modules)
     params = dict(base.named_parameters())
@@ -404,7 +414,7 @@ def dp_snapshot(
         "noise_multiplier": float(optimizer.noise_multiplier),
         "clip": float(optimizer.max_grad_norm),
         "expected_batch_size": optimizer.expected_batch_size,
-        "batch_size": step_batch_size(optimizer),
+        "batch_size": examples,
         "loss_reduction": optimizer.loss_reduction,
     }
     return snapshot

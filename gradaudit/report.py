@@ -50,9 +50,11 @@ def build_report(
 
 
 def summarize(audits: Iterable[AuditResult]) -> dict[str, dict[str, Any]]:
-    """Worst (highest) score per module set over all audits that ran."""
+    """Worst (highest) score per module set over all audits that ran, contrast ones left out."""
     out: dict[str, dict[str, Any]] = {}
     for audit in audits:
+        if audit.contrast:
+            continue  # a gradient that was never released says nothing about this run's leakage
         key = ", ".join(audit.modules)
         entry = out.setdefault(key, {"audits": 0, "errors": 0, **{k: None for k in SCORE_KEYS}})
         entry["audits"] += 1
@@ -76,6 +78,11 @@ def report_epsilon(report: dict[str, Any]) -> float | None:
     if report.get("epsilon") is not None:
         return report["epsilon"]
     return (report.get("privacy") or {}).get("epsilon")
+
+
+def summarized_audits(report: dict[str, Any]) -> int:
+    """How many audits the summary (and so the worst case) covers."""
+    return sum(s["audits"] for s in report["summary"].values())
 
 
 def worst_case(report: dict[str, Any]) -> dict[str, float | None]:
@@ -121,7 +128,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"**Worst case:** ROUGE-1 {fmt_score(worst['rouge1'])}, ROUGE-2 "
         f"{fmt_score(worst['rouge2'])}, token recall {fmt_score(worst['token_recall'])}"
         + ("" if epsilon is None else f"; ε = {fmt_number(epsilon)}")
-        + f" ({len(report['audits'])} audits).",
+        + f" ({summarized_audits(report)} audits).",
         "",
         f"Threat model: {report['threat_model']}.",
         "",

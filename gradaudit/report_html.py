@@ -18,6 +18,7 @@ from .report import (
     fmt_score,
     has_text,
     report_epsilon,
+    summarized_audits,
     worst_case,
 )
 
@@ -96,7 +97,8 @@ def _verdict(report: dict[str, Any]) -> str:
     head = ["modules", "audits", "errors", "ROUGE-1", "ROUGE-2", "token recall", "exact"]
     return (
         '<section id="verdict" class="verdict">'
-        f'<p class="headline"><strong>Worst case over {len(report["audits"])} audit(s):</strong> '
+        '<p class="headline"><strong>Worst case over '
+        f"{summarized_audits(report)} audit(s):</strong> "
         f"ROUGE-1 {fmt_score(worst['rouge1'])} · ROUGE-2 {fmt_score(worst['rouge2'])} · "
         f"token recall {fmt_score(worst['token_recall'])} · exact {fmt_score(worst['exact'])}"
         f" · ε {escape(eps)}</p>"

@@ -216,6 +216,7 @@ class BackgroundAttacker:
                 return self._not_attacked(job, "the close timeout passed while it ran")
 
 
-def snapshot_dir(output_dir: str | Path, step: int) -> Path:
-    """Where the snapshot of `step` is saved."""
-    return Path(output_dir) / "snapshots" / f"step-{step:08d}"
+def snapshot_dir(output_dir: str | Path, step: int, contrast: str | None = None) -> Path:
+    """Where the snapshot of `step` is saved; its `contrast` gradient (e.g. "raw") beside it."""
+    suffix = f"-{contrast}" if contrast else ""
+    return Path(output_dir) / "snapshots" / f"step-{step:08d}{suffix}"

@@ -90,3 +90,12 @@ def test_bad_targets():
         assert_no_leakage([])
     with pytest.raises(GradAuditError, match="expected AuditResult objects, got dict"):
         assert_no_leakage([audit_of(LOW).to_dict()])
+
+
+def test_contrast_audits_are_not_judged():
+    """The raw gradient behind a DP release (dp_contrast) was never released: no verdict."""
+    contrast = audit_of(EXACT)
+    contrast.info["contrast"] = True
+    assert_no_leakage([audit_of(LOW), contrast], max_rouge1=0.3)
+    with pytest.raises(GradAuditError, match="only contrast audits"):
+        assert_no_leakage([contrast])
