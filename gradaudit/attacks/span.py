@@ -62,7 +62,7 @@ class SpanOptions:
     deep_restarts: int = 2
     deep_lr: float = 0.05  # relative to the embeddings' per-dimension spread
     deep_neighbours: int = 64  # nearest tokens each position tries
-    deep_bag: int = 8  # nearest tokens of each position that its whole sentence also tries
+    deep_bag: int = 8  # nearest tokens of each position that every position also tries
     deep_linearised: int = 32  # tokens per position ranked by the score's gradient, each sweep
     deep_screen: int = 32  # of the nearest and bag tokens, tried per position (0: all)
     deep_inserts: int = 16  # tokens tried as an insertion that shifts its sentence

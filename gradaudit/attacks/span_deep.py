@@ -17,7 +17,7 @@ Each score runs the model's own forward only up to the deepest observed module (
 pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
 embeddings from a few random starts (all starts in one batch), the nearest tokens, then
 coordinate descent. Each sweep, every position tries the `screen` best to first order of its
-`neighbours` nearest tokens and the bag of its sentence's positions' `bag` nearest, plus the
+`neighbours` nearest tokens and the bag of all positions' `bag` nearest, plus the
 `linearised` tokens of the whole vocabulary that lower the score most to first order (one
 backward pass at the current tokens: these reach words the continuous search never came
 near); only the changed sentence runs forward, the others' module inputs
@@ -338,12 +338,9 @@ def deep_search(
     best = start_scores.argmin()
     ids, current = starts[best], start_scores[best]
     top = _nearest(x[best][mask], vocab, candidates, max(settings.neighbours, settings.bag))
+    bag = top[:, : settings.bag].flatten().unique()
     positions = mask.nonzero().tolist()
-    sentence_of = torch.tensor([b for b, _ in positions], device=device)
-    bags = [top[sentence_of == b, : settings.bag].flatten() for b in range(len(mask))]
-    pools = [
-        torch.cat([top[i, : settings.neighbours], bags[b]]) for i, (b, _) in enumerate(positions)
-    ]
+    pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
     moves = _reorderings(mask)
     sweeps = 0
     for _ in range(settings.sweeps):
