@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dp import Releases
 from _tiny import TinyTexts
 from accelerate import Accelerator
 from conftest import make_tiny_model
@@ -60,28 +61,21 @@ def test_accelerate_dp_loop_audits_the_released_gradient_with_the_engines_epsilo
     )
     dp_optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the DPOptimizer
     param = model.get_parameter(QUERY0)
-    released, epsilons, sizes = {}, {}, []
-
-    def record(*_):  # what this step releases: p.grad inside the DPOptimizer's step
-        sizes.append(len(dp_optimizer.grad_samples[0]))
-        if sizes[-1]:
-            released[len(sizes)] = param.grad.detach().clone()
-            epsilons[len(sizes)] = engine.get_epsilon(1 / N)
-
-    dp_optimizer.original_optimizer.register_step_pre_hook(record)
+    releases = Releases(dp_optimizer, param, engine, 1 / N)
     losses = [dp_step(private, optimizer, batch, backward=accelerator.backward) for batch in loader]
     auditor.close()
 
-    assert auditor.step == len(sizes) == len(losses) == N  # one DP step per Poisson batch
-    assert 0 in sizes and any(sizes)  # the seed gives empty and non-empty batches
-    assert [loss is None for loss in losses] == [size == 0 for size in sizes]
+    assert auditor.step == len(releases.sizes) == len(losses) == N  # one DP step per Poisson batch
+    assert 0 in releases.sizes and any(releases.sizes)  # the seed gives empty and full batches
+    assert [loss is None for loss in losses] == [size == 0 for size in releases.sizes]
     report = json.loads((tmp_path / "report.json").read_text())
     audits = report["audits"]
-    assert [a["step"] for a in audits] == sorted(released)  # empty batches skipped
+    assert [a["step"] for a in audits] == sorted(releases.gradients)  # empty batches skipped
     for audit in audits:
-        assert audit["gradient"] == "noised" and audit["epsilon"] == epsilons[audit["step"]]
+        assert audit["gradient"] == "noised"
+        assert audit["epsilon"] == releases.epsilons[audit["step"]]
         snapshot = GradientSnapshot.load(snapshot_dir(tmp_path, audit["step"]))
-        assert torch.equal(snapshot.gradients[QUERY0], released[audit["step"]])
+        assert torch.equal(snapshot.gradients[QUERY0], releases.gradients[audit["step"]])
     assert report["epsilon"] == engine.get_epsilon(1 / N)
     assert report["privacy"]["steps"] == N and report["privacy"]["dataset_size"] == N
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dp import Releases
 from _tiny import TinyTexts, final_weights
 from conftest import make_tiny_model
 from gradaudit.integrations.trainer import GradAuditCallback
@@ -82,30 +83,22 @@ def test_trainer_with_opacus_audits_the_released_gradient_with_the_engines_epsil
     trainer.add_callback(GradAuditCallback(dp_config(tmp_path / "audit"), privacy_engine=engine))
     dp_optimizer = trainer.optimizer
     param = trainer.model._module.get_parameter(QUERY0)
-    released, epsilons, sizes = {}, {}, []
-
-    def record(*_):  # what this step releases: p.grad inside the DPOptimizer's step
-        sizes.append(len(dp_optimizer.grad_samples[0]))
-        if sizes[-1]:
-            released[len(sizes)] = param.grad.detach().clone()
-            epsilons[len(sizes)] = engine.get_epsilon(1 / N)
-
-    dp_optimizer.original_optimizer.register_step_pre_hook(record)
+    releases = Releases(dp_optimizer, param, engine, 1 / N)
     before = param.detach().clone()
     trainer.train()
 
-    assert trainer.state.global_step == 8 and len(sizes) == 8
-    assert 0 in sizes and any(sizes)  # the seed gives empty and non-empty Poisson batches
+    assert trainer.state.global_step == 8 and len(releases.sizes) == 8
+    assert 0 in releases.sizes and any(releases.sizes)  # empty and full Poisson batches
     assert not torch.equal(param.detach(), before)
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     audits = report["audits"]
-    assert [a["step"] for a in audits] == sorted(released)  # empty batches skipped
+    assert [a["step"] for a in audits] == sorted(releases.gradients)  # empty batches skipped
     for audit in audits:
         assert audit["gradient"] == "noised" and audit["error"] is not None  # capture only
-        assert audit["epsilon"] == epsilons[audit["step"]]
+        assert audit["epsilon"] == releases.epsilons[audit["step"]]
         snapshot = GradientSnapshot.load(snapshot_dir(tmp_path / "audit", audit["step"]))
         assert snapshot.kind == "noised"
-        assert torch.equal(snapshot.gradients[QUERY0], released[audit["step"]])
+        assert torch.equal(snapshot.gradients[QUERY0], releases.gradients[audit["step"]])
     assert report["epsilon"] == engine.get_epsilon(1 / N)  # δ = 1/N from the training data
     assert report["privacy"]["delta"] == 1 / N and report["privacy"]["steps"] == 8
 
