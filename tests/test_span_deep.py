@@ -7,6 +7,14 @@ import torch
 from conftest import make_tiny_model
 
 from gradaudit.attacks import get_attack
+from gradaudit.attacks.base import candidate_token_ids, content_mask
+from gradaudit.attacks.span import module_spectra
+from gradaudit.attacks.span_deep import (
+    DeepSettings,
+    SpanObjective,
+    _reorderings,
+    _shifted_insertions,
+)
 from gradaudit.audit import score_reconstruction
 from gradaudit.batch import make_batch
 from gradaudit.errors import GradAuditError
@@ -91,3 +99,62 @@ def test_auto_runs_deep_span_past_layer_0(model, tiny_tokenizer):
 def test_bad_deep_option_is_an_error():
     with pytest.raises(GradAuditError, match="deep_restarts"):
         get_attack("span", deep_restarts=0)
+
+
+def objective_of(model, tokenizer, snapshot):
+    cpu = torch.device("cpu")
+    bases = {m: s.basis for m, s in module_spectra(model, snapshot, 50.0, cpu).items()}
+    content = content_mask(snapshot, tokenizer)
+    return SpanObjective(model, layout(model), snapshot, bases, content, cpu)
+
+
+def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model, tiny_tokenizer):
+    texts = ["the charming cast and the music", "a very boring plot"]
+    snapshot = snapshot_of(model, tiny_tokenizer, texts, "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    ids = snapshot.batch["input_ids"]
+    others = [v for v in candidate_token_ids(tiny_tokenizer).tolist() if v != ids[1, 2]][:4]
+    variants = ids[1].repeat(5, 1)
+    variants[:, 2] = torch.tensor([*others, int(ids[1, 2])])
+    whole = ids.repeat(5, 1, 1)
+    whole[:, 1] = variants
+    alone = objective.score_variants(ids, 1, variants, per_pass=2)
+    assert torch.allclose(alone, objective.score_ids(whole, per_pass=2), rtol=1e-6, atol=1e-9)
+    assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())  # only the truth scores ~0
+
+
+def test_reorderings_exchange_phrases_of_up_to_three_tokens():
+    mask = torch.tensor([[False, True, True, True, True, True, False]])
+    tokens = torch.tensor([[0, 11, 12, 13, 14, 15, 0]])
+    orders = {tuple(tokens.flatten()[p].tolist()) for p in _reorderings(mask)}
+    assert (0, 14, 13, 11, 12, 15, 0) in orders  # "11 12" and "14" change places
+    assert (0, 13, 14, 15, 12, 11, 0) in orders  # "11 12" and "13 14 15"
+    assert (0, 12, 11, 13, 14, 15, 0) in orders  # a plain swap
+    assert all(sorted(o) == sorted(tokens.flatten().tolist()) for o in orders)
+
+
+def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(
+    model, tiny_tokenizer
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, ["the charming cast and the music"], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    ids = snapshot.batch["input_ids"]
+    settings = DeepSettings(
+        steps=0, restarts=1, lr=0.05, neighbours=4, bag=1, linearised=4, screen=4, inserts=3,
+        sweeps=1, moves=10_000, forward_batch=8,
+    )  # fmt: skip
+    candidates = candidate_token_ids(tiny_tokenizer)
+    trials = _shifted_insertions(
+        objective, ids, objective.embed(candidates), candidates, settings, torch.Generator()
+    )
+    content = ids[0, 1:-1].tolist()
+    pairs = sum(abs(i - j) > 1 for i in range(len(content)) for j in range(len(content)))
+    assert len(trials) == pairs * settings.inserts
+    for trial in trials:
+        assert torch.equal(trial[0, [0, -1]], ids[0, [0, -1]])  # special tokens stay
+        kept = trial[0, 1:-1].tolist()
+        assert any(  # deleting one token of the truth and one of the trial leaves equal runs
+            content[:i] + content[i + 1 :] == kept[:j] + kept[j + 1 :]
+            for i in range(len(content))
+            for j in range(len(kept))
+        )
