@@ -225,7 +225,7 @@ def _shifted_insertions(
         for i in range(len(columns)):
             rest = tokens[:i] + tokens[i + 1 :]
             for j in range(len(columns)):
-                if abs(j - i) > 1:  # by one slot it is a plain replacement
+                if j != i:  # in place it is a plain replacement
                     trial = ids.clone()
                     trial[b, columns] = torch.tensor(rest[:j] + [tokens[i]] + rest[j:]).to(ids)
                     shifted.append(trial)
