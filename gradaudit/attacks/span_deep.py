@@ -326,8 +326,8 @@ def deep_search(
     device = objective.content.device
     generator = torch.Generator().manual_seed(seed)
     candidates = candidates.to(device)
-    vocab = F.normalize(objective.embeddings[candidates], dim=-1)
     raw_vocab = objective.embeddings[candidates]
+    vocab = F.normalize(raw_vocab, dim=-1)
     x, continuous = _continuous(objective, settings, generator)
     per_pass = max(1, settings.forward_batch // objective.content.shape[0])
     mask = objective.content
