@@ -50,7 +50,12 @@ EXACT_COMPONENTS = ("query", "key", "value")
 PARTNERS = {"query": "key", "key": "query"}
 EXACT_RESIDUAL = 1e-4
 MEMBERSHIP_EXACT = 1e-6
+DEPENDENT = 1e-9  # singular value of the inputs, relative: an exact linear dependency
+DEPENDENT_SHARE = 1e-3  # a row's weight in such a dependency that leaves its signal open
 RESTARTS = 4
+ANNEAL_STEPS = 50  # annealing moves per (shared slot, sentence)
+TEMPERATURE = 0.03  # of the membership score (a sum of relative residuals), at the start
+RUN = 8  # longest run of slots swapped between two sentences in one move
 MAX_ORDERS = 24
 
 
@@ -236,16 +241,39 @@ def _hypothesis_batch(
 
 
 @dataclass
+class Signals:
+    """One hypothesis' distinct inputs, their backward signals and which rows each sentence holds.
+
+    `rows[b]` indexes sentence `b`'s tokens into the distinct inputs; `tested` marks the rows
+    whose signal belongs to one sentence and is determined by the gradient (not shared by two
+    sentences, and not on an exact linear dependency among the inputs, where `G = D^T H`
+    leaves the split of the signal open).
+    """
+
+    signals: torch.Tensor  # heads x distinct x head width
+    partners: torch.Tensor  # heads x distinct x head width
+    rows: list[list[int]]
+    shared: torch.Tensor  # distinct, bool: held by more than one sentence
+    dependent: torch.Tensor  # distinct, bool
+
+    @property
+    def tested(self) -> torch.Tensor:
+        """Rows whose signal is one sentence's and is fixed by the gradient."""
+        return ~self.shared & ~self.dependent
+
+
+@dataclass
 class Membership:
     """Which sentence a token belongs to, from layer-0 attention (query and key modules).
 
     Given a hypothesis (token ids), its distinct inputs `H` give each one's backward signal
     `D` from `G = D^T H` (least squares). Per head, a query signal is a zero-sum combination
     of its own sentence's keys, so it lies in the span of the sentence's key differences; a
-    key signal is a combination of its own sentence's queries. `score` sums, per group of
-    sentences sharing a row, the relative residual of the signals against those spans: about
-    1e-9 for the truth, 1e-3 and up for a swapped token, even where the row space of `G`
-    cannot tell the two apart (every true word at every true position is in it).
+    key signal is a combination of its own sentence's queries. A sentence's score is the
+    relative residual of its tested signals against those spans: about 1e-9 for the truth,
+    1e-3 and up for a swapped token, even where the row space of `G` cannot tell the two apart
+    (every true word at every true position is in it). A sentence longer than the head width
+    spans every signal, so it scores 0 whatever it holds.
     """
 
     lay: ModelLayout
@@ -276,8 +304,8 @@ class Membership:
         heads = int(model.config.num_attention_heads)
         return cls(lay, where[0], weight, bias.to(weight), heads, target.double(), batch)
 
-    def score(self, ids: torch.Tensor) -> float:
-        """Membership residual of the hypothesis `ids` (batch x length); ~0 when right."""
+    def signals(self, ids: torch.Tensor) -> Signals:
+        """Distinct inputs of the hypothesis `ids` (batch x length) and their signals."""
         mask = self.batch["attention_mask"].bool()
         positions = self.lay.position_ids(self.batch["attention_mask"])[mask]
         segments = self.batch["token_type_ids"][mask]
@@ -289,37 +317,55 @@ class Membership:
         offsets = self.lay.position_embeddings.weight.detach()[positions[first]]
         offsets = offsets + self.lay.token_type_embeddings.weight.detach()[segments[first]]
         inputs = layer0_inputs(self.lay, tokens[first], offsets.to(torch.float64))
-        signals = torch.linalg.lstsq(inputs.T, self.target.T).solution
-        rows = inverse.split(mask.sum(1).tolist())
-        spans = [self._span(inputs[r]) for r in rows]
+        signals = torch.linalg.lstsq(inputs.T, self.target.T, driver="gelsd").solution
+        # Rows on an exact dependency (a word pair repeated at a pair of positions, e.g. two
+        # punctuation marks) get an arbitrary share of the signal: leave them untested.
+        left, sv, _ = torch.linalg.svd(inputs, full_matrices=True)
+        dependent = left[:, int((sv > sv[0] * DEPENDENT).sum()) :].norm(dim=1) > DEPENDENT_SHARE
+        shared = torch.bincount(inverse, minlength=len(unique)) > 1
+        partners = inputs @ self.weight.T + (self.bias if self.component == "key" else 0)
+        split = lambda m: m.reshape(len(m), self.heads, -1).transpose(0, 1)  # noqa: E731
+        rows = [r.tolist() for r in inverse.split(mask.sum(1).tolist())]
+        return Signals(split(signals), split(partners), rows, shared, dependent)
+
+    def span(self, state: Signals, rows: list[int]) -> torch.Tensor:
+        """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
+        vectors = state.partners[:, rows]
+        if self.component == "query":  # softmax ignores a shared shift: key differences
+            vectors = vectors[:, 1:] - vectors[:, :1]
+        return torch.linalg.qr(vectors.transpose(1, 2)).Q
+
+    def residual(self, state: Signals, members: list[int], span: torch.Tensor) -> float:
+        """Relative residual of the `members`' signals against `span`."""
+        if not members:
+            return 0.0
+        sig = state.signals[:, members]
+        res = sig - (sig @ span) @ span.transpose(1, 2)
+        return float(res.square().sum() / sig.square().sum().clamp_min(1e-300))
+
+    def shared_score(
+        self, state: Signals, rows: list[list[int]], spans: list[torch.Tensor]
+    ) -> float:
+        """Signals of rows two sentences share lie in the sum of the sentences' spans."""
         owners: dict[int, list[int]] = {}
-        for b, r in enumerate(rows):
-            for i in r.tolist():
+        for b, rows_b in enumerate(rows):
+            for i in rows_b:
                 owners.setdefault(i, []).append(b)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        total = 0.0
         for i, bs in owners.items():
-            groups.setdefault(tuple(bs), []).append(i)
-        fit = self.target - signals.T @ inputs
-        total = float(fit.square().sum() / self.target.square().sum())
-        for bs, members in groups.items():
-            span = (
-                spans[bs[0]]
-                if len(bs) == 1
-                else torch.linalg.qr(torch.cat([spans[b] for b in bs], -1)).Q
-            )
-            sig = signals[members].reshape(len(members), self.heads, -1).transpose(0, 1)
-            res = sig - (sig @ span) @ span.transpose(1, 2)
-            total += float(res.square().sum() / sig.square().sum().clamp_min(1e-300))
+            if state.shared[i] and not state.dependent[i]:
+                union = torch.linalg.qr(torch.cat([spans[b] for b in bs], -1)).Q
+                total += self.residual(state, [i], union)
         return total
 
-    def _span(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
-        if self.component == "query":
-            vectors = (inputs[1:] - inputs[:1]) @ self.weight.T
-        else:
-            vectors = inputs @ self.weight.T + self.bias
-        vectors = vectors.reshape(len(vectors), self.heads, -1).permute(1, 2, 0)
-        return torch.linalg.qr(vectors).Q
+    def score(self, state: Signals) -> tuple[list[float], list[torch.Tensor], float]:
+        """Each sentence's score and span, and the shared rows' score; all ~0 when right."""
+        spans = [self.span(state, rows) for rows in state.rows]
+        own = [
+            self.residual(state, [i for i in rows if state.tested[i]], span)
+            for rows, span in zip(state.rows, spans)
+        ]
+        return own, spans, self.shared_score(state, state.rows, spans)
 
 
 def assign(
@@ -327,41 +373,82 @@ def assign(
     ids: torch.Tensor,
     slots: list[Slot],
     pools: list[torch.Tensor],
-    sweeps: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, float]:
-    """Token per (sentence, slot) by coordinate descent on the membership score.
+    """Token per (sentence, slot) by simulated annealing on the membership score.
 
-    Starts from distinct tokens per slot (the pool's best first). Swaps keep the distinct
-    inputs, hence the backward signals, fixed; replacements draw from the slot's pool.
+    Each slot keeps its pool's best tokens (one per sentence, in random order at the start),
+    so the distinct inputs and their signals stay fixed: pool replacements would let the
+    score drop by sharing rows or putting them on exact dependencies, which leaves them
+    untested. Moves swap two sentences' tokens at a slot or along a run of up to `RUN` slots
+    (a phrase in the wrong sentence); only the two sentences are rescored. Returns the best
+    assignment seen and its score.
     """
     ids = ids.clone()
     for slot, pool in zip(slots, pools):
         order = torch.randperm(len(slot.sentences), generator=generator).tolist()
         for i, b in zip(order, slot.sentences):
             ids[b, slot.column] = pool[min(i, len(pool) - 1)]
-    best = membership.score(ids)
-    for _ in range(sweeps * len(slots)):
-        improved = False
-        for slot, pool in zip(slots, pools):
-            col, members = slot.column, slot.sentences
-            moves = [
-                ((b, int(ids[c, col])), (c, int(ids[b, col])))
-                for x, b in enumerate(members)
-                for c in members[x + 1 :]
-                if ids[b, col] != ids[c, col]
-            ]
-            moves += [((b, int(v)),) for b in members for v in pool if v != ids[b, col]]
-            for move in moves:
-                trial = ids.clone()
-                for b, v in move:
-                    trial[b, col] = v
-                value = membership.score(trial)
-                if value < best * (1 - 1e-6):
-                    best, ids, improved = value, trial, True
-        if not improved:
+    index = membership.batch["attention_mask"].cumsum(1) - 1  # column -> index in rows[b]
+    state = membership.signals(ids)
+    own, spans, shared_score = membership.score(state)
+    best_ids, best = ids, sum(own) + shared_score
+    shared = [j for j, slot in enumerate(slots) if len(slot.sentences) > 1]
+    steps = ANNEAL_STEPS * sum(len(slots[j].sentences) for j in shared)
+    for step in range(steps if shared else 0):
+        j = shared[_draw(len(shared), generator)]
+        pair = torch.randperm(len(slots[j].sentences), generator=generator)[:2].tolist()
+        b, c = (slots[j].sentences[i] for i in pair)
+        cols = _run(slots, j, b, c, 1 + _draw(RUN, generator) if _draw(2, generator) else 1)
+        if all(ids[b, col] == ids[c, col] for col in cols):
+            continue
+        rows = list(state.rows)
+        rows[b], rows[c] = list(rows[b]), list(rows[c])
+        for col in cols:
+            i, k = int(index[b, col]), int(index[c, col])
+            rows[b][i], rows[c][k] = rows[c][k], rows[b][i]
+        trial_spans, trial_own = list(spans), list(own)
+        for x in (b, c):
+            trial_spans[x] = membership.span(state, rows[x])
+            tested = [i for i in rows[x] if state.tested[i]]
+            trial_own[x] = membership.residual(state, tested, trial_spans[x])
+        trial_shared = shared_score
+        if any(state.shared[rows[x][int(index[x, col])]] for x in (b, c) for col in cols):
+            trial_shared = membership.shared_score(state, rows, trial_spans)
+        change = sum(trial_own) + trial_shared - sum(own) - shared_score
+        if _accept(change, TEMPERATURE * (1 - step / steps), generator):
+            ids = ids.clone()
+            ids[b, cols], ids[c, cols] = ids[c, cols], ids[b, cols]
+            state.rows, spans, own, shared_score = rows, trial_spans, trial_own, trial_shared
+            if sum(own) + shared_score < best:
+                best_ids, best = ids, sum(own) + shared_score
+                if best < MEMBERSHIP_EXACT:
+                    break
+    return best_ids, best
+
+
+def _run(slots: list[Slot], j: int, b: int, c: int, length: int) -> list[int]:
+    """Columns of up to `length` consecutive slots from `slots[j]` that `b` and `c` share."""
+    run = [j]
+    while len(run) < length and run[-1] + 1 < len(slots):
+        nxt = slots[run[-1] + 1]
+        if nxt.column != slots[run[-1]].column + 1 or not {b, c} <= set(nxt.sentences):
             break
-    return ids, best
+        run.append(run[-1] + 1)
+    return [slots[k].column for k in run]
+
+
+def _draw(n: int, generator: torch.Generator) -> int:
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def _accept(change: float, temperature: float, generator: torch.Generator) -> bool:
+    """Metropolis rule: always downhill, uphill with probability exp(-change / temperature)."""
+    if change < 0:
+        return True
+    if temperature <= 0:
+        return False
+    return float(torch.rand(1, generator=generator)) < math.exp(-change / temperature)
 
 
 @dataclass
@@ -392,13 +479,16 @@ class Search:
         membership = Membership.build(self.model, self.module, self.batch, self.target)
         if membership is not None:
             generator = torch.Generator().manual_seed(0)
+            best = math.inf
             for _ in range(RESTARTS):
-                assigned, score = assign(membership, ids, slots, pools, sweeps, generator)
+                assigned, score = assign(membership, ids, slots, pools, generator)
+                if score < best:
+                    best, ids = score, assigned
                 if score < MEMBERSHIP_EXACT:
                     break
-            assigned, residual = self.order_by_label(assigned)
+            ids, residual = self.order_by_label(ids)
             if residual < EXACT_RESIDUAL:
-                return assigned, residual
+                return ids, residual
         grads = self.gradients(rows, ids)
         residual = self.target - grads.sum(0)
         for _ in range(sweeps):
