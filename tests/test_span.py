@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.attacks import get_attack
+from gradaudit.attacks.span_exact import MEMBERSHIP_EXACT, Membership, assign, content_slots
 from gradaudit.batch import make_batch
 from gradaudit.errors import GradAuditError
 from gradaudit.families import layout
@@ -155,3 +156,49 @@ def test_exact_on_minilm_batch_of_four_lengths(minilm):
     texts.append("this cast is not funny at all , sadly")
     truth, result = run(model, tokenizer, texts, [1, 0, 0, 0], module)
     assert result.token_ids == truth
+
+
+def _query_membership(model, tokenizer, texts):
+    module_name = layout(model).component_name("query", 0)
+    batch = make_batch(model, tokenizer, texts, [1] * len(texts))
+    target = capture(model, batch, [module_name]).weight_gradient(module_name)
+    return batch, Membership.build(model, model.get_submodule(module_name), batch, target)
+
+
+def test_rows_on_an_exact_input_dependency_go_untested(tiny):
+    # good/bad swap positions 3 and 4 between two sentences, dull/slow between two others:
+    # two such cycles make the eight inputs linearly dependent (LayerNorm's scale aside, each
+    # cycle sums to a multiple of beta), so their share of the gradient is not determined.
+    model, tokenizer = tiny
+    texts = ["the movie good bad", "a film bad good", "it is dull slow", "this plot slow dull"]
+    batch, membership = _query_membership(model, tokenizer, texts)
+    state = membership.signals(batch["input_ids"])
+    cycle = {tokenizer.convert_tokens_to_ids(w) for w in ("good", "bad", "dull", "slow")}
+    for b, rows in enumerate(state.rows):
+        for column, row in enumerate(rows):
+            on_cycle = int(batch["input_ids"][b, column]) in cycle and column in (3, 4)
+            assert bool(state.dependent[row]) == on_cycle
+    assert bool(state.shared[state.rows[0][0]])  # [CLS] at position 0 is every sentence's
+
+
+@pytest.mark.slow
+def test_annealing_assigns_shuffled_tokens_to_their_sentences(minilm):
+    model, tokenizer = minilm
+    texts = [
+        "a charming and funny film",
+        "the plot is thin but the cast is wonderful",
+        "it drags",
+        "an honest , moving story about two brothers who never met",
+    ]
+    batch, membership = _query_membership(model, tokenizer, texts)
+    truth = batch["input_ids"]
+    own, _, shared = membership.score(membership.signals(truth))
+    assert sum(own) + shared < MEMBERSHIP_EXACT
+    content = batch["attention_mask"].bool() & (truth != tokenizer.cls_token_id)
+    content &= truth != tokenizer.sep_token_id
+    slots = content_slots(batch, content, layout(model))
+    pools = [truth[list(slot.sentences), slot.column] for slot in slots]
+    generator = torch.Generator().manual_seed(0)
+    found, score = assign(membership, truth, slots, pools, generator)  # starts shuffled
+    assert score < MEMBERSHIP_EXACT
+    assert torch.equal(found, truth)

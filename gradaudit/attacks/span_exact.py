@@ -19,20 +19,26 @@ positions + 1 (B >= 4 on SST-2) a true word at a wrong slot fits the gradient as
 truth (measured: same fit residual, 1.5e-7). For query and key modules, `Membership` scores a
 hypothesis by the attention structure instead (per head, a token's backward signal lies in the
 span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for one
-swapped token. `assign` descends on it (swaps and pool replacements per slot, a few random
-restarts), whole sentences of equal length are then ordered by the gradient match (the
-membership test is label-blind), and the result is kept if its relative gradient residual is
-below `EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched
-coordinate by coordinate (replace a token, or swap two sentences' tokens at a slot), each move
+swapped token. The signals are fixed once the slots' tokens are (each slot keeps its pool's
+best `n`), so `assign` anneals over who holds which token: swaps of one slot or of a run of
+slots between two sentences, each rescoring just those two sentences (a few random restarts).
+Whole sentences of equal length are then ordered by the gradient match (the membership test
+is label-blind), and the result is kept if its relative gradient residual is below
+`EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched coordinate by
+coordinate from there (replace a token, or swap two sentences' tokens at a slot), each move
 scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a candidate
 sentence's own forward/backward pass gives its exact contribution `G_b`.
 
 Limits. Token type ids, lengths and special-token positions are taken as known structure.
-The membership descent is local: on SST-2 batches of 4 it stalls (membership 0.04-0.4) when
-the slot pools' ranking is far from the truth, and from B = 8 the signals `D = G pinv(H)` are
-ill-posed (more distinct inputs than the rank ceiling), so the truth no longer scores ~0.
-The coordinate search can stop far from the truth too (its final relative gradient residual
-is reported: about 1e-6 when exact). B = 1 needs no search.
+- A word pair repeated at a pair of positions (two punctuation marks in two sentences) makes
+  the inputs exactly dependent, so those rows' signals are not determined and go untested.
+- A sentence longer than a head's width (32 in MiniLM) spans every signal in that head, so
+  membership cannot place its tokens; the gradient-match search has to.
+- The pools come from the row-space residual, whose true and false entries overlap once the
+  batch nears the rank ceiling (SST-2 batches of 4 with sentences of 25-40 tokens): a wrong
+  pool token is never fixed by the annealing, only by the coordinate search.
+- The coordinate search can stop far from the truth (its final relative gradient residual
+  is reported: about 1e-6 when exact). B = 1 needs no search.
 """
 
 from __future__ import annotations
