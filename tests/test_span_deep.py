@@ -10,10 +10,14 @@ from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import candidate_token_ids, content_mask
 from gradaudit.attacks.span import module_spectra
 from gradaudit.attacks.span_deep import (
+    LR_SPREAD,
+    SOLVED,
     DeepSettings,
     SpanObjective,
+    _continuous,
     _reorderings,
     _shifted_insertions,
+    deep_search,
 )
 from gradaudit.audit import score_reconstruction
 from gradaudit.batch import make_batch
@@ -158,3 +162,37 @@ def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(
             for i in range(len(content))
             for j in range(len(kept))
         )
+
+
+def settings_of(**changes):
+    base = dict(
+        steps=1, restarts=3, lr=0.05, neighbours=8, bag=2, linearised=4, screen=8, inserts=2,
+        sweeps=1, moves=16, forward_batch=8,
+    )  # fmt: skip
+    return DeepSettings(**{**base, **changes})
+
+
+def test_continuous_restarts_step_at_spread_rates(model, tiny_tokenizer):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    settings = settings_of()
+    x, _ = _continuous(objective, settings, torch.Generator().manual_seed(0))
+    emb = objective.embeddings
+    start = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=emb.dtype)
+    origin = start * emb.std(0) + emb.mean(0)
+    # Adam's first step moves every coordinate by its rate: one per restart, LR_SPREAD apart.
+    steps = (x - origin).abs().flatten(1).median(1).values
+    rates = settings.lr * float(emb.std(0).mean()) * LR_SPREAD ** torch.arange(3.0)
+    assert torch.allclose(steps, rates.to(steps), rtol=1e-3)
+
+
+def test_an_unsolved_search_goes_on_from_the_next_start(model, tiny_tokenizer):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    candidates = candidate_token_ids(tiny_tokenizer)
+    # No continuous steps and one sweep: random starts that one sweep cannot solve.
+    ids, info = deep_search(objective, candidates, settings_of(steps=0), seed=0)
+    assert info["residual"] > SOLVED
+    assert info["starts_searched"] == 3
+    assert info["residual"] <= min(info["start_residuals"])
+    assert info["residual"] == pytest.approx(float(objective.score_ids(ids.unsqueeze(0), 1)[0]))

@@ -249,6 +249,7 @@ def _shifted_insertions(
 
 
 SOLVED = 1e-8  # nothing to improve: the truth scores ~1e-13 in float64
+LR_SPREAD = 4.0  # step-size ratio between consecutive continuous restarts
 BLOCK = 3  # longest run of tokens that an exchange moves as one
 
 
@@ -305,13 +306,19 @@ def _continuous(
     shape = (settings.restarts, *objective.content.shape, emb.shape[1])
     start = torch.randn(shape, generator=generator, dtype=emb.dtype).to(emb.device)
     scale = emb.std(0)
-    x = (start * scale + emb.mean(0)).requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=settings.lr * float(scale.mean()))
+    origin = start * scale + emb.mean(0)
+    # Restart k steps LR_SPREAD**k times further: the step size that escapes poor starts
+    # differs between modules. Adam ignores the gradient's scale, so optimising u in
+    # x = origin + lr_k * u at unit rate is Adam on x at rate lr_k.
+    rates = settings.lr * float(scale.mean()) * LR_SPREAD ** torch.arange(len(origin))
+    rates = rates.to(origin).view(-1, *[1] * (origin.dim() - 1))
+    u = torch.zeros_like(origin, requires_grad=True)
+    optimizer = torch.optim.Adam([u], lr=1.0)
     for _ in range(settings.steps):
-        loss = objective(x).sum()
-        (x.grad,) = torch.autograd.grad(loss, [x])
+        loss = objective(origin + rates * u).sum()
+        (u.grad,) = torch.autograd.grad(loss, [u])
         optimizer.step()
-    x = x.detach()
+    x = (origin + rates * u).detach()
     with torch.no_grad():
         return x, objective(x)
 
@@ -335,9 +342,46 @@ def deep_search(
     starts = objective.known_ids.repeat(len(x), 1, 1)
     starts[:, mask] = near
     start_scores = objective.score_ids(starts, per_pass)
-    best = start_scores.argmin()
-    ids, current = starts[best], start_scores[best]
-    top = _nearest(x[best][mask], vocab, candidates, max(settings.neighbours, settings.bag))
+    # Discrete search from the best-scoring start; an unsolved result tries the next start
+    # (a start's score does not tell which start the search can finish from).
+    ids, current, sweeps, tried = starts[0], start_scores[0], 0, 0
+    for k in start_scores.argsort().tolist():
+        found, score, done = _discrete(
+            objective, starts[k], start_scores[k], x[k], vocab, raw_vocab, candidates,
+            settings, per_pass, generator,
+        )  # fmt: skip
+        sweeps, tried = sweeps + done, tried + 1
+        if tried == 1 or bool(score < current):
+            ids, current = found, score
+        if bool(current < SOLVED):
+            break
+    return ids, {
+        "continuous_residuals": continuous.tolist(),
+        "start_residuals": start_scores.tolist(),
+        "starts_searched": tried,
+        "residual": float(current),
+        "sweeps": sweeps,
+    }
+
+
+def _discrete(
+    objective: SpanObjective,
+    ids: torch.Tensor,
+    current: torch.Tensor,
+    x: torch.Tensor,
+    vocab: torch.Tensor,
+    raw_vocab: torch.Tensor,
+    candidates: torch.Tensor,
+    settings: DeepSettings,
+    per_pass: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Coordinate descent over tokens from `ids` (whose continuous source is `x`).
+
+    Returns the ids, their score and the sweeps run.
+    """
+    mask = objective.content
+    top = _nearest(x[mask], vocab, candidates, max(settings.neighbours, settings.bag))
     bag = top[:, : settings.bag].flatten().unique()
     positions = mask.nonzero().tolist()
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
@@ -356,7 +400,7 @@ def deep_search(
             ids, current = _take_best(objective, trial, per_pass, ids, current)
         if len(moves):
             chosen = moves[torch.randperm(len(moves), generator=generator)[: settings.moves]]
-            trial = ids.flatten()[chosen.to(device)].view(len(chosen), *ids.shape)
+            trial = ids.flatten()[chosen.to(ids.device)].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
         shifted = _shifted_insertions(objective, ids, raw_vocab, candidates, settings, generator)
         if len(shifted):
@@ -364,12 +408,7 @@ def deep_search(
         sweeps += 1
         if not bool(current < before) or bool(current < SOLVED):
             break
-    return ids, {
-        "continuous_residuals": continuous.tolist(),
-        "start_residuals": start_scores.tolist(),
-        "residual": float(current),
-        "sweeps": sweeps,
-    }
+    return ids, current, sweeps
 
 
 def _take_best(
