@@ -59,8 +59,8 @@ class SpanOptions:
     sweeps: int = 3
     forward_batch: int = 32
     deep_steps: int = 300  # Adam steps per restart at budget 1
-    deep_restarts: int = 2  # continuous starts; the search tries the next while unsolved
-    deep_lr: float = 0.05  # step of start 0, x the embeddings' spread; start k: 4**k times it
+    deep_restarts: int = 4  # continuous starts; the best 2 are searched while unsolved
+    deep_lr: float = 0.05  # first start's step, x the embeddings' spread; the last one's is 4x
     deep_neighbours: int = 64  # nearest tokens each position tries
     deep_bag: int = 8  # nearest tokens of each position that every position also tries
     deep_linearised: int = 32  # tokens per position ranked by the score's gradient, each sweep

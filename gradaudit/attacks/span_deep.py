@@ -249,7 +249,8 @@ def _shifted_insertions(
 
 
 SOLVED = 1e-8  # nothing to improve: the truth scores ~1e-13 in float64
-LR_SPREAD = 4.0  # step-size ratio between consecutive continuous restarts
+SEARCHED = 2  # best-scoring starts the discrete search may run from
+LR_SPREAD = 4.0  # step-size ratio between the last and the first continuous restart
 BLOCK = 3  # longest run of tokens that an exchange moves as one
 
 
@@ -307,10 +308,12 @@ def _continuous(
     start = torch.randn(shape, generator=generator, dtype=emb.dtype).to(emb.device)
     scale = emb.std(0)
     origin = start * scale + emb.mean(0)
-    # Restart k steps LR_SPREAD**k times further: the step size that escapes poor starts
-    # differs between modules. Adam ignores the gradient's scale, so optimising u in
-    # x = origin + lr_k * u at unit rate is Adam on x at rate lr_k.
-    rates = settings.lr * float(scale.mean()) * LR_SPREAD ** torch.arange(len(origin))
+    # Restart steps spread geometrically from lr to LR_SPREAD * lr: the step size that
+    # escapes poor starts differs between modules and sentences. Adam ignores the
+    # gradient's scale, so optimising u in x = origin + lr_k * u at unit rate is Adam on x
+    # at rate lr_k.
+    spread = torch.arange(len(origin), dtype=torch.float64) / max(1, len(origin) - 1)
+    rates = settings.lr * float(scale.mean()) * LR_SPREAD ** spread
     rates = rates.to(origin).view(-1, *[1] * (origin.dim() - 1))
     u = torch.zeros_like(origin, requires_grad=True)
     optimizer = torch.optim.Adam([u], lr=1.0)
@@ -342,10 +345,10 @@ def deep_search(
     starts = objective.known_ids.repeat(len(x), 1, 1)
     starts[:, mask] = near
     start_scores = objective.score_ids(starts, per_pass)
-    # Discrete search from the best-scoring start; an unsolved result tries the next start
+    # Discrete search from the best-scoring start; an unsolved result tries the next best
     # (a start's score does not tell which start the search can finish from).
     ids, current, sweeps, tried = starts[0], start_scores[0], 0, 0
-    for k in start_scores.argsort().tolist():
+    for k in start_scores.argsort()[:SEARCHED].tolist():
         found, score, done = _discrete(
             objective, starts[k], start_scores[k], x[k], vocab, raw_vocab, candidates,
             settings, per_pass, generator,
