@@ -33,6 +33,7 @@ Lengths and special tokens are known structure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -347,14 +348,14 @@ def deep_search(
     start_scores = objective.score_ids(starts, per_pass)
     # Discrete search from the best-scoring start; an unsolved result tries the next best
     # (a start's score does not tell which start the search can finish from).
-    ids, current, sweeps, tried = starts[0], start_scores[0], 0, 0
+    ids, current, sweeps, tried = starts[0], start_scores.new_tensor(math.inf), 0, 0
     for k in start_scores.argsort()[:SEARCHED].tolist():
         found, score, done = _discrete(
             objective, starts[k], start_scores[k], x[k], vocab, raw_vocab, candidates,
             settings, per_pass, generator,
         )  # fmt: skip
         sweeps, tried = sweeps + done, tried + 1
-        if tried == 1 or bool(score < current):
+        if bool(score < current):
             ids, current = found, score
         if bool(current < SOLVED):
             break
