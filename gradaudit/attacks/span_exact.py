@@ -485,14 +485,14 @@ class Search:
         membership = Membership.build(self.model, self.module, self.batch, self.target)
         if membership is not None:
             generator = torch.Generator().manual_seed(0)
-            best = math.inf
+            best, best_ids = math.inf, ids
             for _ in range(RESTARTS):
                 assigned, score = assign(membership, ids, slots, pools, generator)
                 if score < best:
-                    best, ids = score, assigned
+                    best, best_ids = score, assigned
                 if score < MEMBERSHIP_EXACT:
                     break
-            ids, residual = self.order_by_label(ids)
+            ids, residual = self.order_by_label(best_ids)
             if residual < EXACT_RESIDUAL:
                 return ids, residual
         grads = self.gradients(rows, ids)
