@@ -16,8 +16,12 @@ from gradaudit.attacks.span_deep import (
     DeepSettings,
     SpanObjective,
     _continuous,
+    _first_order_change,
+    _first_order_gain,
+    _promising,
     _reorderings,
     _shifted_insertions,
+    _shifts,
     deep_search,
 )
 from gradaudit.audit import score_reconstruction
@@ -150,8 +154,9 @@ def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(
     )  # fmt: skip
     candidates = candidate_token_ids(tiny_tokenizer)
     trials = _shifted_insertions(
-        objective, ids, objective.embed(candidates), candidates, settings, torch.Generator()
-    )
+        objective, ids, _shifts(objective.content), objective.embed(candidates), candidates,
+        settings, torch.Generator(),
+    )  # fmt: skip
     content = ids[0, 1:-1].tolist()
     shifts = len(content) * (len(content) - 1)  # delete at i, insert at j != i
     assert len(trials) == shifts * settings.inserts
@@ -163,6 +168,40 @@ def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(
             for i in range(len(content))
             for j in range(len(kept))
         )
+
+
+def test_first_order_ranks_the_reordering_that_restores_a_sentence_near_the_top(
+    model, tiny_tokenizer
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    perms = _reorderings(objective.content)
+    ranks = []
+    for perm in perms[torch.randperm(len(perms), generator=torch.Generator().manual_seed(0))][
+        :20
+    ]:
+        wrong = truth.flatten()[perm].view_as(truth)
+        if torch.equal(wrong, truth):
+            continue  # swapped the two "the"
+        change = _first_order_change(_first_order_gain(objective, wrong)[1], perms)
+        ranked = wrong.flatten()[perms[change.argsort()]].view(len(perms), *truth.shape)
+        ranks.append(int((ranked == truth).flatten(1).all(1).nonzero()[0]))
+    near_top = sum(rank < len(perms) // 4 for rank in ranks)
+    assert near_top >= 15, ranks  # chance would put a quarter of them there
+
+
+def test_promising_moves_are_the_first_order_best_half_and_a_random_rest():
+    change = torch.tensor([5.0, -3.0, 0.0, -9.0, 2.0, 1.0, -1.0, 4.0])
+    chosen = _promising(change, 4, torch.Generator().manual_seed(0))
+    assert chosen[:2].tolist() == [3, 1]  # the two best to first order
+    assert len(set(chosen.tolist())) == 4
+    drawn = {
+        i for seed in range(20)
+        for i in _promising(change, 4, torch.Generator().manual_seed(seed))[2:].tolist()
+    }  # fmt: skip
+    assert drawn == {0, 2, 4, 5, 6, 7}  # every other move is reachable
+    assert sorted(_promising(change, 8, torch.Generator()).tolist()) == list(range(8))
 
 
 def settings_of(**changes):

@@ -25,14 +25,15 @@ are reused. Then reorderings: swaps of two content tokens (across sentences too)
 of a token to another slot of its sentence (the others shifting), exchanges of two runs of up
 to three tokens (a misplaced phrase); then insertions: one token deleted and a new one
 inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
-one belongs: no single move improves that). At most `moves` random ones of each kind per
-sweep. Every candidate is scored in batches of `forward_batch` sequences, until a sweep
+one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
+best to first order (one backward ranks them all), half at random. Every candidate is scored in batches of `forward_batch` sequences, until a sweep
 changes nothing or `sweeps` ends. With several sentences their inputs jointly span `V`.
 Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,9 +206,59 @@ def _score_gradient(objective: SpanObjective, ids: torch.Tensor, per_pass: int) 
     return torch.cat(grads)
 
 
+def _shifts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index permutations (M, B * L) of the flattened batch that take one content token out
+    and put it back elsewhere in its sentence (the tokens between shift by one), with the
+    flat slot (M,) where it lands: that slot is opened for an insertion."""
+    mask = mask.cpu()
+    identity = torch.arange(mask.numel())
+    perms, opened = [], []
+    for b, row in enumerate(mask):
+        slots = row.nonzero().flatten() + b * mask.shape[1]
+        for i, j in itertools.permutations(range(len(slots)), 2):
+            order = list(range(len(slots)))
+            order.insert(j, order.pop(i))
+            perm = identity.clone()
+            perm[slots] = slots[order]
+            perms.append(perm)
+            opened.append(int(slots[j]))
+    if not perms:
+        return identity.unsqueeze(0)[:0], identity[:0]
+    return torch.stack(perms), torch.tensor(opened)
+
+
+def _first_order_gain(
+    objective: SpanObjective, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score's gradient (N, H) at the N flat slots of `ids` (one backward) and `gain`
+    (N, N): putting the token of slot q at slot p changes the score by about
+    gain[p, q] - gain[p, p], so every reordering can be ranked before any is scored."""
+    slope = _score_gradient(objective, ids.unsqueeze(0), 1)[0].flatten(0, 1)
+    return slope, slope @ objective.embed(ids.flatten()).T
+
+
+def _first_order_change(gain: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """First-order score change (M,) of each index permutation (M, N) of the flat slots."""
+    return gain.gather(1, perms.T).sum(0) - gain.diagonal().sum()
+
+
+def _promising(change: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `k` candidates: the half that lowers the score most to first order
+    (`change`), the rest drawn at random. First order ranks a reordering well at some modules
+    (query) and barely better than chance at others (attention output, FFN output, measured on
+    MiniLM), so the random half keeps every move reachable."""
+    if k >= len(change):
+        return torch.arange(len(change), device=change.device)
+    order = change.argsort()
+    rest = order[k // 2 :]
+    drawn = torch.randperm(len(rest), generator=generator)[: k - k // 2].to(rest.device)
+    return torch.cat([order[: k // 2], rest[drawn]])
+
+
 def _shifted_insertions(
     objective: SpanObjective,
     ids: torch.Tensor,
+    shifts: tuple[torch.Tensor, torch.Tensor],
     vocab: torch.Tensor,
     candidates: torch.Tensor,
     settings: DeepSettings,
@@ -215,31 +266,24 @@ def _shifted_insertions(
 ) -> torch.Tensor:
     """Candidates (M, B, L): one content token deleted and a new one inserted elsewhere in its
     sentence, the tokens between shifting by one. Fixes a missing word plus a doubled one, which
-    no single replacement or reordering improves. The inserted tokens are the `inserts` best
-    to first order at the opened slot (a batched backward over the shifted sequences).
+    no single replacement or reordering improves. `moves / inserts` shifts are tried
+    (`_promising`: first order counts the shift plus the best token at the opened slot), each
+    with the `inserts` best tokens to first order at its opened slot (a batched backward over
+    the shifted sequences).
     """
-    mask = objective.content
-    shifted, opened = [], []
-    for b, row in enumerate(mask):
-        columns = row.nonzero().flatten().tolist()
-        tokens = ids[b, columns].tolist()
-        for i in range(len(columns)):
-            rest = tokens[:i] + tokens[i + 1 :]
-            for j in range(len(columns)):
-                if j != i:  # in place it is a plain replacement
-                    trial = ids.clone()
-                    trial[b, columns] = torch.tensor(rest[:j] + [tokens[i]] + rest[j:]).to(ids)
-                    shifted.append(trial)
-                    opened.append((b, columns[j]))
-    if not shifted or not settings.inserts:
+    perms, opened = (t.to(ids.device) for t in shifts)
+    if not len(perms) or not settings.inserts:
         return ids.unsqueeze(0)[:0]
-    limit = max(1, settings.moves // settings.inserts)
-    chosen = torch.randperm(len(shifted), generator=generator)[:limit].tolist()
-    trials = torch.stack([shifted[c] for c in chosen])
+    slope, gain = _first_order_gain(objective, ids)
+    best_token = (slope @ vocab.T).min(1).values  # (N,): the best insert at each slot
+    moved = perms.gather(1, opened.unsqueeze(1)).squeeze(1)
+    change = _first_order_change(gain, perms) + best_token[opened] - gain[opened, moved]
+    chosen = _promising(change, max(1, settings.moves // settings.inserts), generator)
+    trials = ids.flatten()[perms[chosen]].view(-1, *ids.shape)
+    rows, columns = opened[chosen] // ids.shape[1], opened[chosen] % ids.shape[1]
     grad = _score_gradient(objective, trials, max(1, settings.forward_batch // ids.shape[0]))
-    rows, columns = torch.tensor([opened[c] for c in chosen], device=ids.device).T
     inserts = _first_order_best(
-        grad[torch.arange(len(chosen)), rows, columns], vocab, candidates, settings.inserts
+        grad[torch.arange(len(trials)), rows, columns], vocab, candidates, settings.inserts
     )
     per = inserts.shape[1]
     out = trials.repeat_interleave(per, 0)
@@ -389,7 +433,7 @@ def _discrete(
     bag = top[:, : settings.bag].flatten().unique()
     positions = mask.nonzero().tolist()
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
-    moves = _reorderings(mask)
+    moves, shifts = _reorderings(mask).to(ids.device), _shifts(mask)
     sweeps = 0
     for _ in range(settings.sweeps):
         before = current
@@ -403,10 +447,13 @@ def _discrete(
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
         if len(moves):
-            chosen = moves[torch.randperm(len(moves), generator=generator)[: settings.moves]]
-            trial = ids.flatten()[chosen.to(ids.device)].view(len(chosen), *ids.shape)
+            change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
+            chosen = moves[_promising(change, settings.moves, generator)]
+            trial = ids.flatten()[chosen].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        shifted = _shifted_insertions(objective, ids, raw_vocab, candidates, settings, generator)
+        shifted = _shifted_insertions(
+            objective, ids, shifts, raw_vocab, candidates, settings, generator
+        )
         if len(shifted):
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
         sweeps += 1
