@@ -119,6 +119,9 @@ def audit_snapshot(
         model, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
     )
     references, scores = score_reconstruction(snapshot, rec, tokenizer)
+    info = dict(rec.info)
+    if snapshot.meta.get("contrast"):
+        info["contrast"] = True  # a saved dp_contrast snapshot was never released: no verdict
     return AuditResult(
         batch_size=snapshot.batch_size,
         references=references,
@@ -136,7 +139,7 @@ def audit_snapshot(
         step=snapshot.step,
         sentences=[asdict(s) for s in scores.sentences],
         metric_config=scores.config,
-        info=rec.info,
+        info=info,
     )
 
 

@@ -56,9 +56,9 @@ def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_p
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     batch = make_batch(model, tiny_tokenizer, ["a charming film"], [1])
     for step in (1, 2):
-        capture(model, batch, select_modules(model, "value@0"), step=step).save(
-            tmp_path / "snaps" / f"step-{step}"
-        )
+        snapshot = capture(model, batch, select_modules(model, "value@0"), step=step)
+        snapshot.meta["contrast"] = step == 2  # as the auditor saves a dp_contrast snapshot
+        snapshot.save(tmp_path / "snaps" / f"step-{step}")
     out = tmp_path / "out"
     code = main([
         "attack", str(tmp_path / "snaps"), "--model", str(model_dir), "--attack", "span",
@@ -68,6 +68,7 @@ def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_p
     audits = json.loads((out / "report.json").read_text())["audits"]
     assert [a["step"] for a in audits] == [1, 2]
     assert all(a["reconstructions"] == ["a charming film"] for a in audits)
+    assert [a["info"].get("contrast", False) for a in audits] == [False, True]
 
 
 def test_scan_labels_modules_and_writes_json(model_dir, data_file, tmp_path, capsys):

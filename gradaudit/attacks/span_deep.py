@@ -26,9 +26,9 @@ of a token to another slot of its sentence (the others shifting), exchanges of t
 to three tokens (a misplaced phrase); then insertions: one token deleted and a new one
 inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
 one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
-best to first order (one backward ranks them all), half at random. Every candidate is scored in batches of `forward_batch` sequences, until a sweep
-changes nothing or `sweeps` ends. With several sentences their inputs jointly span `V`.
-Lengths and special tokens are known structure.
+best to first order (one backward ranks them all), half at random. Every candidate is scored
+in batches of `forward_batch` sequences, until a sweep changes nothing or `sweeps` ends. With
+several sentences their inputs jointly span `V`. Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
