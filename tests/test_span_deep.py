@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_tiny_model
 
-from gradaudit.attacks import get_attack
+from gradaudit.attacks import get_attack, span_deep
 from gradaudit.attacks.base import candidate_token_ids, content_mask
 from gradaudit.attacks.span import module_spectra
 from gradaudit.attacks.span_deep import (
@@ -16,6 +17,7 @@ from gradaudit.attacks.span_deep import (
     DeepSettings,
     SpanObjective,
     _continuous,
+    _discrete,
     _first_order_change,
     _first_order_gain,
     _promising,
@@ -202,6 +204,32 @@ def test_promising_moves_are_the_first_order_best_half_and_a_random_rest():
     }  # fmt: skip
     assert drawn == {0, 2, 4, 5, 6, 7}  # every other move is reachable
     assert sorted(_promising(change, 8, torch.Generator()).tolist()) == list(range(8))
+
+
+def test_a_stuck_sweep_widens_the_linearised_tokens(model, tiny_tokenizer, monkeypatch):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    wrong = truth.clone()
+    wrong[0, 2] = 18  # the true token ranks 4th to first order here: beyond linearised=1
+    candidates = candidate_token_ids(tiny_tokenizer)
+    raw = objective.embed(candidates)
+    settings = DeepSettings(
+        steps=0, restarts=1, lr=0.05, neighbours=1, bag=0, linearised=1, screen=0, inserts=0,
+        sweeps=10, moves=0, forward_batch=8,
+    )  # fmt: skip
+
+    def search():
+        current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+        return _discrete(
+            objective, wrong, current, objective.embed(wrong), F.normalize(raw, dim=-1), raw,
+            candidates, settings, 1, torch.Generator(),
+        )  # fmt: skip
+
+    found, score, sweeps = search()
+    assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
+    monkeypatch.setattr(span_deep, "WIDEST", 1)
+    assert not torch.equal(search()[0], truth)  # without widening the sweep is stuck
 
 
 def settings_of(**changes):

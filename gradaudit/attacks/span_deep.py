@@ -27,7 +27,8 @@ to three tokens (a misplaced phrase); then insertions: one token deleted and a n
 inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
 one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
 best to first order (one backward ranks them all), half at random. Every candidate is scored
-in batches of `forward_batch` sequences, until a sweep changes nothing or `sweeps` ends. With
+in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes nothing even
+with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold). With
 several sentences their inputs jointly span `V`. Lengths and special tokens are known structure.
 """
 
@@ -297,6 +298,8 @@ SOLVED = 1e-8  # nothing to improve: the truth scores ~1e-13 in float64
 SEARCHED = 2  # best-scoring starts the discrete search may run from
 LR_SPREAD = 4.0  # step-size ratio between the last and the first continuous restart
 BLOCK = 3  # longest run of tokens that an exchange moves as one
+WIDEN = 4  # a sweep that changes nothing is retried with this many times more linearised tokens
+WIDEST = 16  # ... up to this many times `linearised`
 
 
 def _reorderings(mask: torch.Tensor) -> torch.Tensor:
@@ -434,11 +437,11 @@ def _discrete(
     positions = mask.nonzero().tolist()
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
     moves, shifts = _reorderings(mask).to(ids.device), _shifts(mask)
-    sweeps = 0
+    sweeps, width = 0, settings.linearised
     for _ in range(settings.sweeps):
         before = current
         slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
-        linearised = _first_order_best(slopes, raw_vocab, candidates, settings.linearised)
+        linearised = _first_order_best(slopes, raw_vocab, candidates, width)
         for (b, p), pool, extra, slope in zip(positions, pools, linearised, slopes):
             if settings.screen and len(pool) > settings.screen:
                 pool = pool[(objective.embed(pool) @ slope).topk(settings.screen, largest=False)[1]]
@@ -457,7 +460,13 @@ def _discrete(
         if len(shifted):
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
         sweeps += 1
-        if not bool(current < before) or bool(current < SOLVED):
+        if bool(current < SOLVED):
+            break
+        if bool(current < before):
+            width = settings.linearised
+        elif width < settings.linearised * WIDEST:
+            width *= WIDEN  # stuck: the missing token is often just beyond the linearised few
+        else:
             break
     return ids, current, sweeps
 
@@ -474,6 +483,8 @@ def _take_best(
     A candidate that changes one sentence is scored by running that sentence alone (see
     `score_variants`); one host sync per call sorts them out.
     """
+    if not len(trial):  # e.g. deep_moves=0
+        return ids, current
     changed = (trial != ids).any(-1)  # (K, B)
     alone = changed.sum(1) == 1
     scores = torch.empty(len(trial), dtype=torch.float64, device=ids.device)
