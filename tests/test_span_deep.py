@@ -13,6 +13,7 @@ from gradaudit.attacks.span import module_spectra
 from gradaudit.attacks.span_deep import (
     LR_SPREAD,
     SEARCHED,
+    SENTENCE_FITS,
     SOLVED,
     DeepSettings,
     SpanObjective,
@@ -22,6 +23,7 @@ from gradaudit.attacks.span_deep import (
     _first_order_gain,
     _promising,
     _reorderings,
+    _search_sentences_again,
     _shifted_insertions,
     _shifts,
     deep_search,
@@ -230,6 +232,26 @@ def test_a_stuck_sweep_widens_the_linearised_tokens(model, tiny_tokenizer, monke
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
     monkeypatch.setattr(span_deep, "WIDEST", 1)
     assert not torch.equal(search()[0], truth)  # without widening the sweep is stuck
+
+
+def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer):
+    texts = ["the charming cast and the music", "a very boring plot"]
+    deeper = make_tiny_model(tiny_tokenizer.vocab_size, layers=3)  # layer 1 is not the last
+    snapshot = snapshot_of(deeper, tiny_tokenizer, texts, "query")
+    objective = objective_of(deeper, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    wrong = truth.clone()
+    wrong[1, 1:5] = torch.tensor([40, 41, 42, 43])  # sentence 1 garbled, sentence 0 right
+    outside = objective.sentence_outside(wrong)
+    assert float(outside[0]) < SENTENCE_FITS < float(outside[1])
+    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+    settings = settings_of(steps=60, restarts=2, sweeps=6, moves=64, linearised=8)
+    ids, score, replaced = _search_sentences_again(
+        objective, wrong, current, candidate_token_ids(tiny_tokenizer), settings, seed=0
+    )
+    assert replaced == [1] and torch.equal(ids, truth)
+    whole = float(objective.score_ids(truth.unsqueeze(0), 1)[0])
+    assert float(score) == pytest.approx(whole, rel=1e-6)  # the view scores the whole batch
 
 
 def settings_of(**changes):

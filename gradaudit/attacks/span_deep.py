@@ -29,11 +29,14 @@ one belongs: no single move improves that). At most `moves` of each kind per swe
 best to first order (one backward ranks them all), half at random. Every candidate is scored
 in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes nothing even
 with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold). With
-several sentences their inputs jointly span `V`. Lengths and special tokens are known structure.
+several sentences their inputs jointly span `V`; if the joint search ends unsolved, each sentence
+whose own inputs stray outside `V` (a test per sentence) is searched again from fresh starts
+with the others held fixed. Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable
@@ -98,6 +101,47 @@ class SpanObjective:
             "token_type_ids": batch["token_type_ids"],
             "position_ids": lay.position_ids(batch["attention_mask"]),
         }
+        # Module inputs (S, L, d) of sentences held fixed (`holding_others`), with their mask.
+        self.fixed: dict[str, torch.Tensor] = {}
+        self.fixed_real = self.real[:0]
+
+    def holding_others(self, ids: torch.Tensor, sentence: int) -> SpanObjective:
+        """This objective over `sentence` of `ids` alone, the other sentences fixed at `ids`
+        (their module inputs computed once): a one-sentence search inside its batch."""
+        others = [b for b in range(len(ids)) if b != sentence]
+        view = copy.copy(self)
+        with torch.no_grad():
+            seen = self.module_inputs(self.embed(ids[others]).unsqueeze(0), others)
+        view.fixed = {m: x[0] for m, x in seen.items()}
+        view.fixed_real = self.real[others]
+        keep = slice(sentence, sentence + 1)
+        view.real, view.content = self.real[keep], self.content[keep]
+        view.known_ids = ids[keep].masked_fill(view.content, 0)
+        view.inputs = {n: v[keep] for n, v in self.inputs.items()}
+        return view
+
+    def sentence_outside(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """How far each sentence's inputs lie outside the observed spans (B,), ~0 for a true
+        sentence; None where no module's span bounds its inputs (rank below the rows)."""
+        tested = [m for m in self.bases if self.outside[m]]
+        if not tested:
+            return None
+        with torch.no_grad():
+            seen = self.module_inputs(self.embed(ids).unsqueeze(0))
+        total = 0
+        for name in tested:
+            x = self._centred(name, seen[name].to(torch.float64), self.real)[0]
+            x = x * self.real.unsqueeze(-1)
+            inside = (x @ self.bases[name].T).square().sum((1, 2))
+            total = total + 1 - inside / x.square().sum((1, 2))
+        return total
+
+    def _centred(self, name: str, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Inputs (K, B, L, d), minus their sentence's mean for a key module."""
+        if not self.centred[name]:
+            return x
+        mask = real.unsqueeze(-1)
+        return x - (x * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (..., B, L, H) of token ids (..., B, L)."""
@@ -138,13 +182,13 @@ class SpanObjective:
     def score_inputs(self, seen: dict[str, torch.Tensor]) -> torch.Tensor:
         """Score (K,) of the whole batch's module inputs (K, B, L, d) per module."""
         total = 0
+        real = torch.cat([self.real, self.fixed_real])
         for name, basis in self.bases.items():
             x = seen[name].to(torch.float64)
-            if self.centred[name]:
-                real = self.real.unsqueeze(-1)
-                mean = (x * real).sum(2, keepdim=True) / real.sum(1, keepdim=True)
-                x = x - mean
-            rows = x[:, self.real]  # (K, N, d)
+            if self.fixed:
+                fixed = self.fixed[name].to(x).expand(len(x), -1, -1, -1)
+                x = torch.cat([x, fixed], 1)
+            rows = self._centred(name, x, real)[:, real]  # (K, N, d)
             q, _ = torch.linalg.qr(rows.transpose(1, 2))
             total = total + 1 - (basis @ q).square().sum((1, 2)) / basis.shape[0]
             if self.outside[name]:
@@ -295,6 +339,7 @@ def _shifted_insertions(
 
 
 SOLVED = 1e-8  # nothing to improve: the truth scores ~1e-13 in float64
+SENTENCE_FITS = 1e-5  # a sentence's inputs this close to the span are taken as right
 SEARCHED = 2  # best-scoring starts the discrete search may run from
 LR_SPREAD = 4.0  # step-size ratio between the last and the first continuous restart
 BLOCK = 3  # longest run of tokens that an exchange moves as one
@@ -406,13 +451,47 @@ def deep_search(
             ids, current = found, score
         if bool(current < SOLVED):
             break
-    return ids, {
+    details = {
         "continuous_residuals": continuous.tolist(),
         "start_residuals": start_scores.tolist(),
         "starts_searched": tried,
-        "residual": float(current),
         "sweeps": sweeps,
     }
+    if len(ids) > 1 and not bool(current < SOLVED):
+        ids, current, details["sentences_searched_again"] = _search_sentences_again(
+            objective, ids, current, candidates, settings, seed
+        )
+    return ids, {**details, "residual": float(current)}
+
+
+def _search_sentences_again(
+    objective: SpanObjective,
+    ids: torch.Tensor,
+    current: torch.Tensor,
+    candidates: torch.Tensor,
+    settings: DeepSettings,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each sentence whose inputs stray outside the observed span, worst first, searched
+    again from fresh starts with the others held fixed; kept where the batch's score drops.
+
+    The joint search gets stuck with some sentences right and others not; a wrong sentence is
+    then a one-sentence search whose rows must cover what the right ones leave uncovered.
+    Returns the ids, their score and the sentences replaced."""
+    outside = objective.sentence_outside(ids)
+    if outside is None:
+        return ids, current, []
+    replaced = []
+    for b in outside.argsort(descending=True).tolist():
+        if not bool(outside[b] > SENTENCE_FITS):
+            break
+        found, info = deep_search(objective.holding_others(ids, b), candidates, settings, seed + b)
+        if info["residual"] < float(current):
+            ids = ids.clone()
+            ids[b] = found[0]
+            current = current.new_tensor(info["residual"])
+            replaced.append(b)
+    return ids, current, replaced
 
 
 def _discrete(
