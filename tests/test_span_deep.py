@@ -254,6 +254,26 @@ def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer)
     assert float(score) == pytest.approx(whole, rel=1e-6)  # the view scores the whole batch
 
 
+def test_at_b4_the_collapsed_cls_rows_leave_outside_to_the_content_rows(minilm):
+    model, tokenizer = minilm
+    texts = ["a charming and often affecting journey .", "unflinchingly bleak and desperate",
+             "the plot is thin but the cast is great", "an ambitious , moving film"]  # fmt: skip
+    snapshot = snapshot_of(model, tokenizer, texts, "query", layer=2)
+    objective = objective_of(model, tokenizer, snapshot)
+    (module,) = objective.bases
+    rows = int(objective.real.sum())
+    # Past layer 0 every sentence's [CLS] input looks alike: fewer directions than rows.
+    assert int(objective.content.sum()) <= len(objective.bases[module]) < rows
+    assert objective.outside[module] == "content"
+    truth = snapshot.batch["input_ids"]
+    assert float(objective.score_ids(truth.unsqueeze(0), 1)[0]) < SOLVED
+    assert float(objective.sentence_outside(truth).max()) < SENTENCE_FITS
+    wrong = truth.clone()
+    wrong[0, 2], wrong[2, 2] = truth[2, 2], truth[0, 2]  # "charming" and "plot" swapped
+    outside = objective.sentence_outside(wrong)
+    assert float(outside[[1, 3]].max()) < SENTENCE_FITS < float(outside[[0, 2]].min())
+
+
 def settings_of(**changes):
     base = dict(
         steps=1, restarts=3, lr=0.05, neighbours=8, bag=2, linearised=4, screen=8, inserts=2,

@@ -11,7 +11,9 @@ over the observed modules:
 The first alone rewards repeating a few true words; the second rules that out. The truth scores
 zero. A key gradient only holds inputs minus their sentence's mean (the attention weights'
 signals sum to zero), so key inputs are centred per sentence first. When the rank is below the
-number of (centred) rows, the inputs span more than `V` and only `uncovered` is used.
+number of (centred) rows, the inputs span more than `V`: `outside` then tests the content rows
+alone if the rank covers them (every sentence's [CLS] input looks alike past layer 0, so at
+B > 1 the special tokens' rows add fewer directions than rows), else only `uncovered` is used.
 
 Each score runs the model's own forward only up to the deepest observed module (a forward
 pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
@@ -89,11 +91,14 @@ class SpanObjective:
         self.centred = {m: (lay.locate(m) or ("", 0))[0] == "key" for m in bases}
         batch = {k: v.to(device) for k, v in snapshot.batch.items()}
         self.real = batch["attention_mask"].bool()
-        rows = int(self.real.sum())
-        self.outside = {
-            m: len(v) >= rows - (len(self.real) if self.centred[m] else 0) for m, v in bases.items()
-        }
         self.content = content.to(device)
+        # Which rows `outside` tests per module: "real" (all), "content", or none.
+        self.outside: dict[str, str | None] = {}
+        for m, v in bases.items():
+            slack = len(self.real) if self.centred[m] else 0
+            fits = [k for k, rows in (("real", self.real), ("content", self.content))
+                    if len(v) >= int(rows.sum()) - slack]  # fmt: skip
+            self.outside[m] = fits[0] if fits else None
         self.embeddings = lay.word_embeddings.weight.detach()
         self.known_ids = batch["input_ids"].masked_fill(self.content, 0)
         self.inputs = {
@@ -101,9 +106,9 @@ class SpanObjective:
             "token_type_ids": batch["token_type_ids"],
             "position_ids": lay.position_ids(batch["attention_mask"]),
         }
-        # Module inputs (S, L, d) of sentences held fixed (`holding_others`), with their mask.
+        # Module inputs (S, L, d) of sentences held fixed (`holding_others`), with their masks.
         self.fixed: dict[str, torch.Tensor] = {}
-        self.fixed_real = self.real[:0]
+        self.fixed_real, self.fixed_content = self.real[:0], self.content[:0]
 
     def holding_others(self, ids: torch.Tensor, sentence: int) -> SpanObjective:
         """This objective over `sentence` of `ids` alone, the other sentences fixed at `ids`
@@ -113,7 +118,7 @@ class SpanObjective:
         with torch.no_grad():
             seen = self.module_inputs(self.embed(ids[others]).unsqueeze(0), others)
         view.fixed = {m: x[0] for m, x in seen.items()}
-        view.fixed_real = self.real[others]
+        view.fixed_real, view.fixed_content = self.real[others], self.content[others]
         keep = slice(sentence, sentence + 1)
         view.real, view.content = self.real[keep], self.content[keep]
         view.known_ids = ids[keep].masked_fill(view.content, 0)
@@ -131,10 +136,14 @@ class SpanObjective:
         total = 0
         for name in tested:
             x = self._centred(name, seen[name].to(torch.float64), self.real)[0]
-            x = x * self.real.unsqueeze(-1)
+            x = x * self._rows(name, self.real, self.content).unsqueeze(-1)
             inside = (x @ self.bases[name].T).square().sum((1, 2))
             total = total + 1 - inside / x.square().sum((1, 2))
         return total
+
+    def _rows(self, name: str, real: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """The rows (B, L) that `outside` tests at module `name`."""
+        return real if self.outside[name] == "real" else content
 
     def _centred(self, name: str, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Inputs (K, B, L, d), minus their sentence's mean for a key module."""
@@ -183,15 +192,17 @@ class SpanObjective:
         """Score (K,) of the whole batch's module inputs (K, B, L, d) per module."""
         total = 0
         real = torch.cat([self.real, self.fixed_real])
+        content = torch.cat([self.content, self.fixed_content])
         for name, basis in self.bases.items():
             x = seen[name].to(torch.float64)
             if self.fixed:
                 fixed = self.fixed[name].to(x).expand(len(x), -1, -1, -1)
                 x = torch.cat([x, fixed], 1)
-            rows = self._centred(name, x, real)[:, real]  # (K, N, d)
-            q, _ = torch.linalg.qr(rows.transpose(1, 2))
+            x = self._centred(name, x, real)
+            q, _ = torch.linalg.qr(x[:, real].transpose(1, 2))  # rows (K, N, d)
             total = total + 1 - (basis @ q).square().sum((1, 2)) / basis.shape[0]
             if self.outside[name]:
+                rows = x[:, self._rows(name, real, content)]
                 inside = (rows @ basis.T).square().sum((1, 2))
                 total = total + 1 - inside / rows.square().sum((1, 2))
         return total
