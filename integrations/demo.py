@@ -29,8 +29,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--budget", type=float, default=0.5, help="attack budget (default 0.5, 1 = full)"
     )
     parser.add_argument(
-        "--attack-timeout", type=float, default=60.0,
-        help="seconds per attack before it is recorded as timed out (default 60)",
+        "--attack-timeout", type=float, default=120.0,
+        help="seconds per attack before it is recorded as timed out (default 120)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("gradaudit-demo"))
     parser.add_argument("--seed", type=int, default=0)
