@@ -138,7 +138,8 @@ class SpanObjective:
             x = self._centred(name, seen[name].to(torch.float64), self.real)[0]
             x = x * self._rows(name, self.real, self.content).unsqueeze(-1)
             inside = (x @ self.bases[name].T).square().sum((1, 2))
-            total = total + 1 - inside / x.square().sum((1, 2))
+            norm = x.square().sum((1, 2))
+            total = total + torch.where(norm > 0, 1 - inside / norm, 0)  # no rows: nothing off
         return total
 
     def _rows(self, name: str, real: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
