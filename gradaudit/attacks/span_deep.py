@@ -451,14 +451,22 @@ def deep_search(
     starts[:, mask] = near
     start_scores = objective.score_ids(starts, per_pass)
     # Discrete search from the best-scoring start; an unsolved result tries the next best
-    # (a start's score does not tell which start the search can finish from).
+    # (a start's score does not tell which start the search can finish from). With several
+    # sentences, the wrong ones are searched again before the next start: cheaper than a
+    # second joint search, which mostly gets the same sentences right.
     ids, current, sweeps, tried = starts[0], start_scores.new_tensor(math.inf), 0, 0
+    again: list[int] = []
     for k in start_scores.argsort()[:SEARCHED].tolist():
         found, score, done = _discrete(
             objective, starts[k], start_scores[k], x[k], vocab, raw_vocab, candidates,
             settings, per_pass, generator,
         )  # fmt: skip
         sweeps, tried = sweeps + done, tried + 1
+        if len(found) > 1 and not bool(score < SOLVED):
+            found, score, replaced = _search_sentences_again(
+                objective, found, score, candidates, settings, seed + k * len(found)
+            )
+            again += replaced
         if bool(score < current):
             ids, current = found, score
         if bool(current < SOLVED):
@@ -469,10 +477,8 @@ def deep_search(
         "starts_searched": tried,
         "sweeps": sweeps,
     }
-    if len(ids) > 1 and not bool(current < SOLVED):
-        ids, current, details["sentences_searched_again"] = _search_sentences_again(
-            objective, ids, current, candidates, settings, seed
-        )
+    if len(ids) > 1:
+        details["sentences_searched_again"] = again
     return ids, {**details, "residual": float(current)}
 
 
@@ -540,15 +546,15 @@ def _discrete(
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        if len(moves):
+        if len(moves) and not bool(current < SOLVED):
             change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
             chosen = moves[_promising(change, settings.moves, generator)]
             trial = ids.flatten()[chosen].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        shifted = _shifted_insertions(
-            objective, ids, shifts, raw_vocab, candidates, settings, generator
-        )
-        if len(shifted):
+        if not bool(current < SOLVED):  # a solved sweep skips the costlier moves
+            shifted = _shifted_insertions(
+                objective, ids, shifts, raw_vocab, candidates, settings, generator
+            )
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
         sweeps += 1
         if bool(current < SOLVED):
