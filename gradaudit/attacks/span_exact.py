@@ -20,9 +20,9 @@ LayerNorm's scale breaks that only while beta lies outside the span, and one cyc
 (a word pair repeated at a pair of positions, common from B = 4 on SST-2) puts beta inside it:
 then every word of a connected component fits every position of it exactly (SST-2 dev
 sentences 13-16 as one batch: median residual of the false (word, position) pairs 2.5e-15
-in float64, as low as the truth's). What stays exact is which words occur (gamma * centred E[v] against the span
-widened by the position parts and beta: 71 of 71, the next word at 0.4); where they go must
-come from the gradient's values. For query and key modules, `Membership` scores a
+in float64, as low as the truth's). What stays exact is which words occur (gamma * centred
+E[v] against the span widened by the position parts and beta: 71 of 71, the next word at
+0.4); where they go must come from the gradient's values. For query and key modules, `Membership` scores a
 hypothesis by the attention structure instead (per head, a token's backward signal lies in the
 span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for one
 swapped token. The signals are fixed once the slots' tokens are (each slot keeps its pool's
