@@ -18,18 +18,18 @@ LayerNorm an input is word part + position part, so for a word v and a position 
 path in the batch's word-position graph, E[v] + P[t] is a signed sum of true inputs.
 LayerNorm's scale breaks that only while beta lies outside the span, and one cycle in the graph
 (a word pair repeated at a pair of positions, common from B = 4 on SST-2) puts beta inside it:
-then every word of a connected component fits every position of it exactly (SST-2 dev
-sentences 13-16 as one batch: median residual of the false (word, position) pairs 2.5e-15
-in float64, as low as the truth's). What stays exact is which words occur (gamma * centred
-E[v] against the span widened by the position parts and beta: 71 of 71, the next word at
-0.4); where they go must come from the gradient's values. For query and key modules, `Membership` scores a
+then every word of a connected component fits every position of it exactly (SST-2 dev sentences
+13-16 as one batch: median residual of the false (word, position) pairs 2.5e-15 in float64, as
+low as the truth's). What stays exact is which words occur (gamma * centred E[v] against the
+span widened by the position parts and beta: 71 of 71, the next word at 0.4); where they go
+must come from the gradient's values. For query and key modules, `Membership` scores a
 hypothesis by the attention structure instead (per head, a token's backward signal lies in the
 span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for one
 swapped token. The signals are fixed once the slots' tokens are (each slot keeps its pool's
 best `n`), so `assign` anneals over who holds which token: swaps of one slot or of a run of
 slots between two sentences, each rescoring just those two sentences (a few random restarts).
-Whole sentences of equal length are then ordered by the gradient match (the membership test
-is label-blind), and the result is kept if its relative gradient residual is below
+Whole sentences of equal length are then ordered by the gradient match (the membership test is
+label-blind), and the result is kept if its relative gradient residual is below
 `EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched coordinate by
 coordinate from there (replace a token, or swap two sentences' tokens at a slot), each move
 scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a candidate
