@@ -254,6 +254,34 @@ def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer)
     assert float(score) == pytest.approx(whole, rel=1e-6)  # the view scores the whole batch
 
 
+def test_at_b2_wrong_sentences_are_searched_again_before_the_next_start(
+    tiny_tokenizer, monkeypatch
+):
+    texts = ["the charming cast and the music", "a very boring plot"]
+    deeper = make_tiny_model(tiny_tokenizer.vocab_size, layers=3)
+    snapshot = snapshot_of(deeper, tiny_tokenizer, texts, "query")
+    objective = objective_of(deeper, tiny_tokenizer, snapshot)
+    calls = []
+
+    def recorded(name):
+        real = getattr(span_deep, name)
+
+        def record(objective, ids, *args):
+            if len(ids) == 2:  # the batch's own search, not a one-sentence view's
+                calls.append(name)
+            return real(objective, ids, *args)
+
+        return record
+
+    for name in ("_discrete", "_search_sentences_again"):
+        monkeypatch.setattr(span_deep, name, recorded(name))
+    # No continuous steps and one sweep: neither start's joint search can solve the batch.
+    _, info = deep_search(objective, candidate_token_ids(tiny_tokenizer), settings_of(steps=0), 0)
+    assert calls[:2] == ["_discrete", "_search_sentences_again"]
+    assert calls.count("_discrete") == info["starts_searched"] == len(calls) // 2
+    assert info["residual"] <= min(info["start_residuals"])
+
+
 def test_at_b4_the_collapsed_cls_rows_leave_outside_to_the_content_rows(minilm):
     model, tokenizer = minilm
     texts = ["a charming and often affecting journey .", "unflinchingly bleak and desperate",
