@@ -282,6 +282,43 @@ def test_at_b2_wrong_sentences_are_searched_again_before_the_next_start(
     assert info["residual"] <= min(info["start_residuals"])
 
 
+def test_two_sentences_stuck_in_each_others_slots_are_both_found_again(minilm):
+    model, tokenizer = minilm
+    texts = ["a charming and often affecting journey .", "bleak and desperate",
+             "the plot is thin but the cast is great", "an ambitious , moving film"]  # fmt: skip
+    snapshot = snapshot_of(model, tokenizer, texts, "query", layer=2)
+    objective = objective_of(model, tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    wrong = truth.clone()
+    wrong[0, 1:8] = truth[1, [1, 2, 3, 1, 2, 3, 3]]  # "bleak and desperate bleak and ..."
+    wrong[1, 1:4] = truth[0, [2, 5, 6]]  # "charming affecting journey"
+    outside = objective.sentence_outside(wrong)
+    assert float(outside[2:].max()) < SENTENCE_FITS < float(outside[:2].min())
+    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+    settings = settings_of(steps=100, restarts=2, sweeps=6, moves=64, linearised=16, screen=16)
+    ids, score, replaced = _search_sentences_again(
+        objective, wrong, current, candidate_token_ids(tokenizer), settings, seed=0
+    )
+    assert torch.equal(ids, truth) and float(score) < SOLVED and set(replaced) == {0, 1}
+
+
+def test_a_view_is_finished_once_its_sentence_fits_though_left_out_ones_keep_its_score_up(
+    tiny_tokenizer,
+):
+    texts = ["the charming cast and the music", "a very boring plot"]
+    deeper = make_tiny_model(tiny_tokenizer.vocab_size, layers=3)
+    snapshot = snapshot_of(deeper, tiny_tokenizer, texts, "query")
+    objective = objective_of(deeper, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    view = objective.holding(truth, 0, held=[])  # sentence 1 left out
+    score = view.score_ids(truth[:1].unsqueeze(0), 1)[0]
+    assert float(score) > SOLVED and view.finished(truth[:1], score)
+    garbled = truth[:1].clone()
+    garbled[0, 2] = truth[1, 3]
+    assert not view.finished(garbled, view.score_ids(garbled.unsqueeze(0), 1)[0])
+    assert not objective.finished(truth, score)  # the whole batch needs a score of ~0
+
+
 def test_at_b4_the_collapsed_cls_rows_leave_outside_to_the_content_rows(minilm):
     model, tokenizer = minilm
     texts = ["a charming and often affecting journey .", "unflinchingly bleak and desperate",

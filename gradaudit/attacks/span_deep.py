@@ -106,24 +106,37 @@ class SpanObjective:
             "token_type_ids": batch["token_type_ids"],
             "position_ids": lay.position_ids(batch["attention_mask"]),
         }
-        # Module inputs (S, L, d) of sentences held fixed (`holding_others`), with their masks.
+        # A one-sentence view of the batch (`holding`), the module inputs (S, L, d) of the
+        # sentences it holds fixed, and their masks.
+        self.alone = False
         self.fixed: dict[str, torch.Tensor] = {}
         self.fixed_real, self.fixed_content = self.real[:0], self.content[:0]
 
-    def holding_others(self, ids: torch.Tensor, sentence: int) -> SpanObjective:
-        """This objective over `sentence` of `ids` alone, the other sentences fixed at `ids`
-        (their module inputs computed once): a one-sentence search inside its batch."""
-        others = [b for b in range(len(ids)) if b != sentence]
+    def holding(self, ids: torch.Tensor, sentence: int, held: list[int]) -> SpanObjective:
+        """This objective over `sentence` of `ids` alone, with the sentences `held` fixed at
+        `ids` (their module inputs computed once) and any others left out: a one-sentence
+        search inside its batch."""
         view = copy.copy(self)
-        with torch.no_grad():
-            seen = self.module_inputs(self.embed(ids[others]).unsqueeze(0), others)
-        view.fixed = {m: x[0] for m, x in seen.items()}
-        view.fixed_real, view.fixed_content = self.real[others], self.content[others]
+        view.alone, view.fixed = True, {}
+        if held:
+            with torch.no_grad():
+                seen = self.module_inputs(self.embed(ids[held]).unsqueeze(0), held)
+            view.fixed = {m: x[0] for m, x in seen.items()}
+        view.fixed_real, view.fixed_content = self.real[held], self.content[held]
         keep = slice(sentence, sentence + 1)
         view.real, view.content = self.real[keep], self.content[keep]
         view.known_ids = ids[keep].masked_fill(view.content, 0)
         view.inputs = {n: v[keep] for n, v in self.inputs.items()}
         return view
+
+    def finished(self, ids: torch.Tensor, score: torch.Tensor) -> bool:
+        """Nothing left to improve: the batch scores ~0, or, in a one-sentence view
+        (`holding`), the sentence's own inputs lie in the span (sentences left out of the
+        view keep its score above 0)."""
+        if bool(score < SOLVED):
+            return True
+        outside = self.sentence_outside(ids) if self.alone else None
+        return outside is not None and bool(outside[0] < SENTENCE_FITS)
 
     def sentence_outside(self, ids: torch.Tensor) -> torch.Tensor | None:
         """How far each sentence's inputs lie outside the observed spans (B,), ~0 for a true
@@ -462,14 +475,14 @@ def deep_search(
             settings, per_pass, generator,
         )  # fmt: skip
         sweeps, tried = sweeps + done, tried + 1
-        if len(found) > 1 and not bool(score < SOLVED):
+        if len(found) > 1 and not objective.finished(found, score):
             found, score, replaced = _search_sentences_again(
                 objective, found, score, candidates, settings, seed + k * len(found)
             )
             again += replaced
         if bool(score < current):
             ids, current = found, score
-        if bool(current < SOLVED):
+        if objective.finished(ids, current):
             break
     details = {
         "continuous_residuals": continuous.tolist(),
@@ -494,21 +507,33 @@ def _search_sentences_again(
     again from fresh starts with the others held fixed; kept where the batch's score drops.
 
     The joint search gets stuck with some sentences right and others not; a wrong sentence is
-    then a one-sentence search whose rows must cover what the right ones leave uncovered.
+    then a one-sentence search whose rows must cover what the right ones leave uncovered. A
+    wrong sentence can hold the very words another one needs (two short sentences, each in
+    the other's slot), so a second pass holds only the sentences that fit and leaves the
+    other wrong ones out; a sentence is kept there where its own inputs fit better.
     Returns the ids, their score and the sentences replaced."""
-    outside = objective.sentence_outside(ids)
-    if outside is None:
-        return ids, current, []
     replaced = []
-    for b in outside.argsort(descending=True).tolist():
-        if not bool(outside[b] > SENTENCE_FITS):
+    for hold_wrong in (True, False):
+        outside = objective.sentence_outside(ids)
+        if outside is None or objective.finished(ids, current):
             break
-        found, info = deep_search(objective.holding_others(ids, b), candidates, settings, seed + b)
-        if info["residual"] < float(current):
-            ids = ids.clone()
-            ids[b] = found[0]
-            current = current.new_tensor(info["residual"])
-            replaced.append(b)
+        fits = outside <= SENTENCE_FITS
+        if not hold_wrong and not bool(fits.any()):
+            break
+        for b in outside.argsort(descending=True).tolist():
+            if bool(fits[b]):
+                break
+            held = [c for c in range(len(ids)) if c != b and (hold_wrong or bool(fits[c]))]
+            view = objective.holding(ids, b, held)
+            found, info = deep_search(view, candidates, settings, seed + b)
+            trial = ids.clone()
+            trial[b] = found[0]
+            own = objective.sentence_outside(trial)[b]
+            better = info["residual"] < float(current) if hold_wrong else bool(own < outside[b])
+            if better:
+                ids, current = trial, objective.score_ids(trial.unsqueeze(0), 1)[0]
+                fits[b] = own <= SENTENCE_FITS
+                replaced.append(b)
     return ids, current, replaced
 
 
@@ -546,18 +571,18 @@ def _discrete(
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        if len(moves) and not bool(current < SOLVED):
+        if len(moves) and not objective.finished(ids, current):
             change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
             chosen = moves[_promising(change, settings.moves, generator)]
             trial = ids.flatten()[chosen].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        if not bool(current < SOLVED):  # a solved sweep skips the costlier moves
+        if not objective.finished(ids, current):  # a solved sweep skips the costlier moves
             shifted = _shifted_insertions(
                 objective, ids, shifts, raw_vocab, candidates, settings, generator
             )
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
         sweeps += 1
-        if bool(current < SOLVED):
+        if objective.finished(ids, current):
             break
         if bool(current < before):
             width = settings.linearised
