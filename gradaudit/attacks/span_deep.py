@@ -33,7 +33,9 @@ in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes 
 with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold). With
 several sentences their inputs jointly span `V`; if the joint search ends unsolved, each sentence
 whose own inputs stray outside `V` (a test per sentence) is searched again from fresh starts
-with the others held fixed. Lengths and special tokens are known structure.
+with the others held fixed, then, if still unsolved, with only the sentences that fit held
+(a wrong sentence may hold the words another needs). Lengths and special tokens are known
+structure.
 """
 
 from __future__ import annotations
