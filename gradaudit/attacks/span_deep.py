@@ -512,9 +512,10 @@ def _search_sentences_again(
     then a one-sentence search whose rows must cover what the right ones leave uncovered. A
     wrong sentence can hold the very words another one needs (two short sentences, each in
     the other's slot), so a second pass holds only the sentences that fit and leaves the
-    other wrong ones out; a sentence is kept there where its own inputs fit better.
-    Returns the ids, their score and the sentences replaced."""
-    replaced = []
+    other wrong ones out; a sentence is kept there where its own inputs fit better, and the
+    pass only if the batch's score drops. Returns the ids, their score and the sentences
+    replaced."""
+    replaced: list[int] = []
     for hold_wrong in (True, False):
         outside = objective.sentence_outside(ids)
         if outside is None or objective.finished(ids, current):
@@ -522,20 +523,22 @@ def _search_sentences_again(
         fits = outside <= SENTENCE_FITS
         if not hold_wrong and not bool(fits.any()):
             break
+        tried, score, changed = ids, current, []
         for b in outside.argsort(descending=True).tolist():
             if bool(fits[b]):
                 break
             held = [c for c in range(len(ids)) if c != b and (hold_wrong or bool(fits[c]))]
-            view = objective.holding(ids, b, held)
+            view = objective.holding(tried, b, held)
             found, info = deep_search(view, candidates, settings, seed + b)
-            trial = ids.clone()
+            trial = tried.clone()
             trial[b] = found[0]
             own = objective.sentence_outside(trial)[b]
-            better = info["residual"] < float(current) if hold_wrong else bool(own < outside[b])
-            if better:
-                ids, current = trial, objective.score_ids(trial.unsqueeze(0), 1)[0]
+            if info["residual"] < float(score) if hold_wrong else bool(own < outside[b]):
+                tried, score = trial, objective.score_ids(trial.unsqueeze(0), 1)[0]
                 fits[b] = own <= SENTENCE_FITS
-                replaced.append(b)
+                changed.append(b)
+        if bool(score < current):  # a pass that leaves the batch worse is dropped
+            ids, current, replaced = tried, score, replaced + changed
     return ids, current, replaced
 
 
