@@ -533,7 +533,9 @@ def _search_sentences_again(
             trial = tried.clone()
             trial[b] = found[0]
             own = objective.sentence_outside(trial)[b]
-            if info["residual"] < float(score) if hold_wrong else bool(own < outside[b]):
+            # Held others: the view scores the whole batch; left out: only its own fit counts.
+            better = info["residual"] < float(score) if hold_wrong else bool(own < outside[b])
+            if better:
                 tried, score = trial, objective.score_ids(trial.unsqueeze(0), 1)[0]
                 fits[b] = own <= SENTENCE_FITS
                 changed.append(b)
