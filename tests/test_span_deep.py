@@ -282,12 +282,17 @@ def test_at_b2_wrong_sentences_are_searched_again_before_the_next_start(
     assert info["residual"] <= min(info["start_residuals"])
 
 
-def test_two_sentences_stuck_in_each_others_slots_are_both_found_again(minilm):
+def minilm_query2_of_four(minilm, second):
+    """Snapshot and objective of MiniLM's layer-2 query on a batch of four, `second` second."""
     model, tokenizer = minilm
-    texts = ["a charming and often affecting journey .", "bleak and desperate",
+    texts = ["a charming and often affecting journey .", second,
              "the plot is thin but the cast is great", "an ambitious , moving film"]  # fmt: skip
     snapshot = snapshot_of(model, tokenizer, texts, "query", layer=2)
-    objective = objective_of(model, tokenizer, snapshot)
+    return snapshot, objective_of(model, tokenizer, snapshot)
+
+
+def test_two_sentences_stuck_in_each_others_slots_are_both_found_again(minilm):
+    snapshot, objective = minilm_query2_of_four(minilm, "bleak and desperate")
     truth = snapshot.batch["input_ids"]
     wrong = truth.clone()
     wrong[0, 1:8] = truth[1, [1, 2, 3, 1, 2, 3, 3]]  # "bleak and desperate bleak and ..."
@@ -297,7 +302,7 @@ def test_two_sentences_stuck_in_each_others_slots_are_both_found_again(minilm):
     current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
     settings = settings_of(steps=100, restarts=2, sweeps=6, moves=64, linearised=16, screen=16)
     ids, score, replaced = _search_sentences_again(
-        objective, wrong, current, candidate_token_ids(tokenizer), settings, seed=0
+        objective, wrong, current, candidate_token_ids(minilm[1]), settings, seed=0
     )
     assert torch.equal(ids, truth) and float(score) < SOLVED and set(replaced) == {0, 1}
 
@@ -320,11 +325,7 @@ def test_a_view_is_finished_once_its_sentence_fits_though_left_out_ones_keep_its
 
 
 def test_at_b4_the_collapsed_cls_rows_leave_outside_to_the_content_rows(minilm):
-    model, tokenizer = minilm
-    texts = ["a charming and often affecting journey .", "unflinchingly bleak and desperate",
-             "the plot is thin but the cast is great", "an ambitious , moving film"]  # fmt: skip
-    snapshot = snapshot_of(model, tokenizer, texts, "query", layer=2)
-    objective = objective_of(model, tokenizer, snapshot)
+    snapshot, objective = minilm_query2_of_four(minilm, "unflinchingly bleak and desperate")
     (module,) = objective.bases
     rows = int(objective.real.sum())
     # Past layer 0 every sentence's [CLS] input looks alike: fewer directions than rows.
