@@ -530,9 +530,9 @@ def _search_sentences_again(
             held = [c for c in range(len(ids)) if c != b and (hold_wrong or bool(fits[c]))]
             view = objective.holding(tried, b, held)
             found, info = deep_search(view, candidates, settings, seed + b)
+            own = view.sentence_outside(found)[0]  # the view runs sentence b alone
             trial = tried.clone()
             trial[b] = found[0]
-            own = objective.sentence_outside(trial)[b]
             # Held others: the view scores the whole batch; left out: only its own fit counts.
             better = info["residual"] < float(score) if hold_wrong else bool(own < outside[b])
             if better:
