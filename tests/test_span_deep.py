@@ -11,8 +11,9 @@ from gradaudit.attacks import get_attack, span_deep
 from gradaudit.attacks.base import candidate_token_ids, content_mask
 from gradaudit.attacks.span import module_spectra
 from gradaudit.attacks.span_deep import (
+    KICK,
     LR_SPREAD,
-    SEARCHED,
+    SEARCHES,
     SENTENCE_FITS,
     SOLVED,
     DeepSettings,
@@ -21,6 +22,7 @@ from gradaudit.attacks.span_deep import (
     _discrete,
     _first_order_change,
     _first_order_gain,
+    _kicked,
     _promising,
     _reorderings,
     _search_sentences_again,
@@ -254,7 +256,7 @@ def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer)
     assert float(score) == pytest.approx(whole, rel=1e-6)  # the view scores the whole batch
 
 
-def test_at_b2_wrong_sentences_are_searched_again_before_the_next_start(
+def test_at_b2_wrong_sentences_are_searched_again_before_the_next_search(
     tiny_tokenizer, monkeypatch
 ):
     texts = ["the charming cast and the music", "a very boring plot"]
@@ -275,10 +277,10 @@ def test_at_b2_wrong_sentences_are_searched_again_before_the_next_start(
 
     for name in ("_discrete", "_search_sentences_again"):
         monkeypatch.setattr(span_deep, name, recorded(name))
-    # No continuous steps and one sweep: neither start's joint search can solve the batch.
+    # No continuous steps and one sweep: neither joint search can solve the batch.
     _, info = deep_search(objective, candidate_token_ids(tiny_tokenizer), settings_of(steps=0), 0)
     assert calls[:2] == ["_discrete", "_search_sentences_again"]
-    assert calls.count("_discrete") == info["starts_searched"] == len(calls) // 2
+    assert calls.count("_discrete") == info["searches"] == len(calls) // 2
     assert info["residual"] <= min(info["start_residuals"])
 
 
@@ -362,13 +364,58 @@ def test_continuous_restarts_step_at_geometrically_spread_rates(model, tiny_toke
     assert torch.allclose(steps, rates.to(steps), rtol=1e-3)
 
 
-def test_an_unsolved_search_goes_on_from_the_next_best_start(model, tiny_tokenizer):
+def test_an_unsolved_search_goes_on_from_a_kick_of_its_result(model, tiny_tokenizer):
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
     objective = objective_of(model, tiny_tokenizer, snapshot)
     candidates = candidate_token_ids(tiny_tokenizer)
-    # No continuous steps and one sweep: random starts that one sweep cannot solve.
-    ids, info = deep_search(objective, candidates, settings_of(steps=0), seed=0)
+    # Random starts and one narrow sweep (a kick and one sweep of the default width solve it).
+    narrow = settings_of(steps=0, neighbours=2, bag=0, linearised=1, screen=2, inserts=0, moves=0)
+    ids, info = deep_search(objective, candidates, narrow, seed=0)
     assert info["residual"] > SOLVED
-    assert info["starts_searched"] == SEARCHED < len(info["start_residuals"])
+    assert info["searches"] == len(SEARCHES)
+    assert len(info["kicked_start_residuals"]) == SEARCHES.count("kick")
     assert info["residual"] <= min(info["start_residuals"])
     assert info["residual"] == pytest.approx(float(objective.score_ids(ids.unsqueeze(0), 1)[0]))
+
+
+def test_kicked_restarts_are_drawn_around_the_stuck_tokens(model, tiny_tokenizer):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    ids = snapshot.batch["input_ids"]
+    generator = torch.Generator().manual_seed(0)
+    x, _ = _continuous(objective, settings_of(steps=0), generator, around=ids)
+    spread = (x - objective.embed(ids)) / objective.embeddings.std(0)
+    assert float(spread.mean()) == pytest.approx(0, abs=0.05)
+    assert float(spread.std()) == pytest.approx(KICK, rel=0.1)
+
+
+def test_a_kick_frees_a_search_stuck_several_tokens_from_the_truth(minilm):
+    model, tokenizer = minilm
+    text = "it's a charming and often affecting journey."
+    snapshot = snapshot_of(model, tokenizer, [text], "attn_output", layer=4)
+    objective = objective_of(model, tokenizer, snapshot)
+    # Where the search from the best start stopped: the fix changes three tokens and shifts
+    # the rest by one.
+    stuck = tokenizer(["its a a charming and often affecting journey just."], return_tensors="pt")
+    stuck = stuck["input_ids"]
+    candidates = candidate_token_ids(tokenizer)
+    raw = objective.embed(candidates)
+    vocab = F.normalize(raw, dim=-1)
+    settings = settings_of(
+        steps=300, restarts=4, neighbours=64, bag=8, linearised=32, screen=32, inserts=16,
+        moves=1024, forward_batch=32,
+    )  # the defaults, one sweep  # fmt: skip
+    score = objective.score_ids(stuck.unsqueeze(0), 1)[0]
+    same, _, _ = _discrete(
+        objective, stuck, score, objective.embed(stuck), vocab, raw, candidates, settings, 32,
+        torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert torch.equal(same, stuck)  # no replacement, reordering or insertion helps
+    generator = torch.Generator().manual_seed(0)
+    start, start_score, source = _kicked(
+        objective, stuck, vocab, candidates, settings, 32, generator
+    )
+    ids, solved, _ = _discrete(
+        objective, start, start_score, source, vocab, raw, candidates, settings, 32, generator
+    )
+    assert torch.equal(ids, snapshot.batch["input_ids"]) and float(solved) < SOLVED

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -367,7 +366,10 @@ def _shifted_insertions(
 
 SOLVED = 1e-8  # nothing to improve: the truth scores ~1e-13 in float64
 SENTENCE_FITS = 1e-5  # a sentence's inputs this close to the span are taken as right
-SEARCHED = 2  # best-scoring starts the discrete search may run from
+# Discrete searches while unsolved, in order: from the best-scoring fresh start, from a kick of
+# the best result so far, from the second-best fresh start.
+SEARCHES = ("start", "kick", "start")
+KICK = 0.3  # spread of kicked restarts around their tokens, x the embeddings' spread
 LR_SPREAD = 4.0  # step-size ratio between the last and the first continuous restart
 BLOCK = 3  # longest run of tokens that an exchange moves as one
 WIDEN = 4  # a sweep that changes nothing is retried with this many times more linearised tokens
@@ -420,14 +422,23 @@ def _reorderings(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _continuous(
-    objective: SpanObjective, settings: DeepSettings, generator: torch.Generator
+    objective: SpanObjective,
+    settings: DeepSettings,
+    generator: torch.Generator,
+    around: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam from `restarts` random starts at once; the embeddings (K, B, L, H) and scores."""
+    """Adam from `restarts` random starts at once; the embeddings (K, B, L, H) and scores.
+
+    The starts are spread over the vocabulary's embeddings, or, with `around` (token ids
+    (B, L)), drawn `KICK` times as tightly around those tokens' embeddings."""
     emb = objective.embeddings
     shape = (settings.restarts, *objective.content.shape, emb.shape[1])
     start = torch.randn(shape, generator=generator, dtype=emb.dtype).to(emb.device)
     scale = emb.std(0)
-    origin = start * scale + emb.mean(0)
+    if around is None:
+        origin = start * scale + emb.mean(0)
+    else:
+        origin = start * (KICK * scale) + objective.embed(around)
     # Restart steps spread geometrically from lr to LR_SPREAD * lr: the step size that
     # escapes poor starts differs between modules and sentences. Adam ignores the
     # gradient's scale, so optimising u in x = origin + lr_k * u at unit rate is Adam on x
@@ -446,6 +457,38 @@ def _continuous(
         return x, objective(x)
 
 
+def _rounded(
+    objective: SpanObjective,
+    x: torch.Tensor,
+    vocab: torch.Tensor,
+    candidates: torch.Tensor,
+    per_pass: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (K, B, L) nearest to continuous solutions `x` (K, B, L, H), and their scores."""
+    mask = objective.content
+    near = torch.stack([_nearest(xk[mask], vocab, candidates, 1)[:, 0] for xk in x])
+    starts = objective.known_ids.repeat(len(x), 1, 1)
+    starts[:, mask] = near
+    return starts, objective.score_ids(starts, per_pass)
+
+
+def _kicked(
+    objective: SpanObjective,
+    ids: torch.Tensor,
+    vocab: torch.Tensor,
+    candidates: torch.Tensor,
+    settings: DeepSettings,
+    per_pass: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A new start near a stuck result `ids` (B, L): its ids, score and continuous source,
+    the best of continuous restarts drawn around `ids`' embeddings."""
+    x, _ = _continuous(objective, settings, generator, around=ids)
+    starts, scores = _rounded(objective, x, vocab, candidates, per_pass)
+    k = int(scores.argmin())
+    return starts[k], scores[k], x[k]
+
+
 def deep_search(
     objective: SpanObjective,
     candidates: torch.Tensor,
@@ -460,36 +503,48 @@ def deep_search(
     vocab = F.normalize(raw_vocab, dim=-1)
     x, continuous = _continuous(objective, settings, generator)
     per_pass = max(1, settings.forward_batch // objective.content.shape[0])
-    mask = objective.content
-    near = torch.stack([_nearest(xk[mask], vocab, candidates, 1)[:, 0] for xk in x])
-    starts = objective.known_ids.repeat(len(x), 1, 1)
-    starts[:, mask] = near
-    start_scores = objective.score_ids(starts, per_pass)
-    # Discrete search from the best-scoring start; an unsolved result tries the next best
-    # (a start's score does not tell which start the search can finish from). With several
-    # sentences, the wrong ones are searched again before the next start: cheaper than a
-    # second joint search, which mostly gets the same sentences right.
-    ids, current, sweeps, tried = starts[0], start_scores.new_tensor(math.inf), 0, 0
+    starts, start_scores = _rounded(objective, x, vocab, candidates, per_pass)
+    # Discrete searches (`SEARCHES`) until solved. A kick restarts the continuous search
+    # around the best result's tokens: a stuck result is mostly right and its fix changes
+    # several tokens at once, which continuous steps do and single discrete moves do not (two
+    # stuck MiniLM sentences at attn_output@3 and @4 solved by one kick, one of them by the
+    # second-best fresh start). A fresh start finds what a kick cannot reach (a view's
+    # three-token sentence with its middle word wrong). With several sentences, the wrong
+    # ones are searched again before the next search: cheaper than a joint search, which
+    # mostly gets the same sentences right.
+    order = start_scores.argsort().tolist()
+    ids, current, sweeps, searched, kicks = starts[order[0]], start_scores[order[0]], 0, 0, []
+    fresh = iter(order)
     again: list[int] = []
-    for k in start_scores.argsort()[:SEARCHED].tolist():
+    for kind in SEARCHES:
+        if kind == "kick":
+            start, start_score, source = _kicked(
+                objective, ids, vocab, candidates, settings, per_pass, generator
+            )
+            kicks.append(float(start_score))
+        elif (k := next(fresh, None)) is not None:
+            start, start_score, source = starts[k], start_scores[k], x[k]
+        else:
+            continue  # fewer restarts than fresh starts in `SEARCHES`
         found, score, done = _discrete(
-            objective, starts[k], start_scores[k], x[k], vocab, raw_vocab, candidates,
-            settings, per_pass, generator,
+            objective, start, start_score, source, vocab, raw_vocab, candidates, settings,
+            per_pass, generator,
         )  # fmt: skip
-        sweeps, tried = sweeps + done, tried + 1
+        sweeps, searched = sweeps + done, searched + 1
         if len(found) > 1 and not objective.finished(found, score):
             found, score, replaced = _search_sentences_again(
-                objective, found, score, candidates, settings, seed + k * len(found)
+                objective, found, score, candidates, settings, seed + searched * len(found)
             )
             again += replaced
-        if bool(score < current):
+        if bool(score <= current):
             ids, current = found, score
         if objective.finished(ids, current):
             break
     details = {
         "continuous_residuals": continuous.tolist(),
         "start_residuals": start_scores.tolist(),
-        "starts_searched": tried,
+        "searches": searched,
+        "kicked_start_residuals": kicks,
         "sweeps": sweeps,
     }
     if len(ids) > 1:
@@ -511,18 +566,22 @@ def _search_sentences_again(
     The joint search gets stuck with some sentences right and others not; a wrong sentence is
     then a one-sentence search whose rows must cover what the right ones leave uncovered. A
     wrong sentence can hold the very words another one needs (two short sentences, each in
-    the other's slot), so a second pass holds only the sentences that fit and leaves the
-    other wrong ones out; a sentence is kept there where its own inputs fit better, and the
-    pass only if the batch's score drops. Returns the ids, their score and the sentences
-    replaced."""
+    the other's slot), so later passes hold only the sentences that fit and leave the other
+    wrong ones out; a sentence is kept there where its own inputs fit better, a pass only if
+    the batch's score drops, and such passes go on while more sentences fit (a sentence
+    searched next to a left-out one may need the pass after that one fits). Returns the ids,
+    their score and the sentences replaced."""
     replaced: list[int] = []
-    for hold_wrong in (True, False):
+    hold_wrong, fitting = True, 0
+    while True:
         outside = objective.sentence_outside(ids)
         if outside is None or objective.finished(ids, current):
             break
         fits = outside <= SENTENCE_FITS
-        if not hold_wrong and not bool(fits.any()):
-            break
+        if not hold_wrong:
+            if int(fits.sum()) <= fitting:
+                break
+            fitting = int(fits.sum())
         tried, score, changed = ids, current, []
         for b in outside.argsort(descending=True).tolist():
             if bool(fits[b]):
@@ -541,6 +600,7 @@ def _search_sentences_again(
                 changed.append(b)
         if bool(score < current):  # a pass that leaves the batch worse is dropped
             ids, current, replaced = tried, score, replaced + changed
+        hold_wrong = False
     return ids, current, replaced
 
 
@@ -578,6 +638,8 @@ def _discrete(
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
+            if objective.finished(ids, current):  # the rest of the sweep cannot improve it
+                break
         if len(moves) and not objective.finished(ids, current):
             change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
             chosen = moves[_promising(change, settings.moves, generator)]
