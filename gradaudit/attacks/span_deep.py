@@ -30,12 +30,14 @@ inserted elsewhere in its sentence, the tokens between shifting (a doubled word 
 one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
 best to first order (one backward ranks them all), half at random. Every candidate is scored
 in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes nothing even
-with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold). With
-several sentences their inputs jointly span `V`; if the joint search ends unsolved, each sentence
-whose own inputs stray outside `V` (a test per sentence) is searched again from fresh starts
-with the others held fixed, then, if still unsolved, with only the sentences that fit held
-(a wrong sentence may hold the words another needs). Lengths and special tokens are known
-structure.
+with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold). An
+unsolved search is kicked: Adam again from starts drawn close around its tokens, then
+coordinate descent from the best of those; still unsolved, the second-best fresh start is
+searched. With several sentences their inputs jointly span `V`; if a joint search ends
+unsolved, each sentence whose own inputs stray outside `V` (a test per sentence) is searched
+again from fresh starts with the others held fixed, then, while that leaves more sentences
+fitting, with only the sentences that fit held (a wrong sentence may hold the words another
+needs). Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
