@@ -236,6 +236,32 @@ def test_a_stuck_sweep_widens_the_linearised_tokens(model, tiny_tokenizer, monke
     assert not torch.equal(search()[0], truth)  # without widening the sweep is stuck
 
 
+def test_a_sweep_stops_at_the_position_that_solves_it(model, tiny_tokenizer, monkeypatch):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    wrong = truth.clone()
+    wrong[0, 1] = 18  # only the first content token is wrong
+    candidates = candidate_token_ids(tiny_tokenizer)
+    raw = objective.embed(candidates)
+    settings = settings_of(steps=0, sweeps=3, moves=64, inserts=2)
+    tried = []
+
+    def counted(objective, trial, *args):
+        tried.append(len(trial))
+        return take_best(objective, trial, *args)
+
+    take_best = span_deep._take_best
+    monkeypatch.setattr(span_deep, "_take_best", counted)
+    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+    found, score, sweeps = _discrete(
+        objective, wrong, current, objective.embed(truth), F.normalize(raw, dim=-1), raw,
+        candidates, settings, 1, torch.Generator(),
+    )  # fmt: skip
+    assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 1
+    assert len(tried) == 1  # no other position, reordering or insertion was scored
+
+
 def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer):
     texts = ["the charming cast and the music", "a very boring plot"]
     deeper = make_tiny_model(tiny_tokenizer.vocab_size, layers=3)  # layer 1 is not the last
