@@ -28,6 +28,7 @@ from gradaudit.attacks.span_deep import (
     _search_sentences_again,
     _shifted_insertions,
     _shifts,
+    _slot_optima,
     deep_search,
 )
 from gradaudit.audit import score_reconstruction
@@ -260,6 +261,53 @@ def test_a_sweep_stops_at_the_position_that_solves_it(model, tiny_tokenizer, mon
     )  # fmt: skip
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 1
     assert len(tried) == 1  # no other position, reordering or insertion was scored
+
+
+def test_a_sweep_stuck_at_the_widest_first_order_ranks_refines_each_slot(
+    model, tiny_tokenizer, monkeypatch
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    wrong = truth.clone()
+    wrong[0, 2] = 18  # the true token ranks 4th to first order: beyond linearised=1
+    candidates = candidate_token_ids(tiny_tokenizer)
+    raw = objective.embed(candidates)
+    monkeypatch.setattr(span_deep, "WIDEST", 1)  # no widening: stuck at once
+
+    def search(steps):
+        settings = DeepSettings(
+            steps=steps, restarts=1, lr=0.05, neighbours=1, bag=0, linearised=1, screen=0,
+            inserts=0, sweeps=10, moves=0, forward_batch=8,
+        )  # fmt: skip
+        current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+        return _discrete(
+            objective, wrong, current, objective.embed(wrong), F.normalize(raw, dim=-1), raw,
+            candidates, settings, 1, torch.Generator(),
+        )  # fmt: skip
+
+    found, score, sweeps = search(steps=300)
+    assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
+    assert not torch.equal(search(steps=0)[0], truth)  # no Adam steps: no refinement
+
+
+def test_a_slot_optimum_ranks_a_missing_word_first_order_misses(minilm):
+    model, tokenizer = minilm
+    text = "the mechanical doll wriggled itself loose."
+    snapshot = snapshot_of(model, tokenizer, [text], "attn_output", layer=4)
+    objective = objective_of(model, tokenizer, snapshot)
+    # Where a search on CoLA stopped, after the shift that makes room for "the".
+    ids = tokenizer(["full mechanical doll wriggled itself loose."], return_tensors="pt")
+    ids = ids["input_ids"]
+    candidates = candidate_token_ids(tokenizer)
+    the = int((candidates == tokenizer.convert_tokens_to_ids("the")).nonzero()[0, 0])
+    slope = span_deep._score_gradient(objective, ids.unsqueeze(0), 1)[0][0, 1]
+    first_order = objective.embed(candidates) @ slope
+    assert int((first_order < first_order[the]).sum()) > 512  # beyond the widest linearised
+    settings = settings_of(steps=300)
+    optimum = _slot_optima(objective, ids.unsqueeze(0), *torch.tensor([[0], [1]]), settings)
+    vocab = F.normalize(objective.embed(candidates), dim=-1)
+    assert span_deep._nearest(optimum, vocab, candidates, 1)[0, 0] == candidates[the]
 
 
 def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer):
