@@ -30,7 +30,10 @@ inserted elsewhere in its sentence, the tokens between shifting (a doubled word 
 one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
 best to first order (one backward ranks them all), half at random. Every candidate is scored
 in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes nothing even
-with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold). An
+with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold) and then
+with each slot refined alone (Adam on that slot's embedding, the rest fixed; its nearest
+tokens are tried as replacements and insertions: first order can rank the missing word in
+the thousands, past layer 2 above all). An
 unsolved search is kicked: Adam again from starts drawn close around its tokens, then
 coordinate descent from the best of those; still unsolved, the second-best fresh start is
 searched. With several sentences their inputs jointly span `V`; if a joint search ends
