@@ -33,10 +33,9 @@ in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes 
 with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold) and then
 with each slot refined alone (Adam on that slot's embedding, the rest fixed; its nearest
 tokens are tried as replacements and insertions: first order can rank the missing word in
-the thousands, past layer 2 above all). An
-unsolved search is kicked: Adam again from starts drawn close around its tokens, then
-coordinate descent from the best of those; still unsolved, the second-best fresh start is
-searched. With several sentences their inputs jointly span `V`; if a joint search ends
+the thousands). An unsolved search is kicked: Adam again from starts drawn close around its
+tokens, then coordinate descent from the best of those; still unsolved, the second-best fresh
+start is searched. With several sentences their inputs jointly span `V`; if a joint search ends
 unsolved, each sentence whose own inputs stray outside `V` (a test per sentence) is searched
 again from fresh starts with the others held fixed, then, while that leaves more sentences
 fitting, with only the sentences that fit held (a wrong sentence may hold the words another
