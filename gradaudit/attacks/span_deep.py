@@ -290,19 +290,25 @@ def _slot_optima(
 ) -> torch.Tensor:
     """Embedding (K, H) at one free slot of each candidate batch `trials` (K, B, L) (slot
     `rows[k], columns[k]`) that minimises its score, all other tokens fixed: Adam from the
-    slot's token, all candidates at once. Its nearest tokens rank a missing word where first
-    order does not (MiniLM attn_output@4: "the" 2615th of 29523 to first order, 1st here)."""
-    emb = objective.embed(trials)
-    k = torch.arange(len(trials), device=trials.device)
-    start = emb[k, rows, columns]
-    u = torch.zeros_like(start, requires_grad=True)
+    slot's token, `forward_batch` sequences at a time. Its nearest tokens rank a missing word
+    where first order does not (MiniLM attn_output@4: "the" 2615th of 29523 to first order,
+    1st here)."""
     rate = settings.lr * LR_SPREAD * float(objective.embeddings.std(0).mean())
-    optimizer = torch.optim.Adam([u], lr=rate)
-    for _ in range(settings.steps // REFINE_SHARE):
-        xs = emb.index_put((k, rows, columns), start + u)
-        (u.grad,) = torch.autograd.grad(objective(xs).sum(), [u])
-        optimizer.step()
-    return (start + u).detach()
+    optima = []
+    for part in torch.arange(len(trials), device=trials.device).split(
+        max(1, settings.forward_batch // trials.shape[1])
+    ):
+        emb = objective.embed(trials[part])
+        k, at = torch.arange(len(part), device=part.device), (rows[part], columns[part])
+        start = emb[(k, *at)]
+        u = torch.zeros_like(start, requires_grad=True)
+        optimizer = torch.optim.Adam([u], lr=rate)
+        for _ in range(settings.steps // REFINE_SHARE):
+            xs = emb.index_put((k, *at), start + u)
+            (u.grad,) = torch.autograd.grad(objective(xs).sum(), [u])
+            optimizer.step()
+        optima.append((start + u).detach())
+    return torch.cat(optima)
 
 
 def _shifts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
