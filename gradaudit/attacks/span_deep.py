@@ -30,16 +30,18 @@ inserted elsewhere in its sentence, the tokens between shifting (a doubled word 
 one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
 best to first order (one backward ranks them all), half at random. Every candidate is scored
 in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes nothing even
-with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold) and then
-with each slot refined alone (Adam on that slot's embedding, the rest fixed; its nearest
-tokens are tried as replacements and insertions: first order can rank the missing word in
-the thousands). An unsolved search is kicked: Adam again from starts drawn close around its
-tokens, then coordinate descent from the best of those; still unsolved, the second-best fresh
-start is searched. With several sentences their inputs jointly span `V`; if a joint search ends
-unsolved, each sentence whose own inputs stray outside `V` (a test per sentence) is searched
-again from fresh starts with the others held fixed, then, while that leaves more sentences
-fitting, with only the sentences that fit held (a wrong sentence may hold the words another
-needs). Lengths and special tokens are known structure.
+with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold) and then,
+in a search of one sentence, with each slot refined alone: Adam on that slot's embedding, the
+rest fixed, and its nearest tokens tried as replacements and insertions (first order can rank
+the missing word in the thousands; a joint search of several sentences leaves this to their
+one-sentence searches, where each slot's copy runs one sentence). An unsolved search is kicked:
+Adam again from starts drawn close around its tokens, then coordinate descent from the best of
+those; still unsolved, the second-best fresh start is searched. With several sentences their
+inputs jointly span `V`; if a joint search ends unsolved, each sentence whose own inputs stray
+outside `V` (a test per sentence) is searched again from fresh starts with the others held
+fixed, then, while that leaves more sentences fitting, with only the sentences that fit held (a
+wrong sentence may hold the words another needs). Lengths and special tokens are known
+structure.
 """
 
 from __future__ import annotations
@@ -703,8 +705,8 @@ def _discrete(
             width, refine = settings.linearised, False
         elif width < settings.linearised * WIDEST:
             width *= WIDEN  # stuck: the missing token is often just beyond the linearised few
-        elif not refine and settings.steps >= REFINE_SHARE:
-            refine = True
+        elif not refine and settings.steps >= REFINE_SHARE and len(ids) == 1:
+            refine = True  # one sentence (B = 1 or a view): each slot's copy runs one sentence
         else:
             break
     return ids, current, sweeps
