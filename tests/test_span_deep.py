@@ -291,14 +291,21 @@ def test_a_sweep_stuck_at_the_widest_first_order_ranks_refines_each_slot(
     assert not torch.equal(search(steps=0)[0], truth)  # no Adam steps: no refinement
 
 
-def test_a_slot_optimum_ranks_a_missing_word_first_order_misses(minilm):
+def minilm_attn_output4(minilm, text, stuck):
+    """Objective of MiniLM's layer-4 attention output for `text`, and the ids of `stuck`."""
     model, tokenizer = minilm
-    text = "the mechanical doll wriggled itself loose."
     snapshot = snapshot_of(model, tokenizer, [text], "attn_output", layer=4)
-    objective = objective_of(model, tokenizer, snapshot)
+    ids = tokenizer([stuck], return_tensors="pt")["input_ids"]
+    return snapshot, objective_of(model, tokenizer, snapshot), ids
+
+
+def test_a_slot_optimum_ranks_a_missing_word_first_order_misses(minilm):
+    tokenizer = minilm[1]
     # Where a search on CoLA stopped, after the shift that makes room for "the".
-    ids = tokenizer(["full mechanical doll wriggled itself loose."], return_tensors="pt")
-    ids = ids["input_ids"]
+    _, objective, ids = minilm_attn_output4(
+        minilm, "the mechanical doll wriggled itself loose.",
+        "full mechanical doll wriggled itself loose.",
+    )  # fmt: skip
     candidates = candidate_token_ids(tokenizer)
     the = int((candidates == tokenizer.convert_tokens_to_ids("the")).nonzero()[0, 0])
     slope = span_deep._score_gradient(objective, ids.unsqueeze(0), 1)[0][0, 1]
@@ -464,15 +471,13 @@ def test_kicked_restarts_are_drawn_around_the_stuck_tokens(model, tiny_tokenizer
 
 
 def test_a_kick_frees_a_search_stuck_several_tokens_from_the_truth(minilm):
-    model, tokenizer = minilm
-    text = "it's a charming and often affecting journey."
-    snapshot = snapshot_of(model, tokenizer, [text], "attn_output", layer=4)
-    objective = objective_of(model, tokenizer, snapshot)
     # Where the search from the best start stopped: the fix changes three tokens and shifts
     # the rest by one.
-    stuck = tokenizer(["its a a charming and often affecting journey just."], return_tensors="pt")
-    stuck = stuck["input_ids"]
-    candidates = candidate_token_ids(tokenizer)
+    snapshot, objective, stuck = minilm_attn_output4(
+        minilm, "it's a charming and often affecting journey.",
+        "its a a charming and often affecting journey just.",
+    )  # fmt: skip
+    candidates = candidate_token_ids(minilm[1])
     raw = objective.embed(candidates)
     vocab = F.normalize(raw, dim=-1)
     settings = settings_of(
