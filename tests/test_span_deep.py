@@ -454,6 +454,7 @@ def test_an_unsolved_search_goes_on_from_a_kick_of_its_result(model, tiny_tokeni
     ids, info = deep_search(objective, candidates, narrow, seed=0)
     assert info["residual"] > SOLVED
     assert info["searches"] == len(SEARCHES)
+    assert SEARCHES.count("start") < len(info["start_residuals"])  # not every fresh start
     assert len(info["kicked_start_residuals"]) == SEARCHES.count("kick")
     assert info["residual"] <= min(info["start_residuals"])
     assert info["residual"] == pytest.approx(float(objective.score_ids(ids.unsqueeze(0), 1)[0]))

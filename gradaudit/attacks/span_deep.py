@@ -669,7 +669,7 @@ def _discrete(
     positions = mask.nonzero().tolist()
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
     moves, shifts = _reorderings(mask).to(ids.device), _shifts(mask)
-    sweeps, width, refine = 0, settings.linearised, False
+    sweeps, width, refine, solved = 0, settings.linearised, False, False
     for _ in range(settings.sweeps):
         before = current
         slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
@@ -686,20 +686,23 @@ def _discrete(
             trial = ids.repeat(len(pool), 1, 1)
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-            if objective.finished(ids, current):  # the rest of the sweep cannot improve it
+            # Once solved, the rest of the sweep (and its costlier moves) cannot improve it.
+            if solved := objective.finished(ids, current):
                 break
-        if len(moves) and not objective.finished(ids, current):
+        if len(moves) and not solved:
             change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
             chosen = moves[_promising(change, settings.moves, generator)]
             trial = ids.flatten()[chosen].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
-        if not objective.finished(ids, current):  # a solved sweep skips the costlier moves
+            solved = objective.finished(ids, current)
+        if not solved:
             shifted = _shifted_insertions(
                 objective, ids, shifts, raw_vocab, candidates, settings, generator, refine
             )
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
+            solved = objective.finished(ids, current)
         sweeps += 1
-        if objective.finished(ids, current):
+        if solved:
             break
         if bool(current < before):
             width, refine = settings.linearised, False
