@@ -7,8 +7,16 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.attacks import get_attack
-from gradaudit.attacks.span_exact import MEMBERSHIP_EXACT, Membership, assign, content_slots
+from gradaudit.attacks.span_exact import (
+    MEMBERSHIP_EXACT,
+    Membership,
+    Search,
+    assign,
+    content_slots,
+    verified_sentences,
+)
 from gradaudit.batch import make_batch
+from gradaudit.data import load_examples
 from gradaudit.errors import GradAuditError
 from gradaudit.families import layout
 from gradaudit.snapshot import capture
@@ -202,3 +210,33 @@ def test_annealing_assigns_shuffled_tokens_to_their_sentences(minilm):
     found, score = assign(membership, truth, slots, pools, generator)  # starts shuffled
     assert score < MEMBERSHIP_EXACT
     assert torch.equal(found, truth)
+
+
+def test_rank_drop_verifies_exact_sentences_and_no_wrong_one(tiny):
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 0)
+    batch = make_batch(model, tokenizer, BATCH, [1, 0, 0, 0])
+    target = capture(model, batch, [module]).weight_gradient(module)
+    rank = spectrum(target).rank
+    content = batch["attention_mask"].bool() & (batch["input_ids"] > 4)  # no [CLS]/[SEP]
+    search = Search(model, model.get_submodule(module), batch, target, forward_batch=8)
+    ids = batch["input_ids"].clone()
+    everyone = list(range(len(ids)))
+    assert verified_sentences(search.gradients(everyone, ids), target, rank, content) == everyone
+    ids[1, 2] = tokenizer.convert_tokens_to_ids("good")  # "a good boring plot"
+    verified = verified_sentences(search.gradients(everyone, ids), target, rank, content)
+    assert verified == [0, 2, 3]
+
+
+@pytest.mark.slow
+def test_exact_peels_verified_sentences_and_solves_the_rest(minilm, sst2_path):
+    # SST-2 dev sentences 4-7 (13, 25, 8 and 15 tokens): the joint search gets three right and
+    # the 25-token one wrong (ROUGE-1 0.95, gradient residual 0.32); taken off the gradient,
+    # the three leave one sentence, which the row space decides alone.
+    model, tokenizer = minilm
+    texts, labels = load_examples(str(sst2_path)).batches(4, 2)[1]
+    module = layout(model).component_name("query", 0)
+    truth, result = run(model, tokenizer, texts, labels, module)
+    assert result.info["peeled"]
+    assert result.token_ids == truth
+    assert result.info["gradient_residual"] < 1e-4

@@ -34,6 +34,7 @@ from .base import Attack, Reconstruction, candidate_token_ids, content_mask, dec
 from .gradmatch import GradMatchOptions, _Matcher
 from .span_deep import DeepSettings, SpanObjective, deep_search
 from .span_exact import (
+    EXACT_RESIDUAL,
     Search,
     content_slots,
     exact_applicable,
@@ -44,6 +45,7 @@ from .span_exact import (
     residuals,
     screen_tokens,
     slot_offsets,
+    verified_sentences,
 )
 
 SATURATED_CHOICES = ("stop", "gradmatch")
@@ -197,24 +199,73 @@ class SpanAttack(Attack):
         tokenizer: PreTrainedTokenizerBase,
         ids: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Exact mode. At B > 1, while the batch is not solved, the sentences that the rank
+        drop verifies (`verified_sentences`) are taken off the gradient and the others are
+        solved again: fewer sentences, fewer ambiguous (word, position) pairs; one left is a
+        single sentence, which the row space alone decides."""
         opts = self.options
         device = spec.basis.device
-        content = content_mask(snapshot, tokenizer)
-        special = snapshot.batch["attention_mask"].bool() & ~content
-        basis = extend_basis(spec.basis, known_inputs(lay, snapshot.batch, special, device))
-        slots = content_slots(snapshot.batch, content, lay)
+        batch = {k: v.to(device) for k, v in snapshot.batch.items()}
+        content = content_mask(snapshot, tokenizer).to(device)
+        full = snapshot.weight_gradient(module).to(device)
+        target, ids, left = full, ids.to(device), list(range(len(ids)))
+        details: dict[str, Any] = {"peeled": []}
+        while True:
+            scale = len(ids) / len(left)  # the part's gradient as if it were the whole batch
+            part = {k: v[left] for k, v in batch.items()}
+            if len(left) < len(ids):
+                noisy = snapshot.kind == "noised"
+                spec = spectrum(target * scale, noisy=noisy, min_gap=opts.min_gap, name=module)
+            search = Search(model, model.get_submodule(module), part, target * scale,
+                            opts.forward_batch)  # fmt: skip
+            found, residual, slots = self._solve_exact(
+                lay, search, spec, content[left], tokenizer, ids[left]
+            )
+            ids[left] = found
+            details.update({k: v for k, v in slots.items() if k not in details})
+            if residual < EXACT_RESIDUAL or len(left) == 1:
+                break
+            grads = search.gradients(list(range(len(left))), found)
+            verified = verified_sentences(grads, search.target, spec.rank, content[left])
+            if not verified:
+                break
+            details["peeled"].append([left[i] for i in verified])
+            target = target - grads[verified].sum(0) / scale
+            left = [b for i, b in enumerate(left) if i not in verified]
+        whole = Search(model, model.get_submodule(module), batch, full, opts.forward_batch)
+        fit = whole.gradients(list(range(len(ids))), ids).sum(0)
+        details["gradient_residual"] = float((full - fit).norm() / full.norm())
+        return ids.cpu(), details
+
+    def _solve_exact(
+        self,
+        lay: Any,
+        search: Search,
+        spec: Spectrum,
+        content: torch.Tensor,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, float, dict[str, Any]]:
+        """Screen every slot of `search`'s batch against the span, then sort the tokens out
+        (`Search.run`); the ids, their relative gradient residual and the slots' margins."""
+        opts = self.options
+        device = spec.basis.device
+        batch = search.batch
+        special = batch["attention_mask"].bool() & ~content
+        basis = extend_basis(spec.basis, known_inputs(lay, batch, special, device))
+        slots = content_slots(batch, content, lay)
         offsets = slot_offsets(lay, slots, device)
         keep = max(len(s.sentences) for s in slots) + opts.pool_extra
         screened = screen_tokens(
             lay, basis, offsets, candidate_token_ids(tokenizer), keep=keep, chunk=opts.chunk
         )
+        ids = ids.clone()
         pools, slot_res = [], []
         for j, slot in enumerate(tqdm(slots, desc="span slots", disable=not opts.progress)):
             inputs = layer0_inputs(lay, screened[j], offsets[j].expand(len(screened[j]), -1))
             res, order = residuals(inputs, basis).sort()
-            cand = screened[j][order]
+            pool = screened[j][order]
             k = pick_by_gap(res, len(slot.sentences))
-            pool = cand
             pools.append(pool)
             slot_res.append((float(res[k - 1]), float(res[k]) if len(res) > k else float("inf")))
             for i, b in enumerate(slot.sentences):
@@ -224,11 +275,8 @@ class SpanAttack(Attack):
             "slot_margin_min": min(nxt / max(r, 1e-300) for r, nxt in slot_res),
             "searched_slots": sum(len(p) > 1 for p in pools),
         }
-        batch = {k: v.to(device) for k, v in snapshot.batch.items()}
-        target = snapshot.weight_gradient(module).to(device)
-        search = Search(model, model.get_submodule(module), batch, target, opts.forward_batch)
-        found, details["gradient_residual"] = search.run(ids.to(device), slots, pools, opts.sweeps)
-        return found.cpu(), details
+        found, residual = search.run(ids, slots, pools, opts.sweeps)
+        return found, residual, details
 
     def _deep(
         self,
