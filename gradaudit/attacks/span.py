@@ -216,13 +216,16 @@ class SpanAttack(Attack):
             if len(left) < len(ids):
                 noisy = snapshot.kind == "noised"
                 spec = spectrum(target * scale, noisy=noisy, min_gap=opts.min_gap, name=module)
+                if spec.status != "ok":
+                    break
             search = Search(model, model.get_submodule(module), part, target * scale,
                             opts.forward_batch)  # fmt: skip
-            found, residual, slots = self._solve_exact(
+            found, residual, screening = self._solve_exact(
                 lay, search, spec, content[left], tokenizer, ids[left]
             )
             ids[left] = found
-            details.update({k: v for k, v in slots.items() if k not in details})
+            if len(left) == len(ids):  # the whole batch's screening is the one reported
+                details.update(screening, gradient_residual=residual)
             if residual < EXACT_RESIDUAL or len(left) == 1:
                 break
             grads = search.gradients(list(range(len(left))), found)
@@ -232,9 +235,10 @@ class SpanAttack(Attack):
             details["peeled"].append([left[i] for i in verified])
             target = target - grads[verified].sum(0) / scale
             left = [b for i, b in enumerate(left) if i not in verified]
-        whole = Search(model, model.get_submodule(module), batch, full, opts.forward_batch)
-        fit = whole.gradients(list(range(len(ids))), ids).sum(0)
-        details["gradient_residual"] = float((full - fit).norm() / full.norm())
+        if details["peeled"]:
+            whole = Search(model, model.get_submodule(module), batch, full, opts.forward_batch)
+            fit = whole.gradients(list(range(len(ids))), ids).sum(0)
+            details["gradient_residual"] = float((full - fit).norm() / full.norm())
         return ids.cpu(), details
 
     def _solve_exact(
