@@ -230,7 +230,7 @@ class SpanAttack(Attack):
                 break
             grads = search.gradients(list(range(len(left))), found)
             verified = verified_sentences(grads, search.target, spec.rank, content[left])
-            if not verified:
+            if not verified or len(verified) == len(left):  # all verified: nothing to redo
                 break
             details["peeled"].append([left[i] for i in verified])
             target = target - grads[verified].sum(0) / scale
