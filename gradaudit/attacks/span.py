@@ -218,8 +218,9 @@ class SpanAttack(Attack):
                 spec = spectrum(target * scale, noisy=noisy, min_gap=opts.min_gap, name=module)
                 if spec.status != "ok":
                     break
-            search = Search(model, model.get_submodule(module), part, target * scale,
-                            opts.forward_batch)  # fmt: skip
+            search = Search(
+                model, model.get_submodule(module), part, target * scale, opts.forward_batch
+            )
             found, residual, screening = self._solve_exact(
                 lay, search, spec, content[left], tokenizer, ids[left]
             )

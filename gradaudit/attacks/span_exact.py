@@ -50,12 +50,11 @@ Limits. Token type ids, lengths and special-token positions are taken as known s
   is reported: about 1e-6 when exact). B = 1 needs no search. Peeling needs one sentence
   right to start from.
 - Neither membership nor the gradient match repairs wrong pools by local moves (SST-2 dev
-  sentences 8-15 as two batches of four, query@0): a wrong row anywhere shifts every signal
-  from `G = D^T H`, so two right short sentences next to two wrong long ones score 0.05-0.08,
-  not 1e-12; coordinate descent on membership over every slot's zero-residual words, even from
-  the truth with three tokens changed, ends with 16-20 wrong; the gradient-match search over
-  the same wide pools ends farther off (relative residual 0.80, against 0.34 with the narrow
-  pools).
+  sentences 8-11 and 12-15 as batches of four, query@0): a wrong row anywhere shifts every
+  signal from `G = D^T H`, so two right short sentences next to two wrong long ones score
+  0.05-0.08, not 1e-12; coordinate descent on membership over every slot's zero-residual words,
+  even from the truth with three tokens changed, ends with 17 wrong; the gradient-match search
+  over pools 60 tokens wider ends farther off (relative residual 0.80, against 0.37).
 """
 
 from __future__ import annotations
