@@ -218,7 +218,8 @@ def test_rank_drop_verifies_exact_sentences_and_no_wrong_one(tiny):
     batch = make_batch(model, tokenizer, BATCH, [1, 0, 0, 0])
     target = capture(model, batch, [module]).weight_gradient(module)
     rank = spectrum(target).rank
-    content = batch["attention_mask"].bool() & (batch["input_ids"] > 4)  # no [CLS]/[SEP]
+    special = torch.tensor(tokenizer.all_special_ids)
+    content = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], special)
     search = Search(model, model.get_submodule(module), batch, target, forward_batch=8)
     ids = batch["input_ids"].clone()
     everyone = list(range(len(ids)))
