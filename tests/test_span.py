@@ -217,15 +217,15 @@ def test_rank_drop_verifies_exact_sentences_and_no_wrong_one(tiny):
     module = layout(model).component_name("query", 0)
     batch = make_batch(model, tokenizer, BATCH, [1, 0, 0, 0])
     target = capture(model, batch, [module]).weight_gradient(module)
-    rank = spectrum(target).rank
+    spec = spectrum(target)
     special = torch.tensor(tokenizer.all_special_ids)
     content = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], special)
     search = Search(model, model.get_submodule(module), batch, target, forward_batch=8)
     ids = batch["input_ids"].clone()
     everyone = list(range(len(ids)))
-    assert verified_sentences(search.gradients(everyone, ids), target, rank, content) == everyone
+    assert verified_sentences(search.gradients(everyone, ids), target, spec, content) == everyone
     ids[1, 2] = tokenizer.convert_tokens_to_ids("good")  # "a good boring plot"
-    verified = verified_sentences(search.gradients(everyone, ids), target, rank, content)
+    verified = verified_sentences(search.gradients(everyone, ids), target, spec, content)
     assert verified == [0, 2, 3]
 
 

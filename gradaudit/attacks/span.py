@@ -226,20 +226,19 @@ class SpanAttack(Attack):
             )
             ids[left] = found
             if len(left) == len(ids):  # the whole batch's screening is the one reported
-                details.update(screening, gradient_residual=residual)
+                details.update(screening)
+            # What the batch's gradient leaves unexplained: the part's relative residual,
+            # back at the whole batch's scale (the peeled gradients were taken off as computed).
+            details["gradient_residual"] = residual * float(target.norm() / full.norm())
             if residual < EXACT_RESIDUAL or len(left) == 1:
                 break
             grads = search.gradients(list(range(len(left))), found)
-            verified = verified_sentences(grads, search.target, spec.rank, content[left])
+            verified = verified_sentences(grads, search.target, spec, content[left])
             if not verified or len(verified) == len(left):  # all verified: nothing to redo
                 break
             details["peeled"].append([left[i] for i in verified])
             target = target - grads[verified].sum(0) / scale
             left = [b for i, b in enumerate(left) if i not in verified]
-        if details["peeled"]:
-            whole = Search(model, model.get_submodule(module), batch, full, opts.forward_batch)
-            fit = whole.gradients(list(range(len(ids))), ids).sum(0)
-            details["gradient_residual"] = float((full - fit).norm() / full.norm())
         return ids.cpu(), details
 
     def _solve_exact(

@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from ..families import ModelLayout, layout
+from ..spectrum import Spectrum
 
 EXACT_COMPONENTS = ("query", "key", "value")
 PARTNERS = {"query": "key", "key": "query"}
@@ -236,21 +237,22 @@ def pick_by_gap(res: torch.Tensor, count: int) -> int:
 
 
 def verified_sentences(
-    grads: torch.Tensor, target: torch.Tensor, rank: int, content: torch.Tensor
+    grads: torch.Tensor, target: torch.Tensor, spec: Spectrum, content: torch.Tensor
 ) -> list[int]:
     """Sentences whose hypothesised gradient is exact: taken off the batch's gradient, it
     lowers the rank by at least half the sentence's content tokens.
 
-    `grads` (n x out x in) are the sentences' gradients, `rank` the numerical rank of `target`.
+    `grads` (n x out x in) are the sentences' gradients, `spec` the spectrum of `target`.
     The truth removes the rows only its sentence holds, so the rank drops by about its token
     count (10 of 11, 6 of 6, 12 of 13 on an SST-2 batch of four at MiniLM's query@0); one
     wrong token changes every token's backward signal, the difference fills the span again,
     and the rank does not drop (0 there). Values count as gone below the geometric mean of the
     target's last kept and first dropped singular values.
     """
-    values = torch.linalg.svdvals(target.double())
+    values, rank = spec.singular_values.to(torch.float64), spec.rank
     last = values[rank - 1]
     cut = (last * values[rank]).sqrt() if rank < len(values) else last * DEPENDENT
+    cut = cut.to(target.device)
     left = torch.stack([(torch.linalg.svdvals((target - g).double()) > cut).sum() for g in grads])
     needed = (content.sum(1) / 2).clamp_min(1)
     return (rank - left >= needed).nonzero().flatten().tolist()
