@@ -7,14 +7,20 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.attacks import get_attack
+from gradaudit.attacks.base import candidate_token_ids, content_mask
 from gradaudit.attacks.span_exact import (
     MEMBERSHIP_EXACT,
     Membership,
     Search,
     assign,
     content_slots,
+    extend_basis,
+    known_inputs,
+    slot_offsets,
+    token_offsets,
     verified_sentences,
 )
+from gradaudit.attacks.span_words import word_places
 from gradaudit.batch import make_batch
 from gradaudit.data import load_examples
 from gradaudit.errors import GradAuditError
@@ -241,3 +247,55 @@ def test_exact_peels_verified_sentences_and_solves_the_rest(minilm, sst2_path):
     assert result.info["peeled"]
     assert result.token_ids == truth
     assert result.info["gradient_residual"] < 1e-4
+
+
+def split_words(model, tokenizer, texts, module):
+    """`word_places` on a captured batch of `texts`, with the batch and its content slots."""
+    lay = layout(model)
+    batch = make_batch(model, tokenizer, texts, [1] * len(texts))
+    snapshot = capture(model, batch, [module])
+    target = snapshot.weight_gradient(module).double()
+    content = content_mask(snapshot, tokenizer)
+    special = batch["attention_mask"].bool() & ~content
+    cpu = torch.device("cpu")
+    basis = extend_basis(spectrum(target).basis, known_inputs(lay, batch, special, cpu))
+    slots = content_slots(batch, content, lay)
+    places = word_places(
+        lay,
+        target,
+        basis,
+        slots,
+        batch["input_ids"][special],
+        token_offsets(lay, batch, special, cpu),
+        slot_offsets(lay, slots, cpu),
+        candidate_token_ids(tokenizer),
+        chunk=7,
+    )
+    return batch, slots, places
+
+
+def test_word_split_finds_every_word_and_places_words_met_once(tiny):
+    # Every content word of BATCH occurs once, so the regression places all of them.
+    model, tokenizer = tiny
+    module = layout(model).component_name("query", 0)
+    batch, slots, places = split_words(model, tokenizer, BATCH, module)
+    ids = batch["input_ids"]
+    assert set(places.words.tolist()) == set(ids[batch["attention_mask"].bool()].tolist())
+    for slot, placed in zip(slots, places.placed):
+        assert sorted(placed) == sorted(int(ids[b, slot.column]) for b in slot.sentences)
+    assert places.leftover == []
+
+
+@pytest.mark.slow
+def test_word_split_on_sst2_sentences_that_defeat_the_row_space(minilm, sst2_path):
+    # SST-2 dev sentences 12-15 (25-29 tokens): the row space admits 53 words at most slots,
+    # but the split proves the 73 words that occur and places 46 tokens, each where it sits.
+    model, tokenizer = minilm
+    texts, _ = load_examples(str(sst2_path)).batches(4, 4)[3]
+    module = layout(model).component_name("query", 0)
+    batch, slots, places = split_words(model, tokenizer, texts, module)
+    ids = batch["input_ids"]
+    assert set(places.words.tolist()) == set(ids[batch["attention_mask"].bool()].tolist())
+    for slot, placed in zip(slots, places.placed):
+        assert set(placed) <= {int(ids[b, slot.column]) for b in slot.sentences}
+    assert sum(map(len, places.placed)) >= 40

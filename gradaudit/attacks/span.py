@@ -18,6 +18,7 @@ not attacked; with `saturated="gradmatch"` a saturated snapshot falls back to gr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +46,10 @@ from .span_exact import (
     residuals,
     screen_tokens,
     slot_offsets,
+    token_offsets,
     verified_sentences,
 )
+from .span_words import word_places
 
 SATURATED_CHOICES = ("stop", "gradmatch")
 
@@ -210,6 +213,7 @@ class SpanAttack(Attack):
         full = snapshot.weight_gradient(module).to(device)
         target, ids, left = full, ids.to(device), list(range(len(ids)))
         details: dict[str, Any] = {"peeled": []}
+        kept = math.inf  # relative residual of the current ids of `left` on their remainder
         while True:
             scale = len(ids) / len(left)  # the part's gradient as if it were the whole batch
             part = {k: v[left] for k, v in batch.items()}
@@ -224,6 +228,9 @@ class SpanAttack(Attack):
             found, residual, screening = self._solve_exact(
                 lay, search, spec, content[left], tokenizer, ids[left]
             )
+            if residual >= kept:  # solving again did worse than the ids it started from
+                details["gradient_residual"] = kept * float(target.norm() / full.norm())
+                break
             ids[left] = found
             if len(left) == len(ids):  # the whole batch's screening is the one reported
                 details.update(screening)
@@ -237,6 +244,9 @@ class SpanAttack(Attack):
             if not verified or len(verified) == len(left):  # all verified: nothing to redo
                 break
             details["peeled"].append([left[i] for i in verified])
+            remainder = search.target - grads[verified].sum(0)
+            others = [i for i in range(len(left)) if i not in verified]
+            kept = float((remainder - grads[others].sum(0)).norm() / remainder.norm())
             target = target - grads[verified].sum(0) / scale
             left = [b for i, b in enumerate(left) if i not in verified]
         return ids.cpu(), details
@@ -251,27 +261,44 @@ class SpanAttack(Attack):
         ids: torch.Tensor,
     ) -> tuple[torch.Tensor, float, dict[str, Any]]:
         """Screen every slot of `search`'s batch against the span, then sort the tokens out
-        (`Search.run`); the ids, their relative gradient residual and the slots' margins."""
+        (`Search.run`); the ids, their relative gradient residual and the slots' margins.
+
+        With several sentences the gradient is also split into word and slot parts
+        (`span_words`): the words it places come first in their slots' pools and leave every
+        other pool; a batch the search leaves unsolved is searched again over the split's
+        pools for the words it did not place."""
         opts = self.options
         device = spec.basis.device
         batch = search.batch
+        ids = ids.clone()
         special = batch["attention_mask"].bool() & ~content
         basis = extend_basis(spec.basis, known_inputs(lay, batch, special, device))
         slots = content_slots(batch, content, lay)
         offsets = slot_offsets(lay, slots, device)
+        candidates = candidate_token_ids(tokenizer)
+        places = None
+        if any(len(s.sentences) > 1 for s in slots):
+            special_offsets = token_offsets(lay, batch, special, device)
+            places = word_places(
+                lay, search.target, basis, slots, batch["input_ids"][special], special_offsets,
+                offsets, candidates, chunk=opts.chunk,
+            )  # fmt: skip
+        sure = places.placed if places is not None else [[] for _ in slots]
+        placed = {v for words in sure for v in words}
         keep = max(len(s.sentences) for s in slots) + opts.pool_extra
-        screened = screen_tokens(
-            lay, basis, offsets, candidate_token_ids(tokenizer), keep=keep, chunk=opts.chunk
-        )
-        ids = ids.clone()
+        screened = screen_tokens(lay, basis, offsets, candidates, keep=keep, chunk=opts.chunk)
         pools, slot_res = [], []
         for j, slot in enumerate(tqdm(slots, desc="span slots", disable=not opts.progress)):
             inputs = layer0_inputs(lay, screened[j], offsets[j].expand(len(screened[j]), -1))
             res, order = residuals(inputs, basis).sort()
             pool = screened[j][order]
             k = pick_by_gap(res, len(slot.sentences))
-            pools.append(pool)
             slot_res.append((float(res[k - 1]), float(res[k]) if len(res) > k else float("inf")))
+            if places is not None:
+                rest = [int(v) for v in pool if int(v) not in placed]
+                pool = torch.tensor(sure[j] + rest, dtype=torch.long, device=device)
+                k = min(len(pool), len(slot.sentences))
+            pools.append(pool)
             for i, b in enumerate(slot.sentences):
                 ids[b, slot.column] = pool[min(i, k - 1)]
         details: dict[str, Any] = {
@@ -279,7 +306,14 @@ class SpanAttack(Attack):
             "slot_margin_min": min(nxt / max(r, 1e-300) for r, nxt in slot_res),
             "searched_slots": sum(len(p) > 1 for p in pools),
         }
-        found, residual = search.run(ids, slots, pools, opts.sweeps)
+        kept = [len(words) for words in sure]
+        found, residual = search.run(ids, slots, pools, opts.sweeps, kept)
+        if places is not None:
+            details.update(words=len(places.words), placed_by_split=sum(map(len, sure)))
+            if residual >= EXACT_RESIDUAL:
+                found, residual = search.descend(
+                    found, slots, places.pools(device), opts.sweeps, kept
+                )
         return found, residual, details
 
     def _deep(

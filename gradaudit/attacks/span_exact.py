@@ -138,14 +138,22 @@ def layer0_inputs(lay: ModelLayout, token_ids: torch.Tensor, offsets: torch.Tens
     return gamma * z / torch.sqrt(z.square().mean(-1, keepdim=True) + eps) + beta
 
 
+def token_offsets(
+    lay: ModelLayout, batch: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Position + segment embedding (float64) of the batch's tokens where `mask` is true."""
+    positions = lay.position_ids(batch["attention_mask"])[mask].to(device)
+    offsets = lay.position_embeddings.weight.detach()[positions]
+    offsets = offsets + lay.token_type_embeddings.weight.detach()[batch["token_type_ids"][mask]]
+    return offsets.to(torch.float64)
+
+
 def known_inputs(
     lay: ModelLayout, batch: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """Exact layer-0 inputs of the batch's tokens where `mask` is true (e.g. special tokens)."""
-    positions = lay.position_ids(batch["attention_mask"])[mask].to(device)
-    offsets = lay.position_embeddings.weight.detach()[positions]
-    offsets = offsets + lay.token_type_embeddings.weight.detach()[batch["token_type_ids"][mask]]
-    return layer0_inputs(lay, batch["input_ids"][mask].to(device), offsets.to(torch.float64))
+    offsets = token_offsets(lay, batch, mask, device)
+    return layer0_inputs(lay, batch["input_ids"][mask].to(device), offsets)
 
 
 def extend_basis(basis: torch.Tensor, inputs: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
@@ -517,10 +525,16 @@ class Search:
         return torch.cat(parts)
 
     def run(
-        self, ids: torch.Tensor, slots: list[Slot], pools: list[torch.Tensor], sweeps: int
+        self,
+        ids: torch.Tensor,
+        slots: list[Slot],
+        pools: list[torch.Tensor],
+        sweeps: int,
+        kept: list[int],
     ) -> tuple[torch.Tensor, float]:
-        """Improve `ids` (batch x length) slot by slot; returns them and the relative residual."""
-        rows = list(range(ids.shape[0]))
+        """Improve `ids` (batch x length) slot by slot; returns them and the relative residual.
+
+        `kept[j]`: how many of `pools[j]`'s first words are known to sit at slot j."""
         membership = Membership.build(self.model, self.module, self.batch, self.target)
         if membership is not None:
             generator = torch.Generator().manual_seed(0)
@@ -534,14 +548,25 @@ class Search:
             ids, residual = self.order_by_label(best_ids)
             if residual < EXACT_RESIDUAL:
                 return ids, residual
-        grads = self.gradients(rows, ids)
+        return self.descend(ids, slots, pools, sweeps, kept)
+
+    def descend(
+        self,
+        ids: torch.Tensor,
+        slots: list[Slot],
+        pools: list[torch.Tensor],
+        sweeps: int,
+        kept: list[int],
+    ) -> tuple[torch.Tensor, float]:
+        """The coordinate search alone, from `ids`; returns them and the relative residual."""
+        grads = self.gradients(list(range(ids.shape[0])), ids)
         residual = self.target - grads.sum(0)
         for _ in range(sweeps):
             changed = False
-            for slot, pool in zip(slots, pools):
+            for slot, pool, sure in zip(slots, pools, kept):
                 if len(pool) == 1:
                     continue
-                while self._improve(ids, grads, residual, slot, pool):
+                while self._improve(ids, grads, residual, slot, pool, sure):
                     changed = True
             if not changed:
                 break
@@ -581,21 +606,37 @@ class Search:
         residual: torch.Tensor,
         slot: Slot,
         pool: torch.Tensor,
+        kept: int,
     ) -> bool:
-        """Apply the best single or swap move at `slot`; False when none lowers the residual."""
+        """Apply the best single or swap move at `slot`; False when none lowers the residual.
+
+        The pool's first `kept` words are known to sit at this slot: they move between its
+        sentences by swaps, but are never replaced.
+        """
         col = slot.column
-        current = {b: int(ids[b, col]) for b in slot.sentences}
-        moves = [(b, int(v)) for b in slot.sentences for v in pool if int(v) != current[b]]
+        members = slot.sentences
+        current = {b: int(ids[b, col]) for b in members}
+        sure = set(pool[:kept].tolist())
+        singles = [
+            (b, int(v))
+            for b in members
+            if current[b] not in sure
+            for v in pool[kept:]
+            if int(v) != current[b]
+        ]
+        halves = [(b, current[c]) for b in members for c in members if current[c] != current[b]]
+        moves = list(dict.fromkeys(singles + halves))
+        if not moves:
+            return False
         hyp_ids = torch.stack([ids[b] for b, _ in moves])
         hyp_ids[:, col] = torch.tensor([v for _, v in moves], device=ids.device)
         hyp = self.gradients([b for b, _ in moves], hyp_ids)
         index = {m: i for i, m in enumerate(moves)}
         change = hyp - grads[[b for b, _ in moves]]  # moves x out x in
-        candidates = [((i,), change[i]) for i in range(len(moves))]
-        members = slot.sentences
+        candidates = [((index[m],), change[index[m]]) for m in singles]
         for x, b in enumerate(members):
             for c in members[x + 1 :]:
-                if (b, current[c]) in index and (c, current[b]) in index:
+                if current[b] != current[c]:
                     i, j = index[(b, current[c])], index[(c, current[b])]
                     candidates.append(((i, j), change[i] + change[j]))
         stack = torch.stack([d for _, d in candidates])
