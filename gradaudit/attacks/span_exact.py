@@ -20,9 +20,12 @@ LayerNorm's scale breaks that only while beta lies outside the span, and one cyc
 (a word pair repeated at a pair of positions, common from B = 4 on SST-2) puts beta inside it:
 then every word of a connected component fits every position of it exactly (SST-2 dev sentences
 13-16 as one batch: median residual of the false (word, position) pairs 2.5e-15 in float64, as
-low as the truth's). What stays exact is which words occur (gamma * centred E[v] against the
-span widened by the position parts and beta: 71 of 71, the next word at 0.4); where they go
-must come from the gradient's values. For query and key modules, `Membership` scores a
+low as the truth's). What stays exact is which words occur, and the gradient's values say
+more: split over word and slot parts (`span_words`), they give each word's and each slot's
+share, which places the words met once (46 and 67 tokens on SST-2 dev sentences 12-15 and 8-11,
+all where they sit). Placed words lead their slots' pools and leave all others; the search
+never replaces them, only moves them between the sentences sharing the slot. For query and key
+modules, `Membership` scores a
 hypothesis by the attention structure instead (per head, a token's backward signal lies in the
 span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for one
 swapped token. The signals are fixed once the slots' tokens are (each slot keeps its pool's
@@ -33,28 +36,37 @@ label-blind), and the result is kept if its relative gradient residual is below
 `EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched coordinate by
 coordinate from there (replace a token, or swap two sentences' tokens at a slot), each move
 scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a candidate
-sentence's own forward/backward pass gives its exact contribution `G_b`. A batch left unsolved
-is peeled: a sentence whose `G_b`, taken off `G`, lowers its rank by about its token count is
-exact (`verified_sentences`; a wrong token leaves the rank where it was), so the verified ones
-are subtracted and the others solved again on what is left, with fewer sentences to confuse.
+sentence's own forward/backward pass gives its exact contribution `G_b`; still unsolved, that
+search runs again over the split's pools for the words it did not place (on those two batches
+3-4 of about 52 open tokens missing from them, against 13-15 from the row space's best tokens).
+A batch left unsolved is peeled: a sentence whose `G_b`, taken off `G`, lowers its rank by
+about its token count is exact (`verified_sentences`; a wrong token leaves the rank where it
+was), so the verified ones are subtracted and the others solved again on what is left, with
+fewer sentences to confuse (kept only where that lowers their residual).
 
 Limits. Token type ids, lengths and special-token positions are taken as known structure.
 - A word pair repeated at a pair of positions (two punctuation marks in two sentences) makes
   the inputs exactly dependent, so those rows' signals are not determined and go untested.
 - A sentence longer than a head's width (32 in MiniLM) spans every signal in that head, so
   membership cannot place its tokens; the gradient-match search has to.
-- The pools come from the row-space residual, whose true and false entries overlap once the
-  batch nears the rank ceiling (SST-2 batches of 4 with sentences of 25-40 tokens): a wrong
-  pool token is never fixed by the annealing, only by the coordinate search.
+- The words met more than once are not placed by the split; the annealing takes each slot's
+  first pool words as they come, so a wrong one there is fixed only by the coordinate search.
+  A repeated word whose first token carries most of its share can pass as met once (3 of 46
+  placed tokens on sentences 12-15): its other token then has no word left in the pools.
 - The coordinate search can stop far from the truth (its final relative gradient residual
   is reported: about 1e-6 when exact). B = 1 needs no search. Peeling needs one sentence
   right to start from.
 - Neither membership nor the gradient match repairs wrong pools by local moves (SST-2 dev
-  sentences 8-11 and 12-15 as batches of four, query@0): a wrong row anywhere shifts every
-  signal from `G = D^T H`, so two right short sentences next to two wrong long ones score
-  0.05-0.08, not 1e-12; coordinate descent on membership over every slot's zero-residual words,
-  even from the truth with three tokens changed, ends with 17 wrong; the gradient-match search
-  over pools 60 tokens wider ends farther off (relative residual 0.80, against 0.37).
+  sentences 8-11 and 12-15 as batches of four, query@0, before the split): a wrong row
+  anywhere shifts every signal from `G = D^T H`, so two right short sentences next to two
+  wrong long ones score 0.05-0.08, not 1e-12; coordinate descent on membership over every
+  slot's zero-residual words, even from the truth with three tokens changed, ends with 17
+  wrong; the gradient-match search over pools 60 tokens wider ends farther off (relative
+  residual 0.80, against 0.37).
+- Tried with the split and dropped: membership with the placed words' exact signals (their
+  share times their LayerNorm scale) in place of fitted ones put 91 of 106 tokens of sentences
+  12-15 wrong, against 6 without; searching every leftover word at every open slot without the
+  first, narrower pass: 96 and 103 wrong, with and without the placed words protected.
 """
 
 from __future__ import annotations
