@@ -213,7 +213,7 @@ class SpanAttack(Attack):
         full = snapshot.weight_gradient(module).to(device)
         target, ids, left = full, ids.to(device), list(range(len(ids)))
         details: dict[str, Any] = {"peeled": []}
-        kept = math.inf  # relative residual of the current ids of `left` on their remainder
+        before = math.inf  # relative residual of the current ids of `left` on their remainder
         while True:
             scale = len(ids) / len(left)  # the part's gradient as if it were the whole batch
             part = {k: v[left] for k, v in batch.items()}
@@ -228,8 +228,8 @@ class SpanAttack(Attack):
             found, residual, screening = self._solve_exact(
                 lay, search, spec, content[left], tokenizer, ids[left]
             )
-            if residual >= kept:  # solving again did worse than the ids it started from
-                details["gradient_residual"] = kept * float(target.norm() / full.norm())
+            if residual >= before:  # solving again did worse than the ids it started from
+                details["gradient_residual"] = before * float(target.norm() / full.norm())
                 break
             ids[left] = found
             if len(left) == len(ids):  # the whole batch's screening is the one reported
@@ -246,7 +246,7 @@ class SpanAttack(Attack):
             details["peeled"].append([left[i] for i in verified])
             remainder = search.target - grads[verified].sum(0)
             others = [i for i in range(len(left)) if i not in verified]
-            kept = float((remainder - grads[others].sum(0)).norm() / remainder.norm())
+            before = float((remainder - grads[others].sum(0)).norm() / remainder.norm())
             target = target - grads[verified].sum(0) / scale
             left = [b for i, b in enumerate(left) if i not in verified]
         return ids.cpu(), details
@@ -295,8 +295,10 @@ class SpanAttack(Attack):
             k = pick_by_gap(res, len(slot.sentences))
             slot_res.append((float(res[k - 1]), float(res[k]) if len(res) > k else float("inf")))
             if places is not None:
-                rest = [int(v) for v in pool if int(v) not in placed]
-                pool = torch.tensor(sure[j] + rest, dtype=torch.long, device=device)
+                # Never an empty pool: the split's ranking, else the row space's own.
+                screened_ids = pool.tolist()
+                rest = [v for v in screened_ids if v not in placed] or places.ranked[j]
+                pool = torch.tensor(sure[j] + (rest or screened_ids), device=device)
                 k = min(len(pool), len(slot.sentences))
             pools.append(pool)
             for i, b in enumerate(slot.sentences):
