@@ -146,14 +146,17 @@ def word_places(
     for j, slot in enumerate(slots):
         need[slot_of[j]] += len(slot.sentences)
     placed: list[list[int]] = [[] for _ in places]
+    crowd = max(len(s.sentences) for s in slots)  # most tokens one slot holds
     free = list(range(len(words)))  # content words not placed yet
-    while True:
+    while free:
         active = free + list(range(len(words), len(vocab)))
         coef = torch.linalg.lstsq(a[:, active], b).solution[: len(free)]  # free words x places
         # In a key gradient each sentence's signals sum to zero, so the parts nearly do too and
         # the fit is loose along "every word alike" (SST-2 at B = 8: all coefficients near
-        # -28). Most words are not at a given slot: its median coefficient is that offset.
-        coef = coef - coef.median(0, keepdim=True).values
+        # -28). While most words cannot be at a given slot, its median coefficient is that
+        # offset.
+        if len(free) > 2 * crowd:
+            coef = coef - coef.median(0, keepdim=True).values
         coef[:, need == 0] = 0
         best, where = coef.max(1)
         others = coef.abs().scatter(1, where[:, None], 0).amax(1)
@@ -175,7 +178,9 @@ def word_places(
     share = torch.zeros(len(places), len(free), dtype=a.dtype, device=device)
     if len(open_places) and free:
         fit = torch.linalg.lstsq(b[:, open_places], a[:, free]).solution
-        share[open_places] = fit - fit.median(0, keepdim=True).values  # as for `coef` above
+        if len(open_places) > 2 * crowd:  # the same offset as for `coef` above
+            fit = fit - fit.median(0, keepdim=True).values
+        share[open_places] = fit
     ranked = []
     for j in range(len(slots)):
         t = int(slot_of[j])
