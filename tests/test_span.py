@@ -289,7 +289,7 @@ def test_word_split_finds_every_word_and_places_words_met_once(tiny):
 @pytest.mark.slow
 def test_word_split_on_sst2_sentences_that_defeat_the_row_space(minilm, sst2_path):
     # SST-2 dev sentences 12-15 (25-29 tokens): the row space admits 53 words at most slots,
-    # but the split proves the 73 words that occur and places 46 tokens, each where it sits.
+    # but the split proves the 73 words that occur and places 47 tokens, each where it sits.
     model, tokenizer = minilm
     texts, _ = load_examples(str(sst2_path)).batches(4, 4)[3]
     module = layout(model).component_name("query", 0)

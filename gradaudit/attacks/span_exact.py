@@ -22,7 +22,7 @@ then every word of a connected component fits every position of it exactly (SST-
 13-16 as one batch: median residual of the false (word, position) pairs 2.5e-15 in float64, as
 low as the truth's). What stays exact is which words occur, and the gradient's values say
 more: split over word and slot parts (`span_words`), they give each word's and each slot's
-share, which places the words met once (46 and 67 tokens on SST-2 dev sentences 12-15 and 8-11,
+share, which places the words met once (47 and 68 tokens on SST-2 dev sentences 12-15 and 8-11,
 all where they sit). Placed words lead their slots' pools and leave all others; the search
 never replaces them, only moves them between the sentences sharing the slot. For query and key
 modules, `Membership` scores a
@@ -51,7 +51,7 @@ Limits. Token type ids, lengths and special-token positions are taken as known s
   membership cannot place its tokens; the gradient-match search has to.
 - The words met more than once are not placed by the split; the annealing takes each slot's
   first pool words as they come, so a wrong one there is fixed only by the coordinate search.
-  A repeated word whose first token carries most of its share can pass as met once (3 of 46
+  A repeated word whose first token carries most of its share can pass as met once (3 of 47
   placed tokens on sentences 12-15): its other token then has no word left in the pools.
 - The coordinate search can stop far from the truth (its final relative gradient residual
   is reported: about 1e-6 when exact). B = 1 needs no search. Peeling needs one sentence

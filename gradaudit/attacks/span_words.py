@@ -18,14 +18,15 @@ row space admits (it admits whole connected components of the word-slot graph; s
 - Their places: a word that occurs once has `a_v` = its one token's part, which `b_j` of its slot
   holds whole. Regressing each `b_j` on the `a`s puts coefficient about 1 on it there and about
   0 elsewhere; such words are placed, taken off their slots' parts, and the regression runs
-  again. On SST-2 dev sentences 8-11 and 12-15 (batches of four, query@0) that placed 67 and 46
+  again. On SST-2 dev sentences 8-11 and 12-15 (batches of four, query@0) that placed 68 and 47
   tokens, every one at a slot that holds it. A repeated word is split over its slots and mostly
-  not placed, but one whose first token carries most of its part can pass as whole: 3 of the 46
+  not placed, but one whose first token carries most of its part can pass as whole: 3 of the 47
   ("from", "humor", "("), whose other token then has no word left in the pools.
 - The rest: each repeated word's part is regressed on what the open slots have left (a slot
   holding only that word gets coefficient 1); each open slot's pool offers the likeliest words,
-  `SPARE` more than it has tokens open (on the two batches: 3 and 4 of 53 and 52 open tokens
-  missing from their pools, against 13-15 for the row space's best tokens).
+  `SPARE` more than it has tokens open (on the two batches: 3 of 52 and 4 of 51 open tokens
+  missing from their pools, 3 of those the repeated words above; the row space's best tokens
+  missed 13-15 of all the tokens).
 
 The search (`span_exact.Search`) never replaces a placed word, only moves it between the
 sentences sharing its slot.
