@@ -13,36 +13,36 @@ inputs of the batch's tokens. Every candidate token `v` is tested at every occup
 - the kept ones are recomputed exactly; a slot shared by `n` sentences holds `k <= n`
   distinct tokens, `k` being where the sorted residuals jump the most.
 
-With one sentence that is the text. With several, the row space stops deciding. Before
-LayerNorm an input is word part + position part, so for a word v and a position t joined by a
-path in the batch's word-position graph, E[v] + P[t] is a signed sum of true inputs.
-LayerNorm's scale breaks that only while beta lies outside the span, and one cycle in the graph
-(a word pair repeated at a pair of positions, common from B = 4 on SST-2) puts beta inside it:
-then every word of a connected component fits every position of it exactly (SST-2 dev sentences
-13-16 as one batch: median residual of the false (word, position) pairs 2.5e-15 in float64, as
-low as the truth's). What stays exact is which words occur, and the gradient's values say
-more: split over word and slot parts (`span_words`), they give each word's and each slot's
-share, which places the words met once (47 and 68 tokens on SST-2 dev sentences 12-15 and 8-11,
-all where they sit). Placed words lead their slots' pools and leave all others; the search
-never replaces them, only moves them between the sentences sharing the slot. For query and key
-modules, `Membership` scores a
-hypothesis by the attention structure instead (per head, a token's backward signal lies in the
-span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for one
-swapped token. The signals are fixed once the slots' tokens are (each slot keeps its pool's
-best `n`), so `assign` anneals over who holds which token: swaps of one slot or of a run of
-slots between two sentences, each rescoring just those two sentences (a few random restarts).
-Whole sentences of equal length are then ordered by the gradient match (the membership test is
-label-blind), and the result is kept if its relative gradient residual is below
-`EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched coordinate by
-coordinate from there (replace a token, or swap two sentences' tokens at a slot), each move
-scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a candidate
-sentence's own forward/backward pass gives its exact contribution `G_b`; still unsolved, that
-search runs again over the split's pools for the words it did not place (on those two batches
-3-4 of about 52 open tokens missing from them, against 13-15 from the row space's best tokens).
-A batch left unsolved is peeled: a sentence whose `G_b`, taken off `G`, lowers its rank by
-about its token count is exact (`verified_sentences`; a wrong token leaves the rank where it
-was), so the verified ones are subtracted and the others solved again on what is left, with
-fewer sentences to confuse (kept only where that lowers their residual).
+With one sentence that is the text. With several, the row space stops deciding. Before LayerNorm
+an input is word part + position part, so for a word v and a position t joined by a path in the
+batch's word-position graph, E[v] + P[t] is a signed sum of true inputs. LayerNorm's scale
+breaks that only while beta lies outside the span, and one cycle in the graph (a word pair
+repeated at a pair of positions, common from B = 4 on SST-2) puts beta inside it: then every
+word of a connected component fits every position of it exactly (SST-2 dev sentences 13-16 as
+one batch: median residual of the false (word, position) pairs 2.5e-15 in float64, as low as the
+truth's). What stays exact is which words occur, and the gradient's values say more: split over
+word and slot parts (`span_words`), they give each word's and each slot's share, which places
+the words met once (47 and 68 tokens on SST-2 dev sentences 12-15 and 8-11, all where they sit).
+Placed words lead their slots' pools and leave all others; the search never replaces them, only
+moves them between the sentences sharing the slot. For query and key modules, `Membership`
+scores a hypothesis by the attention structure instead (per head, a token's backward signal lies
+in the span of its own sentence's keys, resp. queries): ~1e-12 for the truth, 1e-3 and up for
+one swapped token (in a sentence of 25-29 tokens, 1e-6 and up for one replaced token: SST-2 dev
+sentences 12-15, truth 3e-12). The signals are fixed once the slots' tokens are (each slot keeps
+its pool's best `n`), so `assign` anneals over who holds which token: swaps of one slot or of a
+run of slots between two sentences, each rescoring just those two sentences (a few random
+restarts). Whole sentences of equal length are then ordered by the gradient match (the
+membership test is label-blind), and the result is kept if its relative gradient residual is
+below `EXACT_RESIDUAL`. Otherwise, and for value modules, each slot's pool is searched
+coordinate by coordinate from there (replace a token, or swap two sentences' tokens at a slot),
+each move scored by the full gradient match `|sum_b G_b - G|`: the labels are known, so a
+candidate sentence's own forward/backward pass gives its exact contribution `G_b`; still
+unsolved, that search runs again over the split's pools for the words it did not place (on those
+two batches 3-4 of about 52 open tokens missing from them, against 13-15 from the row space's
+best tokens). A batch left unsolved is peeled: a sentence whose `G_b`, taken off `G`, lowers its
+rank by about its token count is exact (`verified_sentences`; a wrong token leaves the rank
+where it was), so the verified ones are subtracted and the others solved again on what is left,
+with fewer sentences to confuse (kept only where that lowers their residual).
 
 Limits. Token type ids, lengths and special-token positions are taken as known structure.
 - A word pair repeated at a pair of positions (two punctuation marks in two sentences) makes
@@ -67,6 +67,13 @@ Limits. Token type ids, lengths and special-token positions are taken as known s
   share times their LayerNorm scale) in place of fitted ones put 91 of 106 tokens of sentences
   12-15 wrong, against 6 without; searching every leftover word at every open slot without the
   first, narrower pass: 96 and 103 wrong, with and without the placed words protected.
+- Why sentences 12-15 stay unsolved at query@0: the annealing's pools hold a wrong word among
+  their first `n` at 15 tokens (12 with the split's ranking), and neither score guides a search
+  towards the right ones. Annealing with replacements from the split's pools on membership
+  (log scale) stayed at 0.13-0.3 with 71-86 of 98 content tokens wrong (3000 moves); the placed
+  tokens' own backward signals (the split's share times the LayerNorm scale, exact whatever the
+  other words are) differ from a hypothesis' by 0.05-2.5 (relative, squared) with one wrong
+  token in the sentence and about 1-3 with two to twelve: right or not, no nearer.
 """
 
 from __future__ import annotations
