@@ -76,11 +76,13 @@ def test_exact_recovers_and_assigns_a_batch(tiny):
 
 def test_chunk_size_does_not_change_the_result(tiny):
     model, tokenizer = tiny
-    module = layout(model).component_name("value", 0)
+    # Query: the tiny model's value@0 gradient is near rank 1 (see above), a span too thin
+    # for the screening to show anything.
+    module = layout(model).component_name("query", 0)
     texts = ["a funny story with a great cast"]
-    _, small = run(model, tokenizer, texts, [1], module, chunk=5)
+    truth, small = run(model, tokenizer, texts, [1], module, chunk=5)
     _, large = run(model, tokenizer, texts, [1], module, chunk=4096)
-    assert small.token_ids == large.token_ids
+    assert small.token_ids == large.token_ids == truth
 
 
 @pytest.mark.slow
