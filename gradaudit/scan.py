@@ -26,6 +26,7 @@ class ScanRow:
 
     module: str
     rank: int
+    rank_above_rounding: int  # with the weaker directions past the rank's gap (see spectrum)
     tokens: int
     width: int
     param_share: float
@@ -50,6 +51,7 @@ def scan(
             ScanRow(
                 module=name,
                 rank=spec.rank,
+                rank_above_rounding=spec.rank_above_rounding,
                 tokens=tokens,
                 width=spec.width,
                 param_share=grad.numel() / total,
@@ -61,12 +63,16 @@ def scan(
 
 
 def to_table(rows: list[ScanRow]) -> str:
-    """A plain-text table, one module per line."""
+    """A plain-text table, one module per line; a rank reads `71 (74)` where weaker
+    directions stand above the rounding past the rank's gap."""
     name_width = max([len("module")] + [len(r.module) for r in rows])
-    lines = [f"{'module':<{name_width}}  rank  tokens  width  params  label"]
+    lines = [f"{'module':<{name_width}}       rank  tokens  width  params  label"]
     for r in rows:
+        rank = str(r.rank)
+        if r.rank_above_rounding != r.rank:
+            rank += f" ({r.rank_above_rounding})"
         lines.append(
-            f"{r.module:<{name_width}}  {r.rank:>4}  {r.tokens:>6}  {r.width:>5}  "
+            f"{r.module:<{name_width}}  {rank:>9}  {r.tokens:>6}  {r.width:>5}  "
             f"{r.param_share:>6.2%}  {r.label}"
         )
     return "\n".join(lines)

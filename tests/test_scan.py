@@ -9,7 +9,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.batch import make_batch
 from gradaudit.families import layout
-from gradaudit.scan import scan, to_json, to_table
+from gradaudit.scan import ScanRow, scan, to_json, to_table
 from gradaudit.selection import select_modules
 
 WORDS = "the a movie film plot was is good bad very boring funny and not".split()
@@ -55,3 +55,14 @@ def test_scan_minilm_labels(minilm):
     rows = scan(model, batch, select_modules(model, "all@all"))
     assert len(rows) == 36
     assert {r.label for r in rows} >= {"exact", "span", "rank-limited"}
+
+
+def test_table_shows_weaker_directions_above_rounding_next_to_the_rank():
+    # SST-2 dev sentences 0-3 at MiniLM's query@2 read this way: rank 71 at the largest gap,
+    # 74 (the batch's tokens) counting the weaker directions that still clear the rounding.
+    row = ScanRow("layer.2.query", 71, 74, 74, 384, 0.007, True, "span")
+    same = ScanRow("layer.0.query", 70, 70, 74, 384, 0.007, True, "exact")
+    lines = to_table([row, same]).splitlines()
+    assert " 71 (74) " in lines[1]
+    assert "(" not in lines[2]
+    assert json.loads(to_json([row]))[0]["rank_above_rounding"] == 74

@@ -103,6 +103,22 @@ def test_nan_gradient_is_a_clear_error():
         spectrum(grad, name="layer.0.query")
 
 
+def test_weaker_directions_past_the_largest_gap_are_counted_above_rounding():
+    # One strong direction, five weak ones 1e7 below it, a noise bulk 1e5 below those filling
+    # the rest of the spectrum (above float64 rounding, so it is the floor here): the
+    # rank stops at the largest gap, rank_above_rounding at the last gap of at least min_gap.
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(60, 30, dtype=torch.float64, generator=generator)).Q
+    values = torch.tensor([1.0] + [1e-7] * 5 + [1e-12] * 24, dtype=torch.float64)
+    spec = spectrum(left @ torch.diag(values) @ right.T, min_gap=50.0)
+    assert (spec.rank, spec.rank_above_rounding) == (1, 6)
+    assert spec.summary()["rank_above_rounding"] == 6
+    values[1:6] = 1e-5  # now the weak directions' own gap (1e7) is the largest: no ambiguity
+    spec = spectrum(left @ torch.diag(values) @ right.T, min_gap=50.0)
+    assert (spec.rank, spec.rank_above_rounding) == (6, 6)
+
+
 def test_zero_gradient_says_nothing_to_recover(tiny):
     model, tokenizer = tiny
     module = layout(model).component_name("query", 0)
