@@ -130,7 +130,8 @@ def content_slots(
     return [Slot(c, p, s, tuple(bs)) for (c, p, s), bs in sorted(groups.items())]
 
 
-def _norm_affine(lay: ModelLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_affine(lay: ModelLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding LayerNorm's weight and bias (gamma, beta) in float64 on `device`."""
     norm = lay.embedding_norm
     return (
         norm.weight.detach().to(device, torch.float64),
@@ -149,7 +150,7 @@ def slot_offsets(lay: ModelLayout, slots: list[Slot], device: torch.device) -> t
 
 def layer0_inputs(lay: ModelLayout, token_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Exact float64 layer-0 inputs of `token_ids` (n) at slots with `offsets` (n x width)."""
-    gamma, beta = _norm_affine(lay, offsets.device)
+    gamma, beta = norm_affine(lay, offsets.device)
     words = lay.word_embeddings.weight.detach()[token_ids].to(torch.float64)
     z = words + offsets
     z = z - z.mean(-1, keepdim=True)
@@ -206,7 +207,7 @@ def screen_tokens(
     """
     device = basis.device
     width = basis.shape[1]
-    gamma, beta = _norm_affine(lay, device)
+    gamma, beta = norm_affine(lay, device)
     eps = lay.embedding_norm.eps
     use_complement = basis.shape[0] > width // 2
     if use_complement:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families import ModelLayout
-from .span_exact import Slot, pick_by_gap
+from .span_exact import Slot, norm_affine, pick_by_gap
 
 DECOMPOSED = 1e-4  # relative residual of G against the word/slot/beta basis: an exact split
 INDEPENDENT = 1e-9  # smallest singular value of that basis, relative: it must be independent
@@ -83,7 +83,7 @@ def occurring_words(
 
     At most `most` (the content tokens); the cut is the largest jump in the sorted residuals.
     """
-    gamma = lay.embedding_norm.weight.detach().to(basis)
+    gamma, _ = norm_affine(lay, basis.device)
     # The pieces overlap (the row space holds words + slot parts): an SVD keeps only what
     # they span, where a QR would add arbitrary directions for the dependent ones.
     pieces = torch.cat([basis, slot_parts, beta[None]])
@@ -118,8 +118,7 @@ def word_places(
     (noised gradient, dependent basis: e.g. two segments at two positions each).
     """
     device = basis.device
-    gamma = lay.embedding_norm.weight.detach().to(device, torch.float64)
-    beta = lay.embedding_norm.bias.detach().to(device, torch.float64)
+    gamma, beta = norm_affine(lay, device)
     # Every place that holds a token (content or special): identical offsets are one place.
     all_offsets = torch.cat([offsets, special_offsets])
     places, slot_place = torch.unique(all_offsets, dim=0, return_inverse=True)
