@@ -13,6 +13,7 @@ from gradaudit.attacks.span import module_spectra
 from gradaudit.attacks.span_deep import (
     KICK,
     LR_SPREAD,
+    ROUGH_KEEP,
     SEARCHES,
     SENTENCE_FITS,
     SOLVED,
@@ -29,6 +30,7 @@ from gradaudit.attacks.span_deep import (
     _shifted_insertions,
     _shifts,
     _slot_optima,
+    _take_best,
     deep_search,
 )
 from gradaudit.audit import score_reconstruction
@@ -115,13 +117,71 @@ def test_auto_runs_deep_span_past_layer_0(model, tiny_tokenizer):
 def test_bad_deep_option_is_an_error():
     with pytest.raises(GradAuditError, match="deep_restarts"):
         get_attack("span", deep_restarts=0)
+    with pytest.raises(GradAuditError, match="rough_dtype='int8': choose one of auto, none"):
+        get_attack("span", rough_dtype="int8")
 
 
-def objective_of(model, tokenizer, snapshot):
+@pytest.mark.parametrize("rough", ["bfloat16", "none"])
+def test_deep_recovers_a_sentence_with_or_without_a_rough_objective(model, tiny_tokenizer, rough):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    result = get_attack("span", rough_dtype=rough).reconstruct(
+        model, snapshot, tokenizer=tiny_tokenizer, device="cpu", budget=0.3
+    )
+    assert result.token_ids == truth_of(snapshot)
+    assert result.info["residual"] < SOLVED
+
+
+def objective_of(model, tokenizer, snapshot, rough=None):
     cpu = torch.device("cpu")
     bases = {m: s.basis for m, s in module_spectra(model, snapshot, 50.0, cpu).items()}
     content = content_mask(snapshot, tokenizer)
-    return SpanObjective(model, layout(model), snapshot, bases, content, cpu)
+    return SpanObjective(model, layout(model), snapshot, bases, content, cpu, rough)
+
+
+def rough_take_best(objective, truth, position, wrong_token, candidates):
+    """`_take_best` over `candidates` at `position` of `truth` (the last one replaced by the
+    truth) from `wrong_token` there; its ids and score and how many it scored at full
+    precision."""
+    wrong = truth.clone()
+    wrong[0, position] = wrong_token
+    trial = wrong.repeat(len(candidates), 1, 1)
+    trial[:, 0, position] = candidates
+    trial[-1] = truth
+    full = []
+    score_variants = objective.score_variants
+    objective.score_variants = lambda ids, b, variants, per_pass: (
+        full.append(len(variants)) or score_variants(ids, b, variants, per_pass)
+    )
+    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+    found, score = _take_best(objective, trial, 8, wrong, current)
+    return found, score, sum(full)
+
+
+def test_a_rough_objective_that_cannot_tell_candidates_apart_leaves_all_to_full_precision(
+    model, tiny_tokenizer
+):
+    # The tiny random model's query@1 scores one wrong token ~1e-6: below bfloat16's precision.
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot, torch.bfloat16)
+    truth = snapshot.batch["input_ids"]
+    candidates = torch.arange(40, 40 + 4 * ROUGH_KEEP)
+    found, score, full = rough_take_best(objective, truth, 2, 18, candidates)
+    assert torch.equal(found, truth)
+    assert float(score) == float(objective.score_ids(truth.unsqueeze(0), 1)[0]) < SOLVED
+    assert float(objective.rough.score_ids(truth.unsqueeze(0), 1)[0]) > SOLVED  # rough: no ~0
+    assert full == len(candidates)
+
+
+def test_a_rough_objective_leaves_few_candidates_to_full_precision_on_minilm(minilm):
+    model, tokenizer = minilm
+    text = "a charming and often affecting journey ."
+    snapshot = snapshot_of(model, tokenizer, [text], "query", 2)
+    objective = objective_of(model, tokenizer, snapshot, torch.bfloat16)
+    truth = snapshot.batch["input_ids"]
+    candidates = candidate_token_ids(tokenizer)[1000:1064]
+    found, score, full = rough_take_best(objective, truth, 3, 2000, candidates)
+    assert torch.equal(found, truth) and float(score) < SOLVED
+    assert full < len(candidates) // 4
 
 
 def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model, tiny_tokenizer):
@@ -149,9 +209,7 @@ def test_reorderings_exchange_phrases_of_up_to_three_tokens():
     assert all(sorted(o) == sorted(tokens.flatten().tolist()) for o in orders)
 
 
-def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(
-    model, tiny_tokenizer
-):
+def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(model, tiny_tokenizer):
     snapshot = snapshot_of(model, tiny_tokenizer, ["the charming cast and the music"], "query")
     objective = objective_of(model, tiny_tokenizer, snapshot)
     ids = snapshot.batch["input_ids"]
@@ -185,9 +243,7 @@ def test_first_order_ranks_the_reordering_that_restores_a_sentence_near_the_top(
     truth = snapshot.batch["input_ids"]
     perms = _reorderings(objective.content)
     ranks = []
-    for perm in perms[torch.randperm(len(perms), generator=torch.Generator().manual_seed(0))][
-        :20
-    ]:
+    for perm in perms[torch.randperm(len(perms), generator=torch.Generator().manual_seed(0))][:20]:
         wrong = truth.flatten()[perm].view_as(truth)
         if torch.equal(wrong, truth):
             continue  # swapped the two "the"

@@ -52,6 +52,21 @@ from .span_exact import (
 from .span_words import word_places
 
 SATURATED_CHOICES = ("stop", "gradmatch")
+ROUGH_CHOICES = ("auto", "none", "bfloat16", "float16")
+
+
+def rough_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of deep mode's rough objective for option `choice` on `device`, or None."""
+    if choice != "auto":
+        return None if choice == "none" else getattr(torch, choice)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    # Without native support (no AVX-512-BF16 or AMX) bfloat16 is emulated and slower.
+    cpu = torch.cpu
+    native = getattr(cpu, "_is_avx512_bf16_supported", None) or getattr(
+        cpu, "_is_amx_tile_supported", None
+    )
+    return torch.bfloat16 if device.type == "cpu" and native is not None and native() else None
 
 
 @dataclass
@@ -73,6 +88,10 @@ class SpanOptions:
     deep_inserts: int = 16  # tokens tried as an insertion that shifts its sentence
     deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
     deep_moves: int = 1024  # reorderings (swaps, moves of a token) tried per sweep
+    # Deep mode ranks candidates with a copy of the model in this dtype and scores only the
+    # best few at full precision: "auto" is bfloat16 where the device computes it natively
+    # (about twice float32's speed on an AVX-512-BF16 CPU), "none" scores all at full precision.
+    rough_dtype: str = "auto"
     gradient_check: bool = True
     saturated: str = "stop"
     progress: bool = False
@@ -110,6 +129,11 @@ class SpanAttack(Attack):
         for name in (*sizes, "deep_moves"):
             if getattr(self.options, name) < 0:
                 raise GradAuditError(f"{name} must be at least 0")
+        if self.options.rough_dtype not in ROUGH_CHOICES:
+            choices = ", ".join(ROUGH_CHOICES)
+            raise GradAuditError(
+                f"rough_dtype={self.options.rough_dtype!r}: choose one of {choices}"
+            )
 
     def _reconstruct(
         self,
@@ -332,7 +356,8 @@ class SpanAttack(Attack):
         device = next(iter(usable.values())).basis.device
         content = content_mask(snapshot, tokenizer)
         bases = {m: s.basis for m, s in usable.items()}
-        objective = SpanObjective(model, lay, snapshot, bases, content, device)
+        rough = rough_dtype(opts.rough_dtype, device)
+        objective = SpanObjective(model, lay, snapshot, bases, content, device, rough)
         settings = DeepSettings(
             steps=round(opts.deep_steps * budget),
             restarts=opts.deep_restarts,

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..families import ModelLayout
+from ..families import ModelLayout, layout
 from ..snapshot import GradientSnapshot
 
 
@@ -92,8 +92,15 @@ class SpanObjective:
         bases: dict[str, torch.Tensor],
         content: torch.Tensor,
         device: torch.device,
+        rough_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        # A copy of this objective over the model in a cheaper dtype: it ranks candidates, and
+        # only the best `ROUGH_KEEP` are scored at full precision (`_take_best`).
+        self.rough: SpanObjective | None = None
+        if rough_dtype is not None:
+            cheap = copy.deepcopy(model).to(rough_dtype)
+            self.rough = SpanObjective(cheap, layout(cheap), snapshot, bases, content, device)
         self.bases = {m: v.to(device, torch.float64) for m, v in bases.items()}
         self.centred = {m: (lay.locate(m) or ("", 0))[0] == "key" for m in bases}
         batch = {k: v.to(device) for k, v in snapshot.batch.items()}
@@ -124,6 +131,7 @@ class SpanObjective:
         `ids` (their module inputs computed once) and any others left out: a one-sentence
         search inside its batch."""
         view = copy.copy(self)
+        view.rough = self.rough.holding(ids, sentence, held) if self.rough else None
         view.alone, view.fixed = True, {}
         if held:
             with torch.no_grad():
@@ -417,6 +425,8 @@ BLOCK = 3  # longest run of tokens that an exchange moves as one
 WIDEN = 4  # a sweep that changes nothing is retried with this many times more linearised tokens
 WIDEST = 16  # ... up to this many times `linearised`; still stuck, one sweep refines
 REFINE_SHARE = 3  # a refining sweep's one-slot searches run steps / REFINE_SHARE Adam steps
+ROUGH_KEEP = 8  # of the candidates a rough objective ranks, scored again at full precision
+ROUGH_NOISE = 3.0  # ... and those this many times its error on the current ids from its best
 
 
 def _reorderings(mask: torch.Tensor) -> torch.Tensor:
@@ -487,7 +497,7 @@ def _continuous(
     # gradient's scale, so optimising u in x = origin + lr_k * u at unit rate is Adam on x
     # at rate lr_k.
     spread = torch.arange(len(origin), dtype=torch.float64) / max(1, len(origin) - 1)
-    rates = settings.lr * float(scale.mean()) * LR_SPREAD ** spread
+    rates = settings.lr * float(scale.mean()) * LR_SPREAD**spread
     rates = rates.to(origin).view(-1, *[1] * (origin.dim() - 1))
     u = torch.zeros_like(origin, requires_grad=True)
     optimizer = torch.optim.Adam([u], lr=1.0)
@@ -724,11 +734,31 @@ def _take_best(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ids` or the best of `trial` (K, B, L) if it scores lower.
 
-    A candidate that changes one sentence is scored by running that sentence alone (see
-    `score_variants`); one host sync per call sorts them out.
+    With a rough objective, it ranks the candidates and only its best are scored at full
+    precision (a move is taken on its full-precision score alone): the `ROUGH_KEEP` best, and
+    every one it cannot tell from its best, `ROUGH_NOISE` times its error on `ids` away (where
+    the candidates' scores differ by less than its precision, all of them).
     """
     if not len(trial):  # e.g. deep_moves=0
         return ids, current
+    if objective.rough is not None and len(trial) > ROUGH_KEEP:
+        rough = _scores(objective.rough, torch.cat([ids.unsqueeze(0), trial]), per_pass, ids)
+        error, rough = (rough[0] - current).abs(), rough[1:]
+        keep = rough <= rough.min() + ROUGH_NOISE * error
+        keep[rough.topk(ROUGH_KEEP, largest=False).indices] = True
+        trial = trial[keep]
+    scores = _scores(objective, trial, per_pass, ids)
+    i = scores.argmin()
+    better = scores[i] < current
+    return torch.where(better, trial[i], ids), torch.minimum(scores[i], current)
+
+
+def _scores(
+    objective: SpanObjective, trial: torch.Tensor, per_pass: int, ids: torch.Tensor
+) -> torch.Tensor:
+    """Scores (K,) of candidate batches `trial` (K, B, L) near `ids`. A candidate that changes
+    one sentence is scored by running that sentence alone (see `score_variants`); one host
+    sync per call sorts them out."""
     changed = (trial != ids).any(-1)  # (K, B)
     alone = changed.sum(1) == 1
     scores = torch.empty(len(trial), dtype=torch.float64, device=ids.device)
@@ -739,6 +769,4 @@ def _take_best(
     rows = (~alone).nonzero().flatten()
     if len(rows):
         scores[rows] = objective.score_ids(trial[rows], per_pass)
-    i = scores.argmin()
-    better = scores[i] < current
-    return torch.where(better, trial[i], ids), torch.minimum(scores[i], current)
+    return scores
