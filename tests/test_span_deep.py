@@ -127,6 +127,7 @@ def test_deep_recovers_a_sentence_with_or_without_a_rough_objective(model, tiny_
     result = get_attack("span", rough_dtype=rough).reconstruct(
         model, snapshot, tokenizer=tiny_tokenizer, device="cpu", budget=0.3
     )
+    assert result.info["rough_dtype"] == rough
     assert result.token_ids == truth_of(snapshot)
     assert result.info["residual"] < SOLVED
 

@@ -372,6 +372,7 @@ class SpanAttack(Attack):
             forward_batch=opts.forward_batch,
         )
         ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
+        details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
         if opts.gradient_check:
             matcher = _Matcher(model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0))
             distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
