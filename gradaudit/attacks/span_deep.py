@@ -29,7 +29,9 @@ to three tokens (a misplaced phrase); then insertions: one token deleted and a n
 inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
 one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
 best to first order (one backward ranks them all), half at random. Every candidate is scored
-in batches of `forward_batch` sequences, until `sweeps` ends or a sweep changes nothing even
+in batches of `forward_batch` sequences (with a rough objective, a copy of the model in
+bfloat16 ranks them first and only its best are scored in float32: `_take_best`), until
+`sweeps` ends or a sweep changes nothing even
 with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold) and then,
 in a search of one sentence, with each slot refined alone: Adam on that slot's embedding, the
 rest fixed, and its nearest tokens tried as replacements and insertions (first order can rank
@@ -96,7 +98,7 @@ class SpanObjective:
     ) -> None:
         self.model = model
         # A copy of this objective over the model in a cheaper dtype: it ranks candidates, and
-        # only the best `ROUGH_KEEP` are scored at full precision (`_take_best`).
+        # only its best are scored at full precision (`_take_best`).
         self.rough: SpanObjective | None = None
         if rough_dtype is not None:
             cheap = copy.deepcopy(model).to(rough_dtype)
