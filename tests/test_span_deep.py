@@ -200,6 +200,19 @@ def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model
     assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())  # only the truth scores ~0
 
 
+def test_scoring_variants_of_a_one_sentence_batch_equals_scoring_them_whole(
+    model, tiny_tokenizer
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    ids = snapshot.batch["input_ids"]
+    variants = ids.repeat(4, 1)
+    variants[:3, 2] = torch.tensor([40, 41, 42])
+    alone = objective.score_variants(ids, 0, variants, per_pass=2)
+    assert torch.allclose(alone, objective.score_ids(variants.unsqueeze(1), 2), atol=1e-12)
+    assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())
+
+
 def test_reorderings_exchange_phrases_of_up_to_three_tokens():
     mask = torch.tensor([[False, True, True, True, True, True, False]])
     tokens = torch.tensor([[0, 11, 12, 13, 14, 15, 0]])
