@@ -49,6 +49,7 @@ structure.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,6 +184,12 @@ class SpanObjective:
         mask = real.unsqueeze(-1)
         return x - (x * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True)
 
+    @functools.cached_property
+    def spread(self) -> torch.Tensor:
+        """Standard deviation (H,) of the vocabulary's embeddings per dimension (computed once:
+        about 0.15 s for MiniLM's 30522 tokens on one CPU thread)."""
+        return self.embeddings.std(0)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (..., B, L, H) of token ids (..., B, L)."""
         return self.embeddings[ids]
@@ -305,7 +312,7 @@ def _slot_optima(
     slot's token, `forward_batch` sequences at a time. Its nearest tokens rank a missing word
     where first order does not (MiniLM attn_output@4: "the" 2615th of 29523 to first order,
     1st here)."""
-    rate = settings.lr * LR_SPREAD * float(objective.embeddings.std(0).mean())
+    rate = settings.lr * LR_SPREAD * float(objective.spread.mean())
     optima = []
     for part in torch.arange(len(trials), device=trials.device).split(
         max(1, settings.forward_batch // trials.shape[1])
@@ -489,7 +496,7 @@ def _continuous(
     emb = objective.embeddings
     shape = (settings.restarts, *objective.content.shape, emb.shape[1])
     start = torch.randn(shape, generator=generator, dtype=emb.dtype).to(emb.device)
-    scale = emb.std(0)
+    scale = objective.spread
     if around is None:
         origin = start * scale + emb.mean(0)
     else:
