@@ -200,6 +200,28 @@ def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model
     assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())  # only the truth scores ~0
 
 
+def test_a_short_sentence_of_a_batch_runs_forward_without_the_batch_padding(
+    model, tiny_tokenizer
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT, "a plot"], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    ids, real = snapshot.batch["input_ids"], snapshot.batch["attention_mask"].bool()
+    widths = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        alone = objective.module_inputs(objective.embed(ids[1:]).unsqueeze(0), [1])
+        whole = objective.module_inputs(objective.embed(ids).unsqueeze(0))
+    finally:
+        handle.remove()
+    assert widths == [int(real[1].sum()), ids.shape[1]]
+    for name, x in alone.items():
+        assert x.shape == whole[name][:, 1:].shape
+        assert torch.allclose(x[0, 0, real[1]], whole[name][0, 1, real[1]], atol=1e-6)
+        assert not x[0, 0, ~real[1]].any()  # padding: zero inputs, which no score reads
+
+
 def test_scoring_variants_of_a_one_sentence_batch_equals_scoring_them_whole(
     model, tiny_tokenizer
 ):

@@ -108,6 +108,9 @@ class SpanObjective:
         self.centred = {m: (lay.locate(m) or ("", 0))[0] == "key" for m in bases}
         batch = {k: v.to(device) for k, v in snapshot.batch.items()}
         self.real = batch["attention_mask"].bool()
+        # Each sentence's length up to its last real token (one host sync, here).
+        last = (self.real * torch.arange(1, self.real.shape[1] + 1, device=device)).amax(-1)
+        self.widths: list[int] = last.tolist()
         self.content = content.to(device)
         # Which rows `outside` tests per module: "real" (all), "content", or none.
         self.outside: dict[str, str | None] = {}
@@ -143,6 +146,7 @@ class SpanObjective:
         view.fixed_real, view.fixed_content = self.real[held], self.content[held]
         keep = slice(sentence, sentence + 1)
         view.real, view.content = self.real[keep], self.content[keep]
+        view.widths = self.widths[keep]
         view.known_ids = ids[keep].masked_fill(view.content, 0)
         view.inputs = {n: v[keep] for n, v in self.inputs.items()}
         return view
@@ -200,9 +204,13 @@ class SpanObjective:
         """Inputs (K, S, L, d) of each observed module for candidate embeddings `xs`
         (K, S, L, H) of the batch's `sentences` (all by default); content rows of `xs` count."""
         rows = slice(None) if sentences is None else sentences
-        k = xs.shape[0]
-        known = self.embed(self.known_ids[rows])
-        embeds = torch.where(self.content[rows].unsqueeze(-1), xs, known)
+        k, length = xs.shape[0], xs.shape[2]
+        # Positions past the last real token of these sentences are padding, which no score
+        # reads: run the forward without them (a short sentence of a batch runs at its own
+        # length) and give them zero inputs.
+        width = max(self.widths if sentences is None else [self.widths[r] for r in sentences])
+        known = self.embed(self.known_ids[rows, :width])
+        embeds = torch.where(self.content[rows, :width].unsqueeze(-1), xs[..., :width, :], known)
         seen: dict[str, torch.Tensor] = {}
 
         def keep(name: str) -> Callable[..., None]:
@@ -216,7 +224,7 @@ class SpanObjective:
         handles = [
             self.model.get_submodule(m).register_forward_pre_hook(keep(m)) for m in self.bases
         ]
-        inputs = {n: v[rows].repeat(k, 1) for n, v in self.inputs.items()}
+        inputs = {n: v[rows, :width].repeat(k, 1) for n, v in self.inputs.items()}
         try:
             self.model(inputs_embeds=embeds.flatten(0, 1), **inputs)
         except _Stop:
@@ -224,7 +232,10 @@ class SpanObjective:
         finally:
             for handle in handles:
                 handle.remove()
-        return {m: x.reshape(k, *embeds.shape[1:3], -1) for m, x in seen.items()}
+        return {
+            m: F.pad(x.reshape(k, *embeds.shape[1:3], -1), (0, 0, 0, length - width))
+            for m, x in seen.items()
+        }
 
     def score_inputs(self, seen: dict[str, torch.Tensor]) -> torch.Tensor:
         """Score (K,) of the whole batch's module inputs (K, B, L, d) per module."""
