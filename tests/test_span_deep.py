@@ -200,9 +200,7 @@ def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model
     assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())  # only the truth scores ~0
 
 
-def test_a_short_sentence_of_a_batch_runs_forward_without_the_batch_padding(
-    model, tiny_tokenizer
-):
+def test_a_short_sentence_of_a_batch_runs_forward_without_the_batch_padding(model, tiny_tokenizer):
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT, "a plot"], "query")
     objective = objective_of(model, tiny_tokenizer, snapshot)
     ids, real = snapshot.batch["input_ids"], snapshot.batch["attention_mask"].bool()
@@ -222,9 +220,7 @@ def test_a_short_sentence_of_a_batch_runs_forward_without_the_batch_padding(
         assert not x[0, 0, ~real[1]].any()  # padding: zero inputs, which no score reads
 
 
-def test_scoring_variants_of_a_one_sentence_batch_equals_scoring_them_whole(
-    model, tiny_tokenizer
-):
+def test_scoring_variants_of_a_one_sentence_batch_equals_scoring_them_whole(model, tiny_tokenizer):
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
     objective = objective_of(model, tiny_tokenizer, snapshot)
     ids = snapshot.batch["input_ids"]
