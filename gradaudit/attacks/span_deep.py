@@ -22,12 +22,12 @@ coordinate descent. Each sweep, every position tries the `screen` best to first 
 `neighbours` nearest tokens and the bag of all positions' `bag` nearest, plus the
 `linearised` tokens of the whole vocabulary that lower the score most to first order (one
 backward pass at the current tokens: these reach words the continuous search never came
-near); only the changed sentence runs forward, the others' module inputs
-are reused. Then reorderings: swaps of two content tokens (across sentences too), moves
-of a token to another slot of its sentence (the others shifting), exchanges of two runs of up
-to three tokens (a misplaced phrase); then insertions: one token deleted and a new one
-inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a missing
-one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
+near); only the changed sentence runs forward (up to its last real token), the others'
+module inputs are reused. Then reorderings: swaps of two content tokens (across sentences
+too), moves of a token to another slot of its sentence (the others shifting), exchanges of
+two runs of up to three tokens (a misplaced phrase); then insertions: one token deleted and a new
+one inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a
+missing one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
 best to first order (one backward ranks them all), half at random. Every candidate is scored
 in batches of `forward_batch` sequences (with a rough objective, a copy of the model in
 bfloat16 ranks them first and only its best are scored in float32: `_take_best`), until
