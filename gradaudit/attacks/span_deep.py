@@ -19,31 +19,30 @@ Each score runs the model's own forward only up to the deepest observed module (
 pre-hook captures the inputs and stops it). Search: Adam on the content positions' word
 embeddings from a few random starts (all starts in one batch), the nearest tokens, then
 coordinate descent. Each sweep, every position tries the `screen` best to first order of its
-`neighbours` nearest tokens and the bag of all positions' `bag` nearest, plus the
-`linearised` tokens of the whole vocabulary that lower the score most to first order (one
-backward pass at the current tokens: these reach words the continuous search never came
-near); only the changed sentence runs forward (up to its last real token), the others'
-module inputs are reused. Then reorderings: swaps of two content tokens (across sentences
-too), moves of a token to another slot of its sentence (the others shifting), exchanges of
-two runs of up to three tokens (a misplaced phrase); then insertions: one token deleted and a new
-one inserted elsewhere in its sentence, the tokens between shifting (a doubled word where a
-missing one belongs: no single move improves that). At most `moves` of each kind per sweep: half the
-best to first order (one backward ranks them all), half at random. Every candidate is scored
-in batches of `forward_batch` sequences (with a rough objective, a copy of the model in
-bfloat16 ranks them first and only its best are scored in float32: `_take_best`), until
-`sweeps` ends or a sweep changes nothing even
-with `WIDEST` times the linearised tokens (a stuck sweep widens them `WIDEN`-fold) and then,
-in a search of one sentence, with each slot refined alone: Adam on that slot's embedding, the
-rest fixed, and its nearest tokens tried as replacements and insertions (first order can rank
-the missing word in the thousands; a joint search of several sentences leaves this to their
-one-sentence searches, where each slot's copy runs one sentence). An unsolved search is kicked:
-Adam again from starts drawn close around its tokens, then coordinate descent from the best of
-those; still unsolved, the second-best fresh start is searched. With several sentences their
-inputs jointly span `V`; if a joint search ends unsolved, each sentence whose own inputs stray
-outside `V` (a test per sentence) is searched again from fresh starts with the others held
-fixed, then, while that leaves more sentences fitting, with only the sentences that fit held (a
-wrong sentence may hold the words another needs). Lengths and special tokens are known
-structure.
+`neighbours` nearest tokens and the bag of all positions' `bag` nearest, plus the `linearised`
+tokens of the whole vocabulary that lower the score most to first order (one backward pass at
+the current tokens: these reach words the continuous search never came near); only the changed
+sentence runs forward (up to its last real token), the others' module inputs are reused. Then
+reorderings: swaps of two content tokens (across sentences too), moves of a token to another
+slot of its sentence (the others shifting), exchanges of two runs of up to three tokens (a
+misplaced phrase); then insertions: one token deleted and a new one inserted elsewhere in its
+sentence, the tokens between shifting (a doubled word where a missing one belongs: no single
+move improves that). At most `moves` of each kind per sweep: half the best to first order (one
+backward ranks them all), half at random. Every candidate is scored in batches of
+`forward_batch` sequences (with a rough objective, a copy of the model in bfloat16 ranks them
+first and only its best are scored in float32: `_take_best`), until `sweeps` ends or a sweep
+changes nothing even with `WIDEST` times the linearised tokens (a stuck sweep widens them
+`WIDEN`-fold) and then, in a search of one sentence, with each slot refined alone: Adam on that
+slot's embedding, the rest fixed, and its nearest tokens tried as replacements and insertions
+(first order can rank the missing word in the thousands; a joint search of several sentences
+leaves this to their one-sentence searches, where each slot's copy runs one sentence). An
+unsolved search is kicked: Adam again from starts drawn close around its tokens, then
+coordinate descent from the best of those; still unsolved, the second-best fresh start is
+searched. With several sentences their inputs jointly span `V`; if a joint search ends
+unsolved, each sentence whose own inputs stray outside `V` (a test per sentence) is searched
+again from fresh starts with the others held fixed, then, while that leaves more sentences
+fitting, with only the sentences that fit held (a wrong sentence may hold the words another
+needs). Lengths and special tokens are known structure.
 """
 
 from __future__ import annotations
