@@ -200,6 +200,19 @@ def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model
     assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())  # only the truth scores ~0
 
 
+def test_scoring_variants_of_a_one_sentence_batch_equals_scoring_them_as_batches(
+    model, tiny_tokenizer
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, ["a very boring plot"], "query")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    ids = snapshot.batch["input_ids"]
+    variants = ids[0].repeat(4, 1)
+    variants[:3, 2] = torch.tensor([40, 41, 42])
+    alone = objective.score_variants(ids, 0, variants, per_pass=2)
+    assert torch.allclose(alone, objective.score_ids(variants.unsqueeze(1), per_pass=2))
+    assert float(alone[-1]) < 1e-8 < float(alone[:-1].min())
+
+
 def test_a_short_sentence_of_a_batch_runs_forward_without_the_batch_padding(model, tiny_tokenizer):
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT, "a plot"], "query")
     objective = objective_of(model, tiny_tokenizer, snapshot)

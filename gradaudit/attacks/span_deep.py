@@ -95,6 +95,7 @@ class SpanObjective:
         content: torch.Tensor,
         device: torch.device,
         rough_dtype: torch.dtype | None = None,
+        precision: torch.dtype = torch.float64,
     ) -> None:
         self.model = model
         # A copy of this objective over the model in a cheaper dtype: it ranks candidates, and
@@ -102,8 +103,12 @@ class SpanObjective:
         self.rough: SpanObjective | None = None
         if rough_dtype is not None:
             cheap = copy.deepcopy(model).to(rough_dtype)
-            self.rough = SpanObjective(cheap, layout(cheap), snapshot, bases, content, device)
-        self.bases = {m: v.to(device, torch.float64) for m, v in bases.items()}
+            # Its scores are only as precise as its model: float32 subspace algebra suffices.
+            self.rough = SpanObjective(
+                cheap, layout(cheap), snapshot, bases, content, device, precision=torch.float32
+            )
+        self.precision = precision
+        self.bases = {m: v.to(device, precision) for m, v in bases.items()}
         self.centred = {m: (lay.locate(m) or ("", 0))[0] == "key" for m in bases}
         batch = {k: v.to(device) for k, v in snapshot.batch.items()}
         self.real = batch["attention_mask"].bool()
@@ -169,7 +174,7 @@ class SpanObjective:
             seen = self.module_inputs(self.embed(ids).unsqueeze(0))
         total = 0
         for name in tested:
-            x = self._centred(name, seen[name].to(torch.float64), self.real)[0]
+            x = self._centred(name, seen[name].to(self.precision), self.real)[0]
             x = x * self._rows(name, self.real, self.content).unsqueeze(-1)
             inside = (x @ self.bases[name].T).square().sum((1, 2))
             norm = x.square().sum((1, 2))
@@ -242,7 +247,7 @@ class SpanObjective:
         real = torch.cat([self.real, self.fixed_real])
         content = torch.cat([self.content, self.fixed_content])
         for name, basis in self.bases.items():
-            x = seen[name].to(torch.float64)
+            x = seen[name].to(self.precision)
             if self.fixed:
                 fixed = self.fixed[name].to(x).expand(len(x), -1, -1, -1)
                 x = torch.cat([x, fixed], 1)
@@ -267,11 +272,12 @@ class SpanObjective:
         shared, which makes a batch of B sentences B times cheaper to search than whole
         candidate batches."""
         with torch.no_grad():
-            base = self.module_inputs(self.embed(ids).unsqueeze(0))
+            # A one-sentence batch has nothing to share: its variants are whole batches.
+            base = self.module_inputs(self.embed(ids).unsqueeze(0)) if len(ids) > 1 else {}
             scores = []
             for part in variants.split(per_pass * len(ids)):
                 changed = self.module_inputs(self.embed(part).unsqueeze(1), [sentence])
-                merged = {}
+                merged = dict(changed)
                 for name, x in base.items():
                     merged[name] = x.repeat(len(part), 1, 1, 1)
                     merged[name][:, sentence] = changed[name][:, 0]
@@ -780,7 +786,7 @@ def _scores(
     sync per call sorts them out."""
     changed = (trial != ids).any(-1)  # (K, B)
     alone = changed.sum(1) == 1
-    scores = torch.empty(len(trial), dtype=torch.float64, device=ids.device)
+    scores = torch.empty(len(trial), dtype=objective.precision, device=ids.device)
     for b in range(ids.shape[0]):
         rows = (alone & changed[:, b]).nonzero().flatten()
         if len(rows):
