@@ -84,7 +84,8 @@ class _Stop(Exception):
 
 
 class SpanObjective:
-    """Two-way span mismatch of candidate batches against the observed row spaces."""
+    """Two-way span mismatch of candidate batches against the observed row spaces, with the
+    subspace algebra in `precision` (float64; a rough twin's in float32)."""
 
     def __init__(
         self,
