@@ -618,3 +618,38 @@ def test_a_kick_frees_a_search_stuck_several_tokens_from_the_truth(minilm):
         objective, start, start_score, source, vocab, raw, candidates, settings, 32, generator
     )
     assert torch.equal(ids, snapshot.batch["input_ids"]) and float(solved) < SOLVED
+
+
+def test_replacements_are_put_off_while_reorderings_still_help(model, tiny_tokenizer, monkeypatch):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    truth = snapshot.batch["input_ids"]
+    wrong = truth.clone()
+    wrong[0, [2, 3, 4, 6]] = truth[0, [3, 2, 6, 4]]  # the cast charming music the and
+    candidates = candidate_token_ids(tiny_tokenizer)
+    raw = objective.embed(candidates)
+    settings = settings_of(
+        steps=0, neighbours=1, bag=0, linearised=0, screen=0, inserts=0, sweeps=5,
+        moves=len(_reorderings(objective.content)),
+    )  # fmt: skip
+    kinds = []  # each scored set: r(eplacements at one slot) or m(oves); + where one helped
+
+    def counted(objective, trial, per_pass, ids, current):
+        found = take_best(objective, trial, per_pass, ids, current)
+        if not len(trial):  # no insertions
+            return found
+        changed = int((trial != ids).sum((1, 2)).max())
+        kinds.append(("r" if changed <= 1 else "m") + ("+" if found[1] < current else "."))
+        return found
+
+    take_best = span_deep._take_best
+    monkeypatch.setattr(span_deep, "_take_best", counted)
+    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+    found, score, sweeps = _discrete(
+        objective, wrong, current, objective.embed(wrong), F.normalize(raw, dim=-1), raw,
+        candidates, settings, 1, torch.Generator(),
+    )  # fmt: skip
+    assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
+    # The first sweep's replacements (each slot's own token) change nothing and a reordering
+    # helps, so the second sweep reorders without them.
+    assert kinds == ["r."] * 6 + ["m+", "m+"]

@@ -28,16 +28,18 @@ slot of its sentence (the others shifting), exchanges of two runs of up to three
 misplaced phrase); then insertions: one token deleted and a new one inserted elsewhere in its
 sentence, the tokens between shifting (a doubled word where a missing one belongs: no single
 move improves that). At most `moves` of each kind per sweep: half the best to first order (one
-backward ranks them all), half at random. Every candidate is scored in batches of
-`forward_batch` sequences (with a rough objective, a copy of the model in bfloat16 ranks them
-first and only its best are scored in float32: `_take_best`), until `sweeps` ends or a sweep
-changes nothing even with `WIDEST` times the linearised tokens (a stuck sweep widens them
-`WIDEN`-fold) and then, in a search of one sentence, with each slot refined alone: Adam on that
-slot's embedding, the rest fixed, and its nearest tokens tried as replacements and insertions
-(first order can rank the missing word in the thousands; a joint search of several sentences
-leaves this to their one-sentence searches, where each slot's copy runs one sentence). An
-unsolved search is kicked: Adam again from starts drawn close around its tokens, then
-coordinate descent from the best of those; still unsolved, the second-best fresh start is
+backward ranks them all), half at random. Late in a search the words are right and their order
+is not: once a sweep's replacements find nothing while its reorderings or insertions help, the
+next sweeps put the replacements off until those stop helping. Every candidate is scored in
+batches of `forward_batch` sequences (with a rough objective, a copy of the model in bfloat16
+ranks them first and only its best are scored in float32: `_take_best`), until `sweeps` ends or
+a sweep changes nothing even with `WIDEST` times the linearised tokens (a stuck sweep widens
+them `WIDEN`-fold) and then, in a search of one sentence, with each slot refined alone: Adam on
+that slot's embedding, the rest fixed, and its nearest tokens tried as replacements and
+insertions (first order can rank the missing word in the thousands; a joint search of several
+sentences leaves this to their one-sentence searches, where each slot's copy runs one
+sentence). An unsolved search is kicked: Adam again from starts drawn close around its tokens,
+then coordinate descent from the best of those; still unsolved, the second-best fresh start is
 searched. With several sentences their inputs jointly span `V`; if a joint search ends
 unsolved, each sentence whose own inputs stray outside `V` (a test per sentence) is searched
 again from fresh starts with the others held fixed, then, while that leaves more sentences
@@ -706,8 +708,11 @@ def _discrete(
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
     moves, shifts = _reorderings(mask).to(ids.device), _shifts(mask)
     sweeps, width, refine, solved = 0, settings.linearised, False, False
-    for _ in range(settings.sweeps):
-        before = current
+
+    def replacements(
+        ids: torch.Tensor, current: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Each position in turn takes the best of its candidate tokens; solved or not."""
         slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
         linearised = _first_order_best(slopes, raw_vocab, candidates, width)
         if refine:  # stuck at the widest first-order ranks: each slot's own optimum
@@ -723,8 +728,20 @@ def _discrete(
             trial[:, b, p] = pool
             ids, current = _take_best(objective, trial, per_pass, ids, current)
             # Once solved, the rest of the sweep (and its costlier moves) cannot improve it.
-            if solved := objective.finished(ids, current):
-                break
+            if objective.finished(ids, current):
+                return ids, current, True
+        return ids, current, False
+
+    # Late in a search the words are right and their order is not: replacements find nothing
+    # while each sweep's reordering or insertion still helps. Their pass is then put off
+    # until those stop helping, so a sweep takes the moves it would have taken with it
+    # whenever it would have found nothing.
+    replace = True
+    for _ in range(settings.sweeps):
+        before = current
+        if replace:
+            ids, current, solved = replacements(ids, current)
+        replaced = current < before
         if len(moves) and not solved:
             change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
             chosen = moves[_promising(change, settings.moves, generator)]
@@ -737,10 +754,15 @@ def _discrete(
             )
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
             solved = objective.finished(ids, current)
+        if not (replace or solved or bool(current < before)):
+            ids, current, solved = replacements(ids, current)  # put off until now
+            replaced = current < before
         sweeps += 1
         if solved:
             break
-        if bool(current < before):
+        improved = bool(current < before)
+        replace = bool(replaced) or not improved
+        if improved:
             width, refine = settings.linearised, False
         elif width < settings.linearised * WIDEST:
             width *= WIDEN  # stuck: the missing token is often just beyond the linearised few
