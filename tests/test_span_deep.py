@@ -312,6 +312,16 @@ def test_promising_moves_are_the_first_order_best_half_and_a_random_rest():
     assert sorted(_promising(change, 8, torch.Generator()).tolist()) == list(range(8))
 
 
+def discrete_from(objective, wrong, source, candidates, settings):
+    """`_discrete` from ids `wrong` (B, L) whose continuous source is `source`."""
+    raw = objective.embed(candidates)
+    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
+    return _discrete(
+        objective, wrong, current, source, F.normalize(raw, dim=-1), raw, candidates, settings,
+        1, torch.Generator(),
+    )  # fmt: skip
+
+
 def test_a_stuck_sweep_widens_the_linearised_tokens(model, tiny_tokenizer, monkeypatch):
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "query")
     objective = objective_of(model, tiny_tokenizer, snapshot)
@@ -319,18 +329,13 @@ def test_a_stuck_sweep_widens_the_linearised_tokens(model, tiny_tokenizer, monke
     wrong = truth.clone()
     wrong[0, 2] = 18  # the true token ranks 4th to first order here: beyond linearised=1
     candidates = candidate_token_ids(tiny_tokenizer)
-    raw = objective.embed(candidates)
     settings = DeepSettings(
         steps=0, restarts=1, lr=0.05, neighbours=1, bag=0, linearised=1, screen=0, inserts=0,
         sweeps=10, moves=0, forward_batch=8,
     )  # fmt: skip
 
     def search():
-        current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
-        return _discrete(
-            objective, wrong, current, objective.embed(wrong), F.normalize(raw, dim=-1), raw,
-            candidates, settings, 1, torch.Generator(),
-        )  # fmt: skip
+        return discrete_from(objective, wrong, objective.embed(wrong), candidates, settings)
 
     found, score, sweeps = search()
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
@@ -345,7 +350,6 @@ def test_a_sweep_stops_at_the_position_that_solves_it(model, tiny_tokenizer, mon
     wrong = truth.clone()
     wrong[0, 1] = 18  # only the first content token is wrong
     candidates = candidate_token_ids(tiny_tokenizer)
-    raw = objective.embed(candidates)
     settings = settings_of(steps=0, sweeps=3, moves=64, inserts=2)
     tried = []
 
@@ -355,11 +359,9 @@ def test_a_sweep_stops_at_the_position_that_solves_it(model, tiny_tokenizer, mon
 
     take_best = span_deep._take_best
     monkeypatch.setattr(span_deep, "_take_best", counted)
-    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
-    found, score, sweeps = _discrete(
-        objective, wrong, current, objective.embed(truth), F.normalize(raw, dim=-1), raw,
-        candidates, settings, 1, torch.Generator(),
-    )  # fmt: skip
+    found, score, sweeps = discrete_from(
+        objective, wrong, objective.embed(truth), candidates, settings
+    )
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 1
     assert len(tried) == 1  # no other position, reordering or insertion was scored
 
@@ -373,7 +375,6 @@ def test_a_sweep_stuck_at_the_widest_first_order_ranks_refines_each_slot(
     wrong = truth.clone()
     wrong[0, 2] = 18  # the true token ranks 4th to first order: beyond linearised=1
     candidates = candidate_token_ids(tiny_tokenizer)
-    raw = objective.embed(candidates)
     monkeypatch.setattr(span_deep, "WIDEST", 1)  # no widening: stuck at once
 
     def search(steps):
@@ -381,11 +382,7 @@ def test_a_sweep_stuck_at_the_widest_first_order_ranks_refines_each_slot(
             steps=steps, restarts=1, lr=0.05, neighbours=1, bag=0, linearised=1, screen=0,
             inserts=0, sweeps=10, moves=0, forward_batch=8,
         )  # fmt: skip
-        current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
-        return _discrete(
-            objective, wrong, current, objective.embed(wrong), F.normalize(raw, dim=-1), raw,
-            candidates, settings, 1, torch.Generator(),
-        )  # fmt: skip
+        return discrete_from(objective, wrong, objective.embed(wrong), candidates, settings)
 
     found, score, sweeps = search(steps=300)
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
@@ -627,7 +624,6 @@ def test_replacements_are_put_off_while_reorderings_still_help(model, tiny_token
     wrong = truth.clone()
     wrong[0, [2, 3, 4, 6]] = truth[0, [3, 2, 6, 4]]  # the cast charming music the and
     candidates = candidate_token_ids(tiny_tokenizer)
-    raw = objective.embed(candidates)
     settings = settings_of(
         steps=0, neighbours=1, bag=0, linearised=0, screen=0, inserts=0, sweeps=5,
         moves=len(_reorderings(objective.content)),
@@ -644,11 +640,9 @@ def test_replacements_are_put_off_while_reorderings_still_help(model, tiny_token
 
     take_best = span_deep._take_best
     monkeypatch.setattr(span_deep, "_take_best", counted)
-    current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
-    found, score, sweeps = _discrete(
-        objective, wrong, current, objective.embed(wrong), F.normalize(raw, dim=-1), raw,
-        candidates, settings, 1, torch.Generator(),
-    )  # fmt: skip
+    found, score, sweeps = discrete_from(
+        objective, wrong, objective.embed(wrong), candidates, settings
+    )
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
     # The first sweep's replacements (each slot's own token) change nothing and a reordering
     # helps, so the second sweep reorders without them.
