@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -326,13 +326,14 @@ class Signals:
     signals: torch.Tensor  # heads x distinct x head width
     partners: torch.Tensor  # heads x distinct x head width
     rows: list[list[int]]
-    shared: torch.Tensor  # distinct, bool: held by more than one sentence
-    dependent: torch.Tensor  # distinct, bool
+    # Plain lists, per distinct input: the annealing reads them one row at a time, hundreds of
+    # thousands of times per batch.
+    shared: list[bool]  # held by more than one sentence
+    dependent: list[bool]
+    tested: list[bool] = field(init=False)  # one sentence's, and fixed by the gradient
 
-    @property
-    def tested(self) -> torch.Tensor:
-        """Rows whose signal is one sentence's and is fixed by the gradient."""
-        return ~self.shared & ~self.dependent
+    def __post_init__(self) -> None:
+        self.tested = [not s and not d for s, d in zip(self.shared, self.dependent)]
 
 
 @dataclass
@@ -399,7 +400,7 @@ class Membership:
         partners = inputs @ self.weight.T + (self.bias if self.component == "key" else 0)
         split = lambda m: m.reshape(len(m), self.heads, -1).transpose(0, 1)  # noqa: E731
         rows = [r.tolist() for r in inverse.split(mask.sum(1).tolist())]
-        return Signals(split(signals), split(partners), rows, shared, dependent)
+        return Signals(split(signals), split(partners), rows, shared.tolist(), dependent.tolist())
 
     def span(self, state: Signals, rows: list[int]) -> torch.Tensor:
         """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
@@ -462,7 +463,7 @@ def assign(
         order = torch.randperm(len(slot.sentences), generator=generator).tolist()
         for i, b in zip(order, slot.sentences):
             ids[b, slot.column] = pool[min(i, len(pool) - 1)]
-    index = membership.batch["attention_mask"].cumsum(1) - 1  # column -> index in rows[b]
+    index = (membership.batch["attention_mask"].cumsum(1) - 1).tolist()  # column -> rows[b] index
     state = membership.signals(ids)
     own, spans, shared_score = membership.score(state)
     best_ids, best = ids, sum(own) + shared_score
@@ -473,12 +474,12 @@ def assign(
         pair = torch.randperm(len(slots[j].sentences), generator=generator)[:2].tolist()
         b, c = (slots[j].sentences[i] for i in pair)
         cols = _run(slots, j, b, c, 1 + _draw(RUN, generator) if _draw(2, generator) else 1)
-        if all(ids[b, col] == ids[c, col] for col in cols):
+        if bool((ids[b, cols] == ids[c, cols]).all()):
             continue
         rows = list(state.rows)
         rows[b], rows[c] = list(rows[b]), list(rows[c])
         for col in cols:
-            i, k = int(index[b, col]), int(index[c, col])
+            i, k = index[b][col], index[c][col]
             rows[b][i], rows[c][k] = rows[c][k], rows[b][i]
         trial_spans, trial_own = list(spans), list(own)
         for x in (b, c):
@@ -486,7 +487,7 @@ def assign(
             tested = [i for i in rows[x] if state.tested[i]]
             trial_own[x] = membership.residual(state, tested, trial_spans[x])
         trial_shared = shared_score
-        if any(state.shared[rows[x][int(index[x, col])]] for x in (b, c) for col in cols):
+        if any(state.shared[rows[x][index[x][col]]] for x in (b, c) for col in cols):
             trial_shared = membership.shared_score(state, rows, trial_spans)
         change = sum(trial_own) + trial_shared - sum(own) - shared_score
         if _accept(change, TEMPERATURE * (1 - step / steps), generator):
