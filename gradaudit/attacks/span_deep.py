@@ -734,8 +734,8 @@ def _discrete(
 
     # Late in a search the words are right and their order is not: replacements find nothing
     # while each sweep's reordering or insertion still helps. Their pass is then put off
-    # until those stop helping, so a sweep takes the moves it would have taken with it
-    # whenever it would have found nothing.
+    # until those stop helping; wherever it would have found nothing, the search takes the
+    # same moves as with it.
     replace = True
     for _ in range(settings.sweeps):
         before = current
