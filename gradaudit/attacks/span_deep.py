@@ -710,9 +710,10 @@ def _discrete(
     sweeps, width, refine, solved = 0, settings.linearised, False, False
 
     def replacements(
-        ids: torch.Tensor, current: torch.Tensor
+        ids: torch.Tensor, current: torch.Tensor, width: int, refine: bool
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Each position in turn takes the best of its candidate tokens; solved or not."""
+        """Each position in turn takes the best of its candidate tokens (`width` of them
+        linearised, with each slot's own optimum's nearest if `refine`); solved or not."""
         slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
         linearised = _first_order_best(slopes, raw_vocab, candidates, width)
         if refine:  # stuck at the widest first-order ranks: each slot's own optimum
@@ -740,7 +741,7 @@ def _discrete(
     for _ in range(settings.sweeps):
         before = current
         if replace:
-            ids, current, solved = replacements(ids, current)
+            ids, current, solved = replacements(ids, current, width, refine)
         replaced = current < before
         if len(moves) and not solved:
             change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
@@ -755,7 +756,7 @@ def _discrete(
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
             solved = objective.finished(ids, current)
         if not (replace or solved or bool(current < before)):
-            ids, current, solved = replacements(ids, current)  # put off until now
+            ids, current, solved = replacements(ids, current, width, refine)  # put off till now
             replaced = current < before
         sweeps += 1
         if solved:
