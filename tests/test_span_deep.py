@@ -539,6 +539,34 @@ def test_at_b4_the_collapsed_cls_rows_leave_outside_to_the_content_rows(minilm):
     assert float(outside[[1, 3]].max()) < SENTENCE_FITS < float(outside[[0, 2]].min())
 
 
+def test_at_b4_a_sweep_searches_only_the_sentences_that_stray_outside_the_span(minilm, monkeypatch):
+    snapshot, objective = minilm_query2_of_four(minilm, "unflinchingly bleak and desperate")
+    truth = snapshot.batch["input_ids"]
+    assert span_deep._open_sentences(objective, truth) == [True] * 4  # all fit: none left out
+    wrong = truth.clone()
+    wrong[2, 2] = truth[0, 2]  # "charming" for "plot"
+    assert span_deep._open_sentences(objective, wrong) == [False, False, True, False]
+    touched = set()
+
+    def recorded(objective, trial, per_pass, ids, current):
+        touched.update((trial != ids).any(-1).any(0).nonzero().flatten().tolist())
+        return take_best(objective, trial, per_pass, ids, current)
+
+    take_best = span_deep._take_best
+    monkeypatch.setattr(span_deep, "_take_best", recorded)
+    candidates = candidate_token_ids(minilm[1])
+    # Each slot offered its current token only: replacements change nothing, insertions run.
+    only_insertions = settings_of(steps=0, neighbours=1, bag=0, linearised=0, moves=0)
+    discrete_from(objective, wrong, objective.embed(wrong), candidates, only_insertions)
+    assert touched == {2}
+    touched.clear()
+    replacements = settings_of(steps=0, neighbours=2, bag=0, linearised=2, screen=0)
+    found, score, _ = discrete_from(
+        objective, wrong, objective.embed(truth), candidates, replacements
+    )
+    assert touched == {2} and torch.equal(found, truth) and float(score) < SOLVED
+
+
 def settings_of(**changes):
     base = dict(
         steps=1, restarts=3, lr=0.05, neighbours=8, bag=2, linearised=4, screen=8, inserts=2,

@@ -712,8 +712,9 @@ def _discrete(
     def replacements(
         ids: torch.Tensor, current: torch.Tensor, width: int, refine: bool
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Each position in turn takes the best of its candidate tokens (`width` of them
-        linearised, with each slot's own optimum's nearest if `refine`); solved or not."""
+        """Each position of the open sentences in turn takes the best of its candidate tokens
+        (`width` of them linearised, with each slot's own optimum's nearest if `refine`);
+        solved or not."""
         slopes = _score_gradient(objective, ids.unsqueeze(0), 1)[0][mask]
         linearised = _first_order_best(slopes, raw_vocab, candidates, width)
         if refine:  # stuck at the widest first-order ranks: each slot's own optimum
@@ -721,7 +722,10 @@ def _discrete(
             optima = _slot_optima(objective, ids.repeat(len(where), 1, 1), *where.T, settings)
             nearest = _nearest(optima, vocab, candidates, settings.linearised)
             linearised = torch.cat([linearised, nearest], 1)
+        searched = _open_sentences(objective, ids)
         for (b, p), pool, extra, slope in zip(positions, pools, linearised, slopes):
+            if not searched[b]:
+                continue
             if settings.screen and len(pool) > settings.screen:
                 pool = pool[(objective.embed(pool) @ slope).topk(settings.screen, largest=False)[1]]
             pool = torch.cat([pool, extra]).unique()
@@ -750,9 +754,11 @@ def _discrete(
             ids, current = _take_best(objective, trial, per_pass, ids, current)
             solved = objective.finished(ids, current)
         if not solved:
+            searched = _open_sentences(objective, ids)
             shifted = _shifted_insertions(
-                objective, ids, shifts, raw_vocab, candidates, settings, generator, refine
-            )
+                objective, ids, _within(shifts, searched, ids.shape[1]), raw_vocab, candidates,
+                settings, generator, refine,
+            )  # fmt: skip
             ids, current = _take_best(objective, shifted, per_pass, ids, current)
             solved = objective.finished(ids, current)
         if not (replace or solved or bool(current < before)):
@@ -772,6 +778,26 @@ def _discrete(
         else:
             break
     return ids, current, sweeps
+
+
+def _open_sentences(objective: SpanObjective, ids: torch.Tensor) -> list[bool]:
+    """Which sentences of `ids` (B, L) a sweep still searches: with several, those whose own
+    inputs stray outside the span while another's lie in it (a sentence that fits is right,
+    and its moves cost as much as a wrong one's); all of them otherwise."""
+    outside = objective.sentence_outside(ids) if len(ids) > 1 else None
+    if outside is None:
+        return [True] * len(ids)
+    open_ = (outside > SENTENCE_FITS).tolist()
+    return open_ if any(open_) else [True] * len(ids)
+
+
+def _within(
+    shifts: tuple[torch.Tensor, torch.Tensor], searched: list[bool], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `shifts` (see `_shifts`) whose sentence is `searched`."""
+    perms, opened = shifts
+    keep = torch.tensor(searched)[opened // length]
+    return perms[keep], opened[keep]
 
 
 def _take_best(
