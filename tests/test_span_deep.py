@@ -555,9 +555,10 @@ def test_at_b4_a_sweep_searches_only_the_sentences_that_stray_outside_the_span(m
     take_best = span_deep._take_best
     monkeypatch.setattr(span_deep, "_take_best", recorded)
     candidates = candidate_token_ids(minilm[1])
-    # Each slot offered its current token only: replacements change nothing, insertions run.
-    only_insertions = settings_of(steps=0, neighbours=1, bag=0, linearised=0, moves=0)
-    discrete_from(objective, wrong, objective.embed(wrong), candidates, only_insertions)
+    # Each slot offered its current token only: replacements change nothing, then
+    # reorderings (across sentences too) and insertions are tried.
+    no_replacements = settings_of(steps=0, neighbours=1, bag=0, linearised=0, moves=64)
+    discrete_from(objective, wrong, objective.embed(wrong), candidates, no_replacements)
     assert touched == {2}
     touched.clear()
     replacements = settings_of(steps=0, neighbours=2, bag=0, linearised=2, screen=0)

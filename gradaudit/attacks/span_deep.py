@@ -30,7 +30,9 @@ sentence, the tokens between shifting (a doubled word where a missing one belong
 move improves that). At most `moves` of each kind per sweep: half the best to first order (one
 backward ranks them all), half at random. Late in a search the words are right and their order
 is not: once a sweep's replacements find nothing while its reorderings or insertions help, the
-next sweeps put the replacements off until those stop helping. Every candidate is scored in
+next sweeps put the replacements off until those stop helping. With several sentences, a
+sweep leaves alone those whose own inputs lie in the span while another's stray outside it:
+they are right, and their moves would cost as much as a wrong one's. Every candidate is scored in
 batches of `forward_batch` sequences (with a rough objective, a copy of the model in bfloat16
 ranks them first and only its best are scored in float32: `_take_best`), until `sweeps` ends or
 a sweep changes nothing even with `WIDEST` times the linearised tokens (a stuck sweep widens
@@ -707,6 +709,8 @@ def _discrete(
     positions = mask.nonzero().tolist()
     pools = [torch.cat([top[i, : settings.neighbours], bag]).unique() for i in range(len(top))]
     moves, shifts = _reorderings(mask).to(ids.device), _shifts(mask)
+    identity = torch.arange(mask.numel(), device=ids.device)
+    moved = (moves != identity).view(len(moves), *mask.shape).any(-1)  # sentences each changes
     sweeps, width, refine, solved = 0, settings.linearised, False, False
 
     def replacements(
@@ -748,8 +752,10 @@ def _discrete(
             ids, current, solved = replacements(ids, current, width, refine)
         replaced = current < before
         if len(moves) and not solved:
-            change = _first_order_change(_first_order_gain(objective, ids)[1], moves)
-            chosen = moves[_promising(change, settings.moves, generator)]
+            searched = torch.tensor(_open_sentences(objective, ids), device=ids.device)
+            allowed = moves[~moved[:, ~searched].any(1)]
+            change = _first_order_change(_first_order_gain(objective, ids)[1], allowed)
+            chosen = allowed[_promising(change, settings.moves, generator)]
             trial = ids.flatten()[chosen].view(len(chosen), *ids.shape)
             ids, current = _take_best(objective, trial, per_pass, ids, current)
             solved = objective.finished(ids, current)
@@ -783,7 +789,8 @@ def _discrete(
 def _open_sentences(objective: SpanObjective, ids: torch.Tensor) -> list[bool]:
     """Which sentences of `ids` (B, L) a sweep still searches: with several, those whose own
     inputs stray outside the span while another's lie in it (a sentence that fits is right,
-    and its moves cost as much as a wrong one's); all of them otherwise."""
+    and trying its replacements and reorderings costs as much as a wrong one's); all of them
+    otherwise."""
     outside = objective.sentence_outside(ids) if len(ids) > 1 else None
     if outside is None:
         return [True] * len(ids)
