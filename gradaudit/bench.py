@@ -187,7 +187,7 @@ def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_table(result: dict[str, Any]) -> str:
-    """One line per cell and attack, with span's speed-up over gradmatch where both ran."""
+    """One line per cell and attack, with its speed against gradmatch where both ran."""
     seconds = {
         (c["dataset"], c["component"], c["layer"], c["batch_size"], c["attack"]): c["seconds"]
         for c in result["cells"]
@@ -206,11 +206,10 @@ def render_table(result: dict[str, Any]) -> str:
             return "-" if v is None else format(v, spec)
 
         base = seconds.get((c["dataset"], c["component"], c["layer"], c["batch_size"], "gradmatch"))
-        ratio = (
-            f"{base / c['seconds']:.1f}x faster"
-            if base and c["seconds"] and c["attack"] != "gradmatch"
-            else ""
-        )
+        ratio = ""
+        if base and c["seconds"] and c["attack"] != "gradmatch":
+            speedup = base / c["seconds"]
+            ratio = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
         lines.append(
             f"{c['dataset']:<16}{module_spec(c['component'], c['layer']):<12}{c['batch_size']:>3}  "
             f"{c['attack']:<10}{fmt(c['rouge1']):>7}{fmt(c['rouge2']):>7}"

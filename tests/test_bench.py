@@ -55,3 +55,15 @@ def test_unknown_dataset_is_refused(tiny_tokenizer, data_dir):
     model = make_tiny_model(tiny_tokenizer.vocab_size)
     with pytest.raises(GradAuditError, match="unknown data set"):
         run_bench(model, tiny_tokenizer, data_dir, BenchGrid(datasets=["imdb"]))
+
+
+def test_table_says_slower_where_an_attack_took_longer_than_gradmatch():
+    cell = {"dataset": "sst2", "component": "query", "layer": 2, "batch_size": 1,
+            "rouge1": 1.0, "rouge2": 1.0, "token_recall": 1.0}  # fmt: skip
+    result = {
+        "grid": {"attacks": ["gradmatch", "span"], "budgets": {}},
+        "cells": [{**cell, "attack": "gradmatch", "seconds": 8.0},
+                  {**cell, "attack": "span", "seconds": 10.0}],
+    }  # fmt: skip
+    span_line = render_table(result).splitlines()[-1]
+    assert span_line.endswith("1.2x slower") and "faster" not in span_line
