@@ -103,7 +103,7 @@ def _verdict(report: dict[str, Any]) -> str:
         f"token recall {fmt_score(worst['token_recall'])} · exact {fmt_score(worst['exact'])}"
         f" · ε {escape(eps)}</p>"
         f"{_table(head, rows)}"
-        "<p class=\"scores\">Worst (highest) score per audited module set; shading grows with "
+        '<p class="scores">Worst (highest) score per audited module set; shading grows with '
         "the share of text recovered.</p></section>"
     )
 
@@ -229,7 +229,7 @@ def _reconstructions(report: dict[str, Any]) -> str:
         step = "" if a["step"] is None else f", step {a['step']}"
         parts.append(
             f'<details id="text-{i}"{" open" if i in worst else ""}><summary><strong>Audit {i}: '
-            f'{escape(modules_label(a["modules"]))}{step}, {escape(a["attack"])}</strong> — '
+            f"{escape(modules_label(a['modules']))}{step}, {escape(a['attack'])}</strong> — "
             f"ROUGE-1 {fmt_score(a['rouge1'])}</summary>"
         )
         for s in sorted(a["sentences"], key=lambda s: -s["rouge1"]):
@@ -238,7 +238,7 @@ def _reconstructions(report: dict[str, Any]) -> str:
                 f'<div class="pair"><div><span class="label">reference {s["reference"]}</span>'
                 f"{highlight(ref, rec)}</div>"
                 f'<div><span class="label">reconstruction — ROUGE-1 {s["rouge1"]:.2f}, ROUGE-2 '
-                f'{s["rouge2"]:.2f}, token recall {s["token_recall"]:.2f}</span>'
+                f"{s['rouge2']:.2f}, token recall {s['token_recall']:.2f}</span>"
                 f"{highlight(rec, ref)}</div></div>"
             )
         parts.append("</details>")
@@ -251,8 +251,7 @@ def render_html(report: dict[str, Any]) -> str:
     figures = "".join(_png(png, alt, caption) for alt, png, caption in plots(report))
     meta = (
         f"created {report.get('created', '-')} · gradaudit {report.get('gradaudit_version', '-')}"
-        f" · schema {report['schema_version']}"
-        + (" · text redacted" if report["redacted"] else "")
+        f" · schema {report['schema_version']}" + (" · text redacted" if report["redacted"] else "")
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
