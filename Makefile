@@ -25,7 +25,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check gradaudit integrations tests examples
-	$(PY) -m ruff format --check gradaudit integrations tests examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
