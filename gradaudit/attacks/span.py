@@ -376,5 +376,5 @@ class SpanAttack(Attack):
         if opts.gradient_check:
             matcher = _Matcher(model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0))
             distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
-            details["gradient_cosine"] = 1 - float(distance)
+            details["gradient_cosine"] = 1 - float(distance.detach())
         return ids.cpu(), details
