@@ -189,7 +189,7 @@ def test_a_rough_objective_leaves_few_candidates_to_full_precision_on_minilm(min
 
 def test_scoring_one_changed_sentence_alone_equals_scoring_the_whole_batch(model, tiny_tokenizer):
     # In float64: a float32 forward over fewer positions rounds differently, and the subspace
-    # residual magnifies that to ~3e-5 relative on some CPUs, which would hide a real mismatch.
+    # residual magnifies that to ~3e-5 relative on some CPUs, which is rounding, not a mismatch.
     model = copy.deepcopy(model).double()
     texts = ["the charming cast and the music", "a very boring plot"]
     snapshot = snapshot_of(model, tiny_tokenizer, texts, "query")
