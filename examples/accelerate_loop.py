@@ -17,8 +17,8 @@ from gradaudit.integrations.accelerate import AccelerateAuditor
 from torch.utils.data import DataLoader
 
 from gradaudit import AuditConfig, load_model
-from gradaudit.batch import make_batch
-from gradaudit.data import load_examples
+from gradaudit.experiments.data import load_examples
+from gradaudit.model.batch import make_batch
 
 
 def main() -> None:

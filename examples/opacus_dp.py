@@ -13,12 +13,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
-
-from gradaudit import audit_snapshot, load_model, select_modules
-from gradaudit.data import load_examples
-from gradaudit.dpsweep import frozen_embeddings_copy
 from gradaudit.privacy import (
     check_dp_parameters,
     default_delta,
@@ -27,6 +21,12 @@ from gradaudit.privacy import (
     engine_statement,
     watch_released_gradients,
 )
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradaudit import audit_snapshot, load_model, select_modules
+from gradaudit.experiments.data import load_examples
+from gradaudit.experiments.dpsweep import frozen_embeddings_copy
 
 
 def main() -> None:

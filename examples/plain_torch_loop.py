@@ -13,8 +13,8 @@ import argparse
 import torch
 
 from gradaudit import AuditConfig, Auditor, load_model
-from gradaudit.batch import make_batch
-from gradaudit.data import load_examples
+from gradaudit.experiments.data import load_examples
+from gradaudit.model.batch import make_batch
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from gradaudit.integrations.trainer import GradAuditCallback
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from gradaudit import AuditConfig, load_model
-from gradaudit.data import load_examples
+from gradaudit.experiments.data import load_examples
 
 
 def main() -> None:

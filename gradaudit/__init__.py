@@ -1,16 +1,17 @@
 """gradaudit: measure how much training text leaks from shared partial gradients."""
 
-__version__ = "0.1.0"
-
-from .assertions import assert_leaks, assert_no_leakage  # noqa: E402
-from .attacks import Attack, Reconstruction, get_attack  # noqa: E402
-from .audit import THREAT_MODEL, AuditResult, audit_batch, audit_snapshot  # noqa: E402
-from .audit_config import AuditConfig  # noqa: E402
-from .auditor import Auditor  # noqa: E402
-from .errors import GradAuditError  # noqa: E402
-from .models import load_model  # noqa: E402
-from .selection import select_modules  # noqa: E402
-from .snapshot import GradientSnapshot, capture  # noqa: E402
+from gradaudit._version import __version__
+from gradaudit.attacks import Attack, Reconstruction, get_attack
+from gradaudit.capture.gradients import capture
+from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.errors import GradAuditError
+from gradaudit.model.loading import load_model
+from gradaudit.model.selection import select_modules
+from gradaudit.report.assertions import assert_leaks, assert_no_leakage
+from gradaudit.scoring.audit import audit_batch, audit_snapshot
+from gradaudit.scoring.result import THREAT_MODEL, AuditResult
+from gradaudit.training.auditor import Auditor
+from gradaudit.training.config import AuditConfig
 
 __all__ = [
     "THREAT_MODEL",

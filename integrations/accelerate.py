@@ -21,9 +21,9 @@ from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.audit_config import AuditConfig
-from gradaudit.auditor import Auditor, result_metrics
 from gradaudit.errors import GradAuditError
+from gradaudit.training.auditor import Auditor, result_metrics
+from gradaudit.training.config import AuditConfig
 
 
 def gather_batches(batch: Any) -> list[Any]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .demo_data import CANARIES, MESSAGES
+from gradaudit.integrations.demo_data import CANARIES, MESSAGES
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def write_dataset(path: Path) -> Path:
 
 def canary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Per audit: the canary messages in its batch and the share of their secrets recovered."""
-    from gradaudit.metrics import canary_exposure, words
+    from gradaudit.scoring.metrics import canary_exposure, words
 
     # References are the tokenizer's decoding ("hi," for "hi ,"): compare them word by word.
     secrets = {tuple(words(message)): secret for message, secret in CANARIES.items()}
@@ -67,14 +67,13 @@ def canary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_demo(args: argparse.Namespace) -> int:
     import torch
+    from gradaudit.integrations.trainer import GradAuditCallback
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from gradaudit import AuditConfig, load_model
-    from gradaudit.data import load_examples
+    from gradaudit.experiments.data import load_examples
     from gradaudit.io import private_dir
-    from gradaudit.report import read_report
-
-    from .trainer import GradAuditCallback
+    from gradaudit.report.schema import read_report
 
     started = time.perf_counter()
     out = private_dir(args.out)

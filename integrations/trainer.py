@@ -19,14 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gradaudit.integrations.accelerate import gather_batches
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
 
-from gradaudit.audit_config import AuditConfig
-from gradaudit.auditor import Auditor, find_dp_optimizer, result_metrics
 from gradaudit.errors import GradAuditError
-
-from .accelerate import gather_batches
+from gradaudit.training.auditor import Auditor, find_dp_optimizer, result_metrics
+from gradaudit.training.config import AuditConfig
 
 
 def _sharded_backend(args: TrainingArguments) -> str | None:

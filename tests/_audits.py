@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from gradaudit import AuditResult
-from gradaudit.metrics import score
+from gradaudit.scoring.metrics import score
 
 REFERENCES = ["it 's a charming and often affecting journey .", "the plot is nothing but boring ."]
 

@@ -18,7 +18,7 @@ from transformers import DataCollatorWithPadding
 
 from gradaudit import AuditConfig, GradAuditError, GradientSnapshot
 from gradaudit.privacy import dp_step
-from gradaudit.worker import snapshot_dir
+from gradaudit.training.worker import snapshot_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
-from gradaudit.auditor import concat_batches
+from gradaudit.model.batch import concat_batches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,9 +9,9 @@ from conftest import WORDS, make_tiny_model, make_tiny_tokenizer
 from test_privacy import VOCAB, _private_training
 
 from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
-from gradaudit.auditor import result_metrics
 from gradaudit.privacy import dp_snapshot, dp_step, watch_released_gradients
-from gradaudit.worker import snapshot_dir
+from gradaudit.training.auditor import result_metrics
+from gradaudit.training.worker import snapshot_dir
 
 
 def test_auditor_captures_the_released_gradient_and_the_engines_epsilon(tmp_path):

@@ -5,8 +5,14 @@ import json
 import pytest
 from conftest import make_tiny_model
 
-from gradaudit.bench import DATASET_FILES, BenchGrid, render_table, run_bench, write_bench
 from gradaudit.errors import GradAuditError
+from gradaudit.experiments.bench import (
+    DATASET_FILES,
+    BenchGrid,
+    render_table,
+    run_bench,
+    write_bench,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gradaudit import GradAuditError, GradientSnapshot, capture, select_modules
-from gradaudit.batch import make_batch
+from gradaudit.model.batch import make_batch
 
 TEXTS = ["the movie was charming .", "a very boring plot"]
 LABELS = [1, 0]

@@ -7,7 +7,7 @@ import stat
 import pytest
 from conftest import make_tiny_model
 
-from gradaudit.cli import main
+from gradaudit.cli.main import main
 
 ROWS = "sentence\tlabel\nthe movie was good .\t1\na boring plot\t0\ni love the music\t1\n"
 
@@ -51,7 +51,7 @@ def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_p
     from transformers import AutoModelForSequenceClassification
 
     from gradaudit import capture, select_modules
-    from gradaudit.batch import make_batch
+    from gradaudit.model.batch import make_batch
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     batch = make_batch(model, tiny_tokenizer, ["a charming film"], [1])

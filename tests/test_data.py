@@ -1,7 +1,7 @@
 import pytest
 
 from gradaudit import GradAuditError
-from gradaudit.data import load_examples
+from gradaudit.experiments.data import load_examples
 
 
 def test_tsv_with_sentence_header(tmp_path):

@@ -5,7 +5,7 @@ import json
 from gradaudit.integrations.demo import canary_rows
 from gradaudit.integrations.demo_data import CANARIES, MESSAGES
 
-from gradaudit.cli import main
+from gradaudit.cli.main import main
 
 
 def test_canaries_are_substrings_of_their_messages():

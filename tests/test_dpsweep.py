@@ -6,9 +6,9 @@ from conftest import WORDS, make_tiny_model
 
 from gradaudit import GradAuditError
 from gradaudit.attacks import attack_names
-from gradaudit.cli import main
-from gradaudit.data import Examples
-from gradaudit.dpsweep import SweepSettings, run_dpsweep
+from gradaudit.cli.main import main
+from gradaudit.experiments.data import Examples
+from gradaudit.experiments.dpsweep import SweepSettings, run_dpsweep
 
 
 def _examples(n: int) -> Examples:

@@ -6,10 +6,10 @@ import torch
 from gradaudit import GradAuditError, get_attack
 from gradaudit.attacks.base import attack_model, candidate_token_ids
 from gradaudit.attacks.gradmatch import _MOVE_KINDS, GradMatchAttack, _Matcher, _reorder
-from gradaudit.batch import make_batch
-from gradaudit.families import eager_attention
-from gradaudit.metrics import score
-from gradaudit.snapshot import capture
+from gradaudit.capture.gradients import capture
+from gradaudit.model.batch import make_batch
+from gradaudit.model.families import eager_attention
+from gradaudit.scoring.metrics import score
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
 TEXTS = ["the movie was very good", "a boring film"]

@@ -1,7 +1,7 @@
 import pytest
 
 from gradaudit import GradAuditError
-from gradaudit.metrics import METRIC_CONFIG, score
+from gradaudit.scoring.metrics import METRIC_CONFIG, score
 
 
 def test_identical_text_scores_one_everywhere():
@@ -56,7 +56,7 @@ def test_mismatched_counts_are_an_error():
 
 
 def test_canary_exposure_counts_secret_words_recovered_anywhere():
-    from gradaudit.metrics import canary_exposure
+    from gradaudit.scoring.metrics import canary_exposure
 
     assert canary_exposure("maria delgado 4417", "hi maria , 4417 is mine") == 2 / 3
     assert canary_exposure("4417 4417", "4417") == 0.5

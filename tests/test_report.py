@@ -13,11 +13,11 @@ import pytest
 from _audits import LOW, REFERENCES, SHUFFLED, audit_of
 
 from gradaudit import AuditResult, GradAuditError
-from gradaudit.cli import main
-from gradaudit.families import locate_name, modules_label
+from gradaudit.cli.main import main
+from gradaudit.model.families import locate_name, modules_label
 from gradaudit.privacy import privacy_statement
 from gradaudit.report import SCHEMA_VERSION, build_report, read_report, write_report
-from gradaudit.report_html import plots
+from gradaudit.report.html import plots
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report-schema.md"
 QUERY = "bert.encoder.layer.{}.attention.self.query"

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import make_tiny_model, make_tiny_tokenizer
 
-from gradaudit.batch import make_batch
-from gradaudit.families import layout
-from gradaudit.scan import ScanRow, scan, to_json, to_table
-from gradaudit.selection import select_modules
+from gradaudit.experiments.scan import ScanRow, scan, to_json, to_table
+from gradaudit.model.batch import make_batch
+from gradaudit.model.families import layout
+from gradaudit.model.selection import select_modules
 
 WORDS = "the a movie film plot was is good bad very boring funny and not".split()
 

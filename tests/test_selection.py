@@ -1,7 +1,7 @@
 import pytest
 
 from gradaudit import GradAuditError, select_modules
-from gradaudit.selection import parse_layers
+from gradaudit.model.selection import parse_layers
 
 
 def test_presets_name_the_bert_components_of_each_layer(tiny_model):

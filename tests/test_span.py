@@ -8,7 +8,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import candidate_token_ids, content_mask
-from gradaudit.attacks.span_exact import (
+from gradaudit.attacks.span.exact import (
     MEMBERSHIP_EXACT,
     Membership,
     Search,
@@ -20,13 +20,13 @@ from gradaudit.attacks.span_exact import (
     token_offsets,
     verified_sentences,
 )
-from gradaudit.attacks.span_words import word_places
-from gradaudit.batch import make_batch
-from gradaudit.data import load_examples
+from gradaudit.attacks.span.words import word_places
+from gradaudit.capture.gradients import capture
+from gradaudit.capture.spectrum import spectrum
 from gradaudit.errors import GradAuditError
-from gradaudit.families import layout
-from gradaudit.snapshot import capture
-from gradaudit.spectrum import spectrum
+from gradaudit.experiments.data import load_examples
+from gradaudit.model.batch import make_batch
+from gradaudit.model.families import layout
 
 WORDS = (
     "the a movie film story plot actor cast music scene is was not very too quite good bad "

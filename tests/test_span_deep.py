@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
 
-from gradaudit.attacks import get_attack, span_deep
+from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import candidate_token_ids, content_mask
-from gradaudit.attacks.span import module_spectra
-from gradaudit.attacks.span_deep import (
+from gradaudit.attacks.span import deep as span_deep
+from gradaudit.attacks.span.attack import module_spectra
+from gradaudit.attacks.span.deep import (
     KICK,
     LR_SPREAD,
     ROUGH_KEEP,
@@ -35,11 +36,11 @@ from gradaudit.attacks.span_deep import (
     _take_best,
     deep_search,
 )
-from gradaudit.audit import score_reconstruction
-from gradaudit.batch import make_batch
+from gradaudit.capture.gradients import capture
 from gradaudit.errors import GradAuditError
-from gradaudit.families import layout
-from gradaudit.snapshot import capture
+from gradaudit.model.batch import make_batch
+from gradaudit.model.families import layout
+from gradaudit.scoring.audit import score_reconstruction
 
 TEXT = "the charming cast and the music"
 

@@ -17,7 +17,7 @@ from opacus import PrivacyEngine
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from gradaudit import AuditConfig, GradAuditError, GradientSnapshot
-from gradaudit.worker import snapshot_dir
+from gradaudit.training.worker import snapshot_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

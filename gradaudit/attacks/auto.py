@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..families import layout
-from ..snapshot import GradientSnapshot
-from ..spectrum import label
-from . import get_attack
-from .base import Attack, Reconstruction
-from .span import module_spectra
-from .span_exact import exact_applicable
+from gradaudit.attacks.base import Attack, Reconstruction
+from gradaudit.attacks.registry import get_attack
+from gradaudit.attacks.span.attack import module_spectra
+from gradaudit.attacks.span.exact import exact_applicable
+from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.capture.spectrum import label
+from gradaudit.model.families import layout
 
 
 @dataclass

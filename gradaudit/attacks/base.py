@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import GradAuditError
-from ..families import eager_attention
-from ..snapshot import GradientSnapshot
+from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.errors import GradAuditError
+from gradaudit.model.families import eager_attention
 
 _UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
 

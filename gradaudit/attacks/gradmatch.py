@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import GradAuditError
-from ..families import layout
-from ..snapshot import GradientSnapshot
-from .base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
+from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
+from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.errors import GradAuditError
+from gradaudit.model.families import layout
 
 _MOVE_KINDS = ("swap", "move_token", "move_span", "prefix_to_end")
 

@@ -1,0 +1,1 @@
+"""What the adversary observes: gradient snapshots, their capture, and their spectrum."""

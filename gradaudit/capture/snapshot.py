@@ -1,0 +1,210 @@
+"""Partial-gradient snapshots: what an adversary observes, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from gradaudit.errors import GradAuditError
+from gradaudit.io import atomic_write_bytes, atomic_write_json, private_dir
+from gradaudit.model.batch import check_batch
+
+GRADIENT_KINDS = ("raw", "clipped", "noised")
+SNAPSHOT_VERSION = 1
+_ARCH_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "num_labels",
+)
+
+
+def config_hash(model: nn.Module) -> str:
+    """Short hash of the architecture fields of `model.config` (not of its weights)."""
+    config = model.config
+    fields = {k: getattr(config, k, None) for k in _ARCH_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weight_names(model: nn.Module, modules: Iterable[str], include_bias: bool) -> list[str]:
+    """Parameter names captured for `modules`: each weight, and its bias when asked."""
+    names = []
+    for module_name in modules:
+        module = model.get_submodule(module_name)
+        names.append(f"{module_name}.weight")
+        if include_bias and getattr(module, "bias", None) is not None:
+            names.append(f"{module_name}.bias")
+    return names
+
+
+@dataclass
+class GradientSnapshot:
+    """Gradients of selected modules for one batch, with the batch they came from."""
+
+    gradients: dict[str, torch.Tensor]
+    batch: dict[str, torch.Tensor]
+    modules: list[str]
+    model_name: str
+    config_hash: str
+    kind: str = "raw"
+    step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRADIENT_KINDS:
+            raise GradAuditError(f"gradient kind {self.kind!r} is not one of {GRADIENT_KINDS}")
+        for name, grad in self.gradients.items():
+            if not torch.isfinite(grad).all():
+                raise GradAuditError(
+                    f"gradient of {name!r} holds NaN or inf: fix the training step (loss scaling, "
+                    "learning rate) before auditing it"
+                )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.batch["input_ids"].shape[0])
+
+    def weight_gradient(self, module: str) -> torch.Tensor:
+        """The weight gradient of `module`, with a clear error when it was not captured."""
+        try:
+            return self.gradients[f"{module}.weight"]
+        except KeyError:
+            raise GradAuditError(
+                f"module {module!r} is not in this snapshot (it holds {', '.join(self.modules)})"
+            ) from None
+
+    def restrict(self, modules: Iterable[str]) -> GradientSnapshot:
+        """The same snapshot observing only `modules` (each must be in it)."""
+        modules = list(modules)
+        keep = {k for m in modules for k in self.gradients if k.rsplit(".", 1)[0] == m}
+        for module in modules:
+            self.weight_gradient(module)
+        return dataclasses.replace(
+            self, gradients={k: v for k, v in self.gradients.items() if k in keep}, modules=modules
+        )
+
+    @classmethod
+    def from_grads(
+        cls,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        modules: Iterable[str],
+        *,
+        include_bias: bool = False,
+        kind: str = "raw",
+        step: int | None = None,
+        include_weights: bool = False,
+    ) -> GradientSnapshot:
+        """Snapshot the `.grad` already present (e.g. after a real training backward)."""
+        modules = list(modules)
+        params = dict(model.named_parameters())
+        gradients = {}
+        for name in weight_names(model, modules, include_bias):
+            grad = params[name].grad
+            if grad is None:
+                raise GradAuditError(f"{name!r} has no .grad: call it after backward()")
+            gradients[name] = grad.detach().to("cpu", copy=True)
+        return cls.from_gradients(model, batch, modules, gradients, kind, step, include_weights)
+
+    @classmethod
+    def from_gradients(
+        cls,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        modules: Iterable[str],
+        gradients: dict[str, torch.Tensor],
+        kind: str = "raw",
+        step: int | None = None,
+        include_weights: bool = False,
+    ) -> GradientSnapshot:
+        """A snapshot of `gradients` (already on the CPU) taken from `model` on `batch`.
+
+        With `include_weights`, the model's weights are copied too (an attack of this step
+        later needs them).
+        """
+        weights = None
+        if include_weights:
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return cls(
+            gradients=gradients,
+            batch={k: v.detach().to("cpu", copy=True) for k, v in check_batch(dict(batch)).items()},
+            modules=list(modules),
+            model_name=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+            config_hash=config_hash(model),
+            kind=kind,
+            step=step,
+            weights=weights,
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `gradients.safetensors`, `snapshot.json` (and `weights.safetensors`) privately."""
+        directory = private_dir(directory)
+        tensors = {f"grad/{k}": v.contiguous() for k, v in self.gradients.items()}
+        tensors.update({f"batch/{k}": v.contiguous() for k, v in self.batch.items()})
+        atomic_write_bytes(directory / "gradients.safetensors", save_safetensors(tensors))
+        if self.weights is not None:
+            weights = {k: v.contiguous() for k, v in self.weights.items()}
+            atomic_write_bytes(directory / "weights.safetensors", save_safetensors(weights))
+        atomic_write_json(
+            directory / "snapshot.json",
+            {
+                "version": SNAPSHOT_VERSION,
+                "modules": self.modules,
+                "model_name": self.model_name,
+                "config_hash": self.config_hash,
+                "kind": self.kind,
+                "step": self.step,
+                "meta": self.meta,
+            },
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module | None = None) -> GradientSnapshot:
+        """Read a saved snapshot; with `model`, refuse one taken from another architecture."""
+        directory = Path(directory)
+        sidecar = directory / "snapshot.json"
+        if not sidecar.is_file():
+            raise GradAuditError(f"{directory} holds no snapshot.json: pass a snapshot directory")
+        info = json.loads(sidecar.read_text())
+        tensors = load_safetensors((directory / "gradients.safetensors").read_bytes())
+        weights_file = directory / "weights.safetensors"
+        weights = load_safetensors(weights_file.read_bytes()) if weights_file.is_file() else None
+        snapshot = cls(
+            gradients={k[5:]: v for k, v in tensors.items() if k.startswith("grad/")},
+            batch={k[6:]: v for k, v in tensors.items() if k.startswith("batch/")},
+            modules=list(info["modules"]),
+            model_name=info["model_name"],
+            config_hash=info["config_hash"],
+            kind=info["kind"],
+            step=info["step"],
+            meta=info.get("meta", {}),
+            weights=weights,
+        )
+        if model is not None:
+            snapshot.check_model(model)
+        return snapshot
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise when `model` is not the architecture this snapshot was taken from."""
+        if config_hash(model) != self.config_hash:
+            raise GradAuditError(
+                f"snapshot was taken from model {self.model_name!r} (config {self.config_hash}), "
+                f"not from this one (config {config_hash(model)}): attack it with the same model"
+            )

@@ -1,0 +1,258 @@
+"""`gradaudit bench`: the paper's experiment grid on one model, all attacks in one run.
+
+Every cell captures each batch's gradient once and hands the same snapshot to every attack,
+so scores and seconds per batch compare fairly (same machine, same load, same inputs).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from gradaudit.capture.gradients import capture
+from gradaudit.errors import GradAuditError
+from gradaudit.experiments.data import load_examples
+from gradaudit.io import atomic_write_json, private_dir
+from gradaudit.model.batch import make_batch
+from gradaudit.model.families import COMPONENTS
+from gradaudit.model.selection import select_modules
+from gradaudit.scoring.audit import audit_snapshot
+
+DATASET_FILES = {
+    "cola": "cola/dev.tsv",
+    "sst2": "sst2/dev.tsv",
+    "rotten_tomatoes": "rotten_tomatoes/test.tsv",
+}
+# `layer`: every linear module of one layer; `full`: every linear module of the model.
+BENCH_COMPONENTS = (*COMPONENTS, "layer", "full")
+
+
+@dataclass
+class BenchGrid:
+    """Which cells to run; `budgets` maps attack name -> budget (default 1.0)."""
+
+    datasets: list[str] = field(default_factory=lambda: list(DATASET_FILES))
+    components: list[str] = field(default_factory=lambda: list(BENCH_COMPONENTS))
+    layers: list[int] = field(default_factory=lambda: list(range(6)))
+    attacks: list[str] = field(default_factory=lambda: ["gradmatch", "span", "auto"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
+    sentences: int = 8
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> BenchGrid:
+        """A subset for a few minutes on 2 CPU cores (gradmatch at a reduced budget)."""
+        return cls(
+            datasets=["sst2"],
+            components=["query", "ffn_in"],
+            layers=[0, 2],
+            attacks=["gradmatch", "span", "auto"],
+            batch_sizes=[1],
+            sentences=2,
+            budgets={"gradmatch": 0.05},
+        )
+
+    def cells(self, num_layers: int) -> list[tuple[str, int | None]]:
+        """(component, layer) pairs; `full` has no layer."""
+        out: list[tuple[str, int | None]] = []
+        for component in self.components:
+            if component == "full":
+                out.append((component, None))
+            else:
+                out.extend((component, layer) for layer in self.layers if layer < num_layers)
+        return out
+
+
+def module_spec(component: str, layer: int | None) -> str:
+    return "all@all" if component == "full" else f"{component}@{layer}"
+
+
+def run_bench(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | Path,
+    grid: BenchGrid,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every cell of `grid`; return rows (one per batch and attack) and per-cell means."""
+    for name in grid.datasets:
+        if name not in DATASET_FILES:
+            raise GradAuditError(
+                f"unknown data set {name!r}: choose from {', '.join(DATASET_FILES)}"
+            )
+    for component in grid.components:
+        if component not in BENCH_COMPONENTS:
+            raise GradAuditError(
+                f"unknown component {component!r}: choose from {', '.join(BENCH_COMPONENTS)}"
+            )
+    rows: list[dict[str, Any]] = []
+    num_layers = int(model.config.num_hidden_layers)
+    started = time.perf_counter()
+    for dataset in grid.datasets:
+        examples = load_examples(str(Path(data_dir) / DATASET_FILES[dataset]))
+        for batch_size in grid.batch_sizes:
+            batches = examples.batches(batch_size, math.ceil(grid.sentences / batch_size))
+            for component, layer in grid.cells(num_layers):
+                modules = select_modules(model, module_spec(component, layer))
+                for index, (texts, labels) in enumerate(batches):
+                    batch = make_batch(model, tokenizer, texts, labels)
+                    snapshot = capture(model, batch, modules)
+                    for attack in grid.attacks:
+                        row = {
+                            "dataset": dataset, "component": component, "layer": layer,
+                            "batch_size": batch_size, "batch": index, "attack": attack,
+                            "budget": grid.budgets.get(attack, 1.0),
+                        }  # fmt: skip
+                        rows.append(
+                            {**row, **_attack_cell(model, tokenizer, snapshot, row, seed, device)}
+                        )
+                        if progress is not None:
+                            progress(_row_line(rows[-1]))
+    return {
+        "grid": asdict(grid),
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device or "auto"),
+            "machine": platform.machine(),
+            "model": str(getattr(model.config, "_name_or_path", "")),
+        },
+        "seconds_total": time.perf_counter() - started,
+        "rows": rows,
+        "cells": summarize_cells(rows),
+    }
+
+
+def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any]:
+    try:
+        result = audit_snapshot(
+            model,
+            tokenizer,
+            snapshot,
+            row["attack"],
+            seed=seed,
+            device=device,
+            budget=row["budget"],
+        )
+    except GradAuditError as error:  # e.g. a saturated span, recorded as that cell's outcome
+        return {"error": str(error)}
+    return {
+        "rouge1": result.rouge1, "rouge2": result.rouge2, "token_recall": result.token_recall,
+        "exact": result.exact, "seconds": result.seconds, "error": None,
+        "ran": result.info.get("ran", result.attack),
+    }  # fmt: skip
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    where = f"{row['dataset']} {module_spec(row['component'], row['layer'])} B={row['batch_size']}"
+    if row.get("error"):
+        return f"{where} {row['attack']}: error: {row['error']}"
+    return (
+        f"{where} #{row['batch']} {row['attack']}: R1 {row['rouge1']:.3f} R2 {row['rouge2']:.3f} "
+        f"{row['seconds']:.1f} s"
+    )
+
+
+def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean scores and seconds per batch for each (dataset, component, layer, B, attack)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        key = (row["dataset"], row["component"], row["layer"], row["batch_size"], row["attack"])
+        groups[key].append(row)
+    cells = []
+    for (dataset, component, layer, batch_size, attack), members in groups.items():
+        ok = [r for r in members if not r.get("error")]
+        cell = {
+            "dataset": dataset, "component": component, "layer": layer,
+            "batch_size": batch_size, "attack": attack, "batches": len(members),
+            "errors": len(members) - len(ok),
+        }  # fmt: skip
+        for key in ("rouge1", "rouge2", "token_recall", "exact", "seconds"):
+            cell[key] = sum(r[key] for r in ok) / len(ok) if ok else None
+        cells.append(cell)
+    return cells
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """One line per cell and attack, with its speed against gradmatch where both ran."""
+    seconds = {
+        (c["dataset"], c["component"], c["layer"], c["batch_size"], c["attack"]): c["seconds"]
+        for c in result["cells"]
+    }
+    budgets = ", ".join(
+        f"{a}={result['grid']['budgets'].get(a, 1.0):g}" for a in result["grid"]["attacks"]
+    )
+    lines = [
+        f"budgets: {budgets} (speed-ups compare these budgets)",
+        f"{'dataset':<16}{'module':<12}{'B':>3}  {'attack':<10}{'R1':>7}{'R2':>7}"
+        f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}",
+    ]
+    for c in result["cells"]:
+
+        def fmt(v, spec=".3f"):
+            return "-" if v is None else format(v, spec)
+
+        base = seconds.get((c["dataset"], c["component"], c["layer"], c["batch_size"], "gradmatch"))
+        ratio = ""
+        if base and c["seconds"] and c["attack"] != "gradmatch":
+            speedup = base / c["seconds"]
+            ratio = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+        lines.append(
+            f"{c['dataset']:<16}{module_spec(c['component'], c['layer']):<12}{c['batch_size']:>3}  "
+            f"{c['attack']:<10}{fmt(c['rouge1']):>7}{fmt(c['rouge2']):>7}"
+            f"{fmt(c['token_recall']):>8}{fmt(c['seconds'], '.1f'):>9}{ratio:>14}"
+        )
+    return "\n".join(lines)
+
+
+def write_bench(out: str | Path, result: dict[str, Any]) -> list[Path]:
+    """`bench.json` plus ROUGE-1/2 heatmaps (layer x component) per attack and batch size."""
+    from gradaudit.report.plots import heatmap_png
+
+    out = private_dir(out)
+    written = [atomic_write_json(out / "bench.json", result)]
+    by_plot: dict[tuple[str, int, str], dict[tuple[int, str], list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for c in result["cells"]:
+        if c["layer"] is None or c["rouge1"] is None:
+            continue
+        for metric in ("rouge1", "rouge2"):
+            by_plot[(c["attack"], c["batch_size"], metric)][(c["layer"], c["component"])].append(
+                c[metric]
+            )
+    for (attack, batch_size, metric), values in by_plot.items():
+        layers = sorted({layer for layer, _ in values})
+        components = [c for c in BENCH_COMPONENTS if any(comp == c for _, comp in values)]
+        matrix = [
+            [
+                sum(values[(layer, comp)]) / len(values[(layer, comp)])
+                if (layer, comp) in values
+                else float("nan")
+                for comp in components
+            ]
+            for layer in layers
+        ]
+        path = out / f"heatmap_{attack}_B{batch_size}_{metric}.png"
+        heatmap_png(
+            path,
+            matrix,
+            rows=[f"layer {layer}" for layer in layers],
+            columns=components,
+            title=f"{attack}, B={batch_size}: {metric.upper()}",
+        )
+        written.append(path)
+    return written

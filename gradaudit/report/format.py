@@ -1,0 +1,31 @@
+"""How reports print numbers and the DP assumptions: one formatter for every renderer."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradaudit.report.schema import report_epsilon
+
+
+def score(value: float | None) -> str:
+    """A score in [0, 1] to three decimals; "-" when there is none."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    """A number to `digits` significant digits; "∞" for infinity, "-" for none."""
+    if value is None:
+        return "-"
+    return "∞" if math.isinf(value) else f"{value:.{digits}g}"
+
+
+def dp_lines(report: dict[str, Any]) -> list[str]:
+    """The DP assumptions in words: the privacy statement, or why there is none."""
+    privacy = report.get("privacy")
+    epsilon = report_epsilon(report)
+    if privacy:
+        return [privacy.get("statement") or f"ε = {number(epsilon)}."]
+    if epsilon is not None:
+        return [f"ε = {number(epsilon)}; no statement of its assumptions was recorded."]
+    return ["None stated: no differential-privacy accounting was recorded for this run."]

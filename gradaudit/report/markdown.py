@@ -1,0 +1,71 @@
+"""`report.md`: the report as Markdown, for terminals, pull requests and chat."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gradaudit.model.families import modules_label
+from gradaudit.report.format import dp_lines, number, score
+from gradaudit.report.schema import has_text, report_epsilon, summarized_audits, worst_case
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable summary of a report dict."""
+    worst = worst_case(report)
+    epsilon = report_epsilon(report)
+    lines = [
+        "# gradaudit leakage report",
+        "",
+        f"**Worst case:** ROUGE-1 {score(worst['rouge1'])}, ROUGE-2 "
+        f"{score(worst['rouge2'])}, token recall {score(worst['token_recall'])}"
+        + ("" if epsilon is None else f"; ε = {number(epsilon)}")
+        + f" ({summarized_audits(report)} audits).",
+        "",
+        f"Threat model: {report['threat_model']}.",
+        "",
+        "Metrics: " + "; ".join(f"{k}: {v}" for k, v in report["metric_config"].items()) + ".",
+        "",
+        "Differential privacy: " + " ".join(dp_lines(report)),
+        "",
+        "## Worst case per module",
+        "",
+        "| modules | audits | errors | ROUGE-1 | ROUGE-2 | token recall | exact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for modules, s in report["summary"].items():
+        lines.append(
+            f"| {modules_label(modules.split(', '))} | {s['audits']} | {s['errors']} | "
+            f"{score(s['rouge1'])} | {score(s['rouge2'])} | "
+            f"{score(s['token_recall'])} | {score(s['exact'])} |"
+        )
+    lines += [
+        "",
+        "## Audits",
+        "",
+        "| # | step | modules | attack | gradient | B | ROUGE-1 | ROUGE-2 | ROUGE-L | recall "
+        "| ε | s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, a in enumerate(report["audits"]):
+        lines.append(
+            f"| {i} | {a['step'] if a['step'] is not None else '-'} | "
+            f"{modules_label(a['modules'])} | {a['attack']} | {a['gradient']} | "
+            f"{a['batch_size']} | {score(a['rouge1'])} | {score(a['rouge2'])} | "
+            f"{score(a['rougeL'])} | {score(a['token_recall'])} | "
+            f"{number(a['epsilon'])} | {a['seconds']:.1f} | {a['error'] or ''} |"
+        )
+    lines += ["", "## Reconstructions", ""]
+    if report["redacted"]:
+        lines.append("Text redacted: scores, lengths and counts only.")
+    for i, a in enumerate(report["audits"]):
+        if not has_text(a):
+            continue
+        for s in a["sentences"]:
+            lines += [
+                f"- audit {i}, ROUGE-1 {s['rouge1']:.2f}",
+                f"  - reference:      `{a['references'][s['reference']]}`",
+                f"  - reconstruction: `{a['reconstructions'][s['reconstruction']]}`",
+            ]
+    lines += ["", "## Configuration", "", "```json", json.dumps(report["config"], indent=2), "```"]
+    return "\n".join(lines) + "\n"

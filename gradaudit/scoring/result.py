@@ -1,0 +1,64 @@
+"""`AuditResult`: the scores of one attacked batch, with what was attacked and how."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+THREAT_MODEL = (
+    "white-box adversary: knows the model weights at the audited step, the labels and the "
+    "sequence lengths of the batch, and observes the gradients of the audited modules only"
+)
+
+
+@dataclass
+class AuditResult:
+    """Scores of one attacked batch, with its references and reconstructions."""
+
+    modules: list[str]
+    attack: str
+    batch_size: int
+    references: list[str] = field(default_factory=list)
+    reconstructions: list[str] = field(default_factory=list)
+    rouge1: float | None = None
+    rouge2: float | None = None
+    rougeL: float | None = None
+    token_recall: float | None = None
+    exact: float | None = None
+    seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+    gradient: str = "raw"
+    step: int | None = None
+    sentences: list[dict[str, Any]] = field(default_factory=list)
+    metric_config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    epsilon: float | None = None
+    redacted: bool = False
+
+    @property
+    def contrast(self) -> bool:
+        """Whether this audit attacked a never-released gradient shown only for contrast.
+
+        (The raw gradient behind a DP-SGD release, `AuditConfig.dp_contrast`.) Verdicts
+        (report summary, worst case, assertions) leave it out.
+        """
+        return bool(self.info.get("contrast"))
+
+    def redact(self) -> AuditResult:
+        """A copy without text: scores, lengths and counts only."""
+        return AuditResult(
+            **{
+                **asdict(self),
+                "references": [],
+                "reconstructions": [],
+                "redacted": True,
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditResult:
+        return cls(**data)

@@ -1,0 +1,183 @@
+"""What an `Auditor` audits during training: modules, sampled steps, attack, output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradaudit.errors import GradAuditError
+
+DEFAULT_EVERY_N_STEPS = 100
+
+
+@dataclass
+class AuditConfig:
+    """Settings of in-training audits; loadable from a dict, YAML or JSON file.
+
+    A step (1-based optimizer step number) is audited when it is at least `first_step`,
+    fewer than `max_audits` audits were taken, and it is in `steps`, or falls on
+    `first_step + k * every_n_steps`, or wins a draw of `probability` (a generator seeded
+    by `seed` and the step, so every rank and every resumed run draws the same). With none
+    of the three rules given, every `DEFAULT_EVERY_N_STEPS` steps are audited.
+    Each background attack may take `attack_timeout_s`; `close()` waits for pending ones
+    at most `close_timeout_s` in all (None: until each finished or timed out); the worker uses
+    `worker_threads` CPU threads, leaving the others to training.
+    `attack=None` captures and saves snapshots without attacking them (attack them later
+    with `gradaudit attack OUTPUT_DIR/snapshots`).
+    `separate_modules` attacks each selected module's gradient on its own (an adversary who
+    sees one module, the partial-gradient threat); False attacks them jointly.
+    `dp_delta` is the δ of ε under DP-SGD (default 1/N when the data set size N is known).
+    `dp_contrast` also audits, at each audited step of an Opacus DP-SGD run, the raw gradient
+    behind the release (the mean per-example gradient, never released), attacked like the
+    released one, to show what DP hides; it needs a DPOptimizer (the `Auditor` refuses it
+    otherwise).
+    """
+
+    modules: list[str] = field(default_factory=lambda: ["query@0"])
+    every_n_steps: int | None = None
+    probability: float | None = None
+    steps: list[int] | None = None
+    first_step: int = 1
+    max_audits: int | None = None
+    attack: str | None = "gradmatch"
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    budget: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "gradaudit-out"
+    background: bool = True
+    attack_timeout_s: float = 3600.0
+    close_timeout_s: float | None = None
+    worker_threads: int = 1
+    keep_snapshots: bool = False
+    redact: bool = False
+    separate_modules: bool = True
+    dp_delta: float | None = None
+    dp_contrast: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules, str):
+            self.modules = [self.modules]
+        self.modules = list(self.modules)
+        if not self.modules:
+            raise GradAuditError("modules is empty: give at least one module spec, e.g. query@0")
+        if self.every_n_steps is None and self.probability is None and self.steps is None:
+            self.every_n_steps = DEFAULT_EVERY_N_STEPS
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            raise GradAuditError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
+        if self.probability is not None and not 0 <= self.probability <= 1:
+            raise GradAuditError(f"probability must be in [0, 1], got {self.probability}")
+        if self.steps is not None:
+            self.steps = sorted({int(s) for s in self.steps})
+        if self.first_step < 1:
+            raise GradAuditError(
+                f"first_step must be >= 1 (steps count from 1), got {self.first_step}"
+            )
+        if self.max_audits is not None and self.max_audits < 0:
+            raise GradAuditError(f"max_audits must be >= 0 or null, got {self.max_audits}")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise GradAuditError(f"dp_delta must lie in (0, 1), got {self.dp_delta}")
+        if not isinstance(self.dp_contrast, bool):
+            raise GradAuditError(f"dp_contrast must be true or false, got {self.dp_contrast!r}")
+        if self.budget <= 0:
+            raise GradAuditError(f"budget must be positive, got {self.budget}")
+        if self.worker_threads < 1:
+            raise GradAuditError(f"worker_threads must be >= 1, got {self.worker_threads}")
+        for name in ("attack_timeout_s", "close_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise GradAuditError(f"{name} must be positive, got {value}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise GradAuditError(
+                    f"device {self.device!r} is not a torch device: use auto, cpu, cuda or cuda:1"
+                ) from None
+        if self.attack is not None:
+            from gradaudit.attacks import get_attack
+
+            get_attack(self.attack, **self.attack_options)  # unknown attack or option: fail now
+        self.output_dir = str(self.output_dir)
+
+    def is_sampled(self, step: int, audits_taken: int = 0) -> bool:
+        """Whether optimizer step `step` (1-based) is audited after `audits_taken` audits."""
+        if step < self.first_step:
+            return False
+        if self.max_audits is not None and audits_taken >= self.max_audits:
+            return False
+        if self.steps is not None and step in self.steps:
+            return True
+        if self.every_n_steps is not None and (step - self.first_step) % self.every_n_steps == 0:
+            return True
+        # A generator of its own per step: no global RNG, same draw on every rank and resume.
+        if not self.probability:
+            return False
+        return random.Random(f"{self.seed}:{step}").random() < self.probability
+
+    def selects_nothing(self, last_step: int | None = None) -> str | None:
+        """Why no step up to `last_step` (or ever) can be audited, or None when some can."""
+        if self.max_audits == 0:
+            return "max_audits is 0"
+        if self.steps is not None and self.every_n_steps is None and not self.probability:
+            steps = [s for s in self.steps if s >= self.first_step]
+            if last_step is not None:
+                steps = [s for s in steps if s <= last_step]
+            if not steps:
+                return f"no step in {self.steps} lies in [{self.first_step}, {last_step or 'end'}]"
+            return None
+        if self.every_n_steps is None and not self.probability:
+            return "probability is 0 and neither steps nor every_n_steps is set"
+        if last_step is not None and last_step < self.first_step:
+            return f"training ends at step {last_step}, before first_step {self.first_step}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditConfig:
+        """Build from a mapping, refusing unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GradAuditError(
+                f"unknown AuditConfig key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def load(cls, source: AuditConfig | Mapping[str, Any] | str | Path) -> AuditConfig:
+        """A config from itself, a mapping, or a YAML/JSON file path."""
+        if isinstance(source, AuditConfig):
+            return source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        return cls.from_file(source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AuditConfig:
+        """Read a `.yaml`/`.yml` or `.json` file holding one mapping."""
+        path = Path(path)
+        if not path.is_file():
+            raise GradAuditError(f"audit config {path} does not exist: pass a YAML or JSON file")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise GradAuditError(f"audit config {path} is neither .yaml/.yml nor .json: rename it")
+        if not isinstance(data, Mapping):
+            raise GradAuditError(f"audit config {path} does not hold a mapping of settings")
+        return cls.from_dict(data)
