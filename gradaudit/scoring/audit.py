@@ -1,9 +1,14 @@
-"""One call from texts to a scored reconstruction: tokenize, capture, attack, score."""
+"""From texts or saved snapshots to scored reconstructions: capture, attack, score.
+
+`audit_batch` tokenizes and captures first; `audit_snapshot` attacks one snapshot;
+`audit_snapshots` attacks a folder of them, sharded over ranks when launched on several.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,10 +19,12 @@ from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import Reconstruction
 from gradaudit.capture.gradients import capture
 from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.errors import GradAuditError
 from gradaudit.model.batch import make_batch
 from gradaudit.model.selection import select_modules
 from gradaudit.scoring.metrics import Scores, score
 from gradaudit.scoring.result import AuditResult
+from gradaudit.scoring.sharding import Shard
 
 
 def _content_ids(snapshot: GradientSnapshot, token_ids: Sequence[Sequence[int]], special: set[int]):
@@ -107,3 +114,58 @@ def audit_batch(
     return audit_snapshot(
         model, tokenizer, snapshot, attack, seed=seed, device=device, budget=budget, **options
     )
+
+
+def find_snapshots(root: str | Path) -> list[Path]:
+    """`root` itself when it is a snapshot directory, else the snapshot folders inside it."""
+    root = Path(root)
+    if (root / "snapshot.json").is_file():
+        return [root]
+    directories = sorted(p.parent for p in root.glob("*/snapshot.json"))
+    if not directories:
+        raise GradAuditError(f"{root} holds no snapshot (no snapshot.json in it or its subfolders)")
+    return directories
+
+
+def audit_snapshots(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    directories: Sequence[str | Path],
+    attack: str = "gradmatch",
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    budget: float = 1.0,
+    shard: Shard | None = None,
+    progress: bool = False,
+    on_result: Callable[[Path, AuditResult], None] | None = None,
+    **options: Any,
+) -> list[AuditResult] | None:
+    """Attack each saved snapshot with seed `seed + i` (its index), and score it.
+
+    With a `shard` of several ranks, this rank attacks its share and rank 0 returns every
+    rank's results in order (other ranks return None); there a failure becomes that result's
+    error, so no rank leaves the others waiting. On one rank a failure is raised.
+    """
+    from tqdm.auto import tqdm
+
+    shard = shard or Shard()
+    shard.start()
+    device = shard.device(device)
+    results = []
+    mine = shard.mine([Path(d) for d in directories])
+    for i, directory in tqdm(mine, desc=f"attack (rank {shard.rank})", disable=not progress):
+        try:
+            snapshot = GradientSnapshot.load(directory, model)
+            result = audit_snapshot(
+                model, tokenizer, snapshot, attack, seed=seed + i,  # global index: shards agree
+                device=device, budget=budget, **options,
+            )  # fmt: skip
+        except Exception as error:
+            if shard.world == 1:
+                raise
+            result = AuditResult.failure([], attack, 0, f"{directory}: {error}")
+        results.append((i, result))
+        if on_result is not None:
+            on_result(directory, result)
+    return shard.gather(results)

@@ -56,6 +56,15 @@ class AuditResult:
             }
         )
 
+    @classmethod
+    def failure(
+        cls, modules: list[str], attack: str, batch_size: int, error: str, **fields: Any
+    ) -> AuditResult:
+        """A result without scores: `error` says why the audit did not run."""
+        return cls(
+            modules=list(modules), attack=attack, batch_size=batch_size, error=error, **fields
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -19,7 +19,7 @@ from gradaudit.privacy import privacy_statement
 from gradaudit.report import SCHEMA_VERSION, build_report, read_report, write_report
 from gradaudit.report.html import plots
 
-SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report-schema.md"
+SCHEMA_DOC = Path(__file__).resolve().parents[2] / "docs" / "report-schema.md"
 QUERY = "bert.encoder.layer.{}.attention.self.query"
 FFN_IN = "bert.encoder.layer.{}.intermediate.dense"
 

@@ -1,0 +1,70 @@
+"""`gradaudit attack`: attack saved snapshots (sharded over ranks under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gradaudit.cli.common import (
+    add_attack_arguments,
+    parse_options,
+    print_report_paths,
+    print_result,
+)
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("attack", help="attack saved gradient snapshots")
+    parser.add_argument("snapshots", help="a snapshot directory or a folder of them")
+    parser.add_argument("--model", required=True)
+    add_attack_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """With RANK and WORLD_SIZE set, each rank attacks its share; rank 0 writes the report."""
+    from gradaudit.model.loading import load_model
+    from gradaudit.report import build_report, write_report
+    from gradaudit.scoring.audit import Shard, audit_snapshots, find_snapshots
+
+    options = parse_options(args.option)
+    root = Path(args.snapshots)
+    directories = find_snapshots(root)
+    shard = Shard.from_environment()
+    model, tokenizer = load_model(args.model)
+
+    def show(directory: Path, result) -> None:
+        if not args.quiet and result.error is None:
+            tqdm.write(f"{directory}:")
+            print_result(result)
+
+    results = audit_snapshots(
+        model,
+        tokenizer,
+        directories,
+        args.attack,
+        seed=args.seed,
+        device=args.device,
+        budget=args.budget,
+        shard=shard,
+        progress=not args.quiet,
+        on_result=show,
+        **options,
+    )
+    if results is None:  # another rank's share: rank 0 writes the report
+        return 0
+    config = {
+        "command": "attack",
+        "model": args.model,
+        "snapshots": str(root),
+        "attack": args.attack,
+        "options": options,
+        "budget": args.budget,
+        "seed": args.seed,
+        "world_size": shard.world,
+    }
+    report = build_report(results, config=config, redact=args.redact)
+    print_report_paths(write_report(args.out, report))
+    return 0

@@ -1,0 +1,95 @@
+"""`gradaudit bench`: the paper's grid in one run (ratios are fair), or `--overhead`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gradaudit.cli.common import add_budget_argument, csv_list
+from gradaudit.errors import GradAuditError
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="the paper's grid: data sets x modules x attacks x B")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data-dir", help="folder with cola/, sst2/, rotten_tomatoes/ files")
+    parser.add_argument("--quick", action="store_true", help="a small subset: minutes on 2 CPUs")
+    parser.add_argument(
+        "--overhead", action="store_true", help="training step time with and without the auditor"
+    )
+    parser.add_argument("--datasets", help="comma list of cola,sst2,rotten_tomatoes")
+    parser.add_argument("--components", help="comma list of query,...,ffn_out,layer,full")
+    parser.add_argument("--layers", help="e.g. 0-5, 0,2 or all")
+    parser.add_argument("--attacks", help="comma list, e.g. gradmatch,span,auto")
+    parser.add_argument("--batch-sizes", help="comma list, e.g. 1,4,8")
+    parser.add_argument("--sentences", type=int, help="sentences per cell")
+    add_budget_argument(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradaudit.experiments.bench import render_table, run_bench, write_bench
+    from gradaudit.model.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.overhead:
+        return run_overhead(model, tokenizer, args)
+    grid = _grid(args, int(model.config.num_hidden_layers))
+    if args.data_dir is None or not Path(args.data_dir).is_dir():
+        raise GradAuditError(
+            f"--data-dir {args.data_dir} is not a folder: pass the folder holding cola/dev.tsv, "
+            "sst2/dev.tsv and rotten_tomatoes/test.tsv (../shared/data in this repo's checkout)"
+        )
+    progress = None if args.quiet else tqdm.write
+    result = run_bench(
+        model, tokenizer, args.data_dir, grid, seed=args.seed, device=args.device, progress=progress
+    )
+    print(render_table(result))
+    written = write_bench(args.out, result)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _grid(args: argparse.Namespace, num_layers: int):
+    """The bench grid: `--quick` or the full one, narrowed by the flags given."""
+    from gradaudit.experiments.bench import BenchGrid
+    from gradaudit.model.selection import parse_layers
+
+    grid = BenchGrid.quick() if args.quick else BenchGrid()
+    for name in ("datasets", "components", "attacks"):
+        if getattr(args, name):
+            setattr(grid, name, csv_list(getattr(args, name)))
+    if args.layers:
+        grid.layers = parse_layers(args.layers, num_layers)
+    if args.batch_sizes:
+        grid.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
+    if args.sentences:
+        grid.sentences = args.sentences
+    grid.budgets.update(dict(args.attack_budget))
+    return grid
+
+
+def run_overhead(model, tokenizer, args: argparse.Namespace) -> int:
+    """`bench --overhead`: the same fine-tuning with and without the auditor, in one run."""
+    from gradaudit.experiments.data import load_examples
+    from gradaudit.experiments.overhead import measure_overhead
+    from gradaudit.io import atomic_write_json
+
+    if args.data_dir is None:
+        raise GradAuditError("--overhead needs --data-dir (the folder holding sst2/dev.tsv)")
+    examples = load_examples(str(Path(args.data_dir) / "sst2" / "dev.tsv"))
+    overhead = measure_overhead(model, tokenizer, examples.texts, examples.labels, seed=args.seed)
+    result = overhead.to_dict()
+    print(
+        f"step time, capture only / no auditor: {overhead.capture_ratio:.3f} (target <= 1.02)\n"
+        f"step p95, background attacks / attacks off: {overhead.background_p95_ratio:.3f} "
+        "(target <= 1.10)"
+    )
+    print(f"wrote {atomic_write_json(Path(args.out) / 'overhead.json', result)}")
+    return 0

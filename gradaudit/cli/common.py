@@ -1,0 +1,96 @@
+"""Arguments and printing shared by the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from gradaudit.errors import GradAuditError
+from gradaudit.scoring.result import AuditResult
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs to attack options; values parse as JSON where they can."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise GradAuditError(f"option {pair!r} is not key=value, e.g. --option steps=200")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def csv_list(text: str) -> list[str]:
+    """The non-empty items of a comma list."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    """`--attack-budget ATTACK=BUDGET`, repeatable."""
+    parser.add_argument(
+        "--attack-budget",
+        action="append",
+        default=[],
+        type=_budget_pair,
+        metavar="ATTACK=BUDGET",
+        help="budget for one attack, e.g. gradmatch=0.1 (default 1)",
+    )
+
+
+def _budget_pair(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if sep and name:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not ATTACK=BUDGET, e.g. gradmatch=0.1")
+
+
+def add_attack_arguments(
+    parser: argparse.ArgumentParser, default_attack: str = "gradmatch"
+) -> None:
+    """The attack, its options, budget, seed, device, output and redaction."""
+    parser.add_argument(
+        "--attack", default=default_attack, help="attack name (default %(default)s)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="attack option, repeatable (e.g. steps=500)",
+    )
+    parser.add_argument("--budget", type=float, default=1.0, help="scales the attack's step count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for the report")
+    parser.add_argument("--redact", action="store_true", help="keep scores only, no text")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars or per-sentence lines"
+    )
+
+
+def print_result(result: AuditResult) -> None:
+    """Per-sentence reconstructions with their ROUGE, then the batch scores."""
+    for s in result.sentences:
+        tqdm.write(f"  R1 {s['rouge1']:.2f} R2 {s['rouge2']:.2f}")
+        tqdm.write(f"    reference:      {result.references[s['reference']]}")
+        tqdm.write(f"    reconstruction: {result.reconstructions[s['reconstruction']]}")
+    tqdm.write(
+        f"  batch: ROUGE-1 {result.rouge1:.3f} ROUGE-2 {result.rouge2:.3f} "
+        f"token recall {result.token_recall:.3f} in {result.seconds:.1f} s"
+    )
+
+
+def print_report_paths(path: Path) -> None:
+    """Where the report was written."""
+    print(f"report: {path.with_suffix('.html')} (also report.json, report.md)")
