@@ -23,7 +23,7 @@ from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
 from gradaudit.model.families import layout
 
-_MOVE_KINDS = ("swap", "move_token", "move_span", "prefix_to_end")
+MOVE_KINDS = ("swap", "move_token", "move_span", "prefix_to_end")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class GradMatchOptions:
                 raise GradAuditError(f"gradmatch option {f.name} must be > 0, got {value}")
 
 
-class _Matcher:
+class GradientMatcher:
     """The gradient-matching loss for one snapshot, with the known parts of the batch fixed."""
 
     def __init__(
@@ -175,7 +175,7 @@ class _Matcher:
         return ids
 
 
-def _reorder(n: int, kind: str, rng: random.Random) -> list[int]:
+def reorder(n: int, kind: str, rng: random.Random) -> list[int]:
     """A new order of `n` content tokens after one random move of `kind`."""
     order = list(range(n))
     if kind == "swap":
@@ -222,51 +222,16 @@ class GradMatchAttack(Attack):
         budget: float,
     ) -> Reconstruction:
         opts = self.options
-        matcher = _Matcher(model, snapshot, tokenizer, device, opts)
+        matcher = GradientMatcher(model, snapshot, tokenizer, device, opts)
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
         steps = max(1, round(opts.steps * budget))
         n_candidates = max(1, round(opts.init_candidates * budget))
         n_permutations = max(1, round(opts.init_permutations * budget))
-        shape = (*matcher.mask.shape, matcher.embeddings.shape[1])
-        dtype = matcher.embeddings.dtype
-
-        # Initialisation: best Gaussian candidate, then its best content permutation.
-        best_x = torch.zeros(shape, dtype=dtype, device=device)
-        best_loss = torch.tensor(float("inf"), device=device)
-
-        def gaussian(n: int) -> torch.Tensor:
-            return matcher.rescale(torch.randn((n, *shape), generator=generator).to(device, dtype))
-
-        best_x, best_loss = matcher.best_of(n_candidates, gaussian, best_x, best_loss)
-        init_loss = best_loss
-
-        def shuffled(n: int, start: torch.Tensor = best_x) -> torch.Tensor:
-            orders = [
-                [rng.sample(range(len(p)), len(p)) for p in matcher.positions] for _ in range(n)
-            ]
-            return _permute(start, matcher.reindex(orders))
-
-        best_x, best_loss = matcher.best_of(n_permutations, shuffled, best_x, best_loss)
-
-        x = best_x.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=opts.lr)
-        schedule = torch.optim.lr_scheduler.StepLR(optimizer, opts.lr_decay_every, opts.lr_decay)
-        moves_from = round(opts.moves_start * steps)
-        accepted = torch.zeros((), dtype=torch.long, device=device)
-        trace = []
-        for step in range(steps):
-            loss = matcher.losses(x.unsqueeze(0), create_graph=True)[0]
-            (x.grad,) = torch.autograd.grad(loss, [x])
-            loss = loss.detach()
-            best_x = torch.where(loss < best_loss, x.detach(), best_x)
-            best_loss = torch.minimum(loss, best_loss)
-            trace.append(loss)
-            optimizer.step()
-            schedule.step()
-            if opts.moves and step >= moves_from and step % opts.moves_every == 0:
-                accepted += self._try_moves(x, matcher, rng)
-
+        best_x, best_loss, init_loss = self._initialise(
+            matcher, n_candidates, n_permutations, generator, rng
+        )
+        best_x, best_loss, trace, accepted = self._optimise(matcher, best_x, best_loss, steps, rng)
         trace_values = torch.stack(trace).tolist()
         ids = matcher.nearest_tokens(best_x, candidate_token_ids(tokenizer).to(device)).cpu()
         lengths = snapshot.batch["attention_mask"].sum(1).tolist()
@@ -288,7 +253,69 @@ class GradMatchAttack(Attack):
             },
         )
 
-    def _try_moves(self, x: torch.Tensor, matcher: _Matcher, rng: random.Random) -> torch.Tensor:
+    @staticmethod
+    def _initialise(
+        matcher: GradientMatcher,
+        n_candidates: int,
+        n_permutations: int,
+        generator: torch.Generator,
+        rng: random.Random,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The best of `n_candidates` Gaussian starts, then the best of `n_permutations`
+        content permutations of it: its embeddings and loss, and the Gaussian start's loss."""
+        device, dtype = matcher.mask.device, matcher.embeddings.dtype
+        shape = (*matcher.mask.shape, matcher.embeddings.shape[1])
+        best_x = torch.zeros(shape, dtype=dtype, device=device)
+        best_loss = torch.tensor(float("inf"), device=device)
+
+        def gaussian(n: int) -> torch.Tensor:
+            return matcher.rescale(torch.randn((n, *shape), generator=generator).to(device, dtype))
+
+        best_x, best_loss = matcher.best_of(n_candidates, gaussian, best_x, best_loss)
+        init_loss = best_loss
+
+        def shuffled(n: int, start: torch.Tensor = best_x) -> torch.Tensor:
+            orders = [
+                [rng.sample(range(len(p)), len(p)) for p in matcher.positions] for _ in range(n)
+            ]
+            return _permute(start, matcher.reindex(orders))
+
+        best_x, best_loss = matcher.best_of(n_permutations, shuffled, best_x, best_loss)
+        return best_x, best_loss, init_loss
+
+    def _optimise(
+        self,
+        matcher: GradientMatcher,
+        best_x: torch.Tensor,
+        best_loss: torch.Tensor,
+        steps: int,
+        rng: random.Random,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Adam from `best_x` with rounds of reordering moves; the best embeddings seen, their
+        loss, every step's loss and how many moves were accepted."""
+        opts = self.options
+        x = best_x.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=opts.lr)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, opts.lr_decay_every, opts.lr_decay)
+        moves_from = round(opts.moves_start * steps)
+        accepted = torch.zeros((), dtype=torch.long, device=best_x.device)
+        trace = []
+        for step in range(steps):
+            loss = matcher.losses(x.unsqueeze(0), create_graph=True)[0]
+            (x.grad,) = torch.autograd.grad(loss, [x])
+            loss = loss.detach()
+            best_x = torch.where(loss < best_loss, x.detach(), best_x)
+            best_loss = torch.minimum(loss, best_loss)
+            trace.append(loss)
+            optimizer.step()
+            schedule.step()
+            if opts.moves and step >= moves_from and step % opts.moves_every == 0:
+                accepted += self._try_moves(x, matcher, rng)
+        return best_x, best_loss, trace, accepted
+
+    def _try_moves(
+        self, x: torch.Tensor, matcher: GradientMatcher, rng: random.Random
+    ) -> torch.Tensor:
         """Per sentence, apply the best of `moves` random reorderings if it lowers the loss.
 
         Returns how many sentences changed, as a device tensor (no host sync).
@@ -305,7 +332,7 @@ class GradMatchAttack(Attack):
             ) -> torch.Tensor:
                 orders = [[list(range(len(p))) for p in matcher.positions] for _ in range(n)]
                 for order in orders:
-                    order[b] = _reorder(size, _MOVE_KINDS[rng.randrange(len(_MOVE_KINDS))], rng)
+                    order[b] = reorder(size, MOVE_KINDS[rng.randrange(len(MOVE_KINDS))], rng)
                 return _permute(start, matcher.reindex(orders))
 
             previous = loss

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
-from gradaudit.attacks.gradmatch import GradMatchOptions, _Matcher
+from gradaudit.attacks.gradmatch import GradientMatcher, GradMatchOptions
 from gradaudit.attacks.span.deep import DeepSettings, SpanObjective, deep_search
 from gradaudit.attacks.span.exact import (
     EXACT_RESIDUAL,
@@ -374,7 +374,9 @@ class SpanAttack(Attack):
         ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
         details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
         if opts.gradient_check:
-            matcher = _Matcher(model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0))
+            matcher = GradientMatcher(
+                model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0)
+            )
             distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
             details["gradient_cosine"] = 1 - float(distance.detach())
         return ids.cpu(), details

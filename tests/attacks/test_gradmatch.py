@@ -5,7 +5,7 @@ import torch
 
 from gradaudit import GradAuditError, get_attack
 from gradaudit.attacks.base import attack_model, candidate_token_ids
-from gradaudit.attacks.gradmatch import _MOVE_KINDS, GradMatchAttack, _Matcher, _reorder
+from gradaudit.attacks.gradmatch import MOVE_KINDS, GradientMatcher, GradMatchAttack, reorder
 from gradaudit.capture.gradients import capture
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import eager_attention
@@ -47,7 +47,7 @@ def test_true_embeddings_score_zero_and_candidates_are_scored_independently(
     model = attack_model(tiny_model, tiny_snapshot, torch.device("cpu"))
     attack = GradMatchAttack(reg_weight=0.0)
     with eager_attention(model):
-        matcher = _Matcher(
+        matcher = GradientMatcher(
             model, tiny_snapshot, tiny_tokenizer, torch.device("cpu"), attack.options
         )
         true = model.bert.embeddings.word_embeddings(tiny_snapshot.batch["input_ids"]).detach()
@@ -59,12 +59,12 @@ def test_true_embeddings_score_zero_and_candidates_are_scored_independently(
     torch.testing.assert_close(batched[[0, 2]], alone, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", _MOVE_KINDS)
+@pytest.mark.parametrize("kind", MOVE_KINDS)
 def test_every_move_reorders_the_content_tokens(kind):
     rng = random.Random(0)
     for n in (2, 3, 7):
         for _ in range(20):
-            assert sorted(_reorder(n, kind, rng)) == list(range(n))
+            assert sorted(reorder(n, kind, rng)) == list(range(n))
 
 
 def test_seeded_runs_are_deterministic(tiny_model, tiny_tokenizer, tiny_snapshot):
