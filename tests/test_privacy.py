@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
+from _dp import VOCAB
+from _dp import private_training as _private_training
+from _dp import tiny_batch as _batch
 from conftest import make_tiny_model
-from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from gradaudit import GradAuditError, capture, select_modules
 from gradaudit.privacy import (
@@ -24,18 +25,6 @@ from gradaudit.privacy import (
     step_batch_size,
     watch_released_gradients,
 )
-
-VOCAB = 60
-
-
-def _batch(n: int = 3, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (n, length), generator=g)
-    ids[:, 0], ids[:, -1] = 2, 3
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0  # one padded sentence
-    ids[0, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % 2}
 
 
 @pytest.mark.parametrize(
@@ -125,25 +114,6 @@ def test_noise_has_std_sigma_clip_over_batch_and_is_seeded():
     assert float((noised.gradients[name] - clean).std()) == pytest.approx(2.0 / 3, rel=0.05)
     again = private_snapshot(model, samples, clip=1.0, sigma=2.0, seed=5).gradients[name]
     assert torch.equal(again, noised.gradients[name])
-
-
-def _private_training(sigma: float, n: int = 10, seed: int = 0):
-    torch.manual_seed(seed)
-    model = make_tiny_model(VOCAB).train()
-    model.bert.embeddings.position_embeddings.weight.requires_grad_(False)
-    batch = _batch(n, seed=seed)
-    data = TensorDataset(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    engine = PrivacyEngine(accountant="rdp")
-    private, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=DataLoader(data, batch_size=1),  # Poisson, q = 0.1
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
-        noise_generator=torch.Generator().manual_seed(seed),
-    )
-    return model, private, optimizer, loader, engine
 
 
 def test_released_gradient_is_what_the_dp_optimizer_steps_with_and_epsilon_is_the_engines():

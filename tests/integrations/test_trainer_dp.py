@@ -21,7 +21,7 @@ from gradaudit.training.worker import snapshot_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trainer_dp.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trainer_dp.py"
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
 N = 16  # examples; expected batch 1, so q = 1/16 and about a third of the batches are empty
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from _dp import VOCAB, private_training
 from conftest import WORDS, make_tiny_model, make_tiny_tokenizer
-from test_privacy import VOCAB, _private_training
 
 from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
 from gradaudit.privacy import dp_snapshot, dp_step, watch_released_gradients
@@ -15,7 +15,7 @@ from gradaudit.training.worker import snapshot_dir
 
 
 def test_auditor_captures_the_released_gradient_and_the_engines_epsilon(tmp_path):
-    model, private, optimizer, loader, engine = _private_training(sigma=1.0)
+    model, private, optimizer, loader, engine = private_training(sigma=1.0)
     config = AuditConfig(
         modules=["query@0"], every_n_steps=1, attack=None, background=False,
         keep_snapshots=True, output_dir=str(tmp_path), dp_delta=0.1,
@@ -52,7 +52,7 @@ def test_auditor_captures_the_released_gradient_and_the_engines_epsilon(tmp_path
 
 def test_privacy_engine_without_a_dp_optimizer_is_refused(tmp_path):
     """Auditing `.grad` after backward in a DP run would attack what is never released."""
-    model, _, _, _, engine = _private_training(sigma=1.0)
+    model, _, _, _, engine = private_training(sigma=1.0)
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     config = AuditConfig(modules=["query@0"], attack=None, output_dir=str(tmp_path), dp_delta=0.1)
     with pytest.raises(GradAuditError, match="pass optimizer= the optimizer PrivacyEngine"):
@@ -61,7 +61,7 @@ def test_privacy_engine_without_a_dp_optimizer_is_refused(tmp_path):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_dp_contrast_also_audits_the_raw_gradient_behind_each_release(tmp_path):
-    model, private, optimizer, loader, engine = _private_training(sigma=1.0)
+    model, private, optimizer, loader, engine = private_training(sigma=1.0)
     words = sorted(set(WORDS))[: VOCAB - 10]  # with 5 specials and 5 marks: the model's vocab
     tokenizer = make_tiny_tokenizer(tmp_path, words)
     assert tokenizer.vocab_size == VOCAB
@@ -134,7 +134,7 @@ def test_dp_contrast_without_a_dp_optimizer_is_refused(tmp_path):
 
 def test_raw_gradient_is_refused_when_the_optimizer_lacks_examples_of_the_batch():
     """E.g. a BatchMemoryManager keeps only the last physical batch's per-example gradients."""
-    _, private, optimizer, loader, _ = _private_training(sigma=1.0)
+    _, private, optimizer, loader, _ = private_training(sigma=1.0)
     modules = ["bert.encoder.layer.0.attention.self.query"]
     errors = []
 
