@@ -66,26 +66,17 @@ def canary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
-    from gradaudit.integrations.trainer import GradAuditCallback
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from gradaudit.integrations.trainer import GradAuditCallback  # the Trainer loads slowly
 
     from gradaudit import AuditConfig, load_model
     from gradaudit.experiments.data import load_examples
     from gradaudit.io import private_dir
-    from gradaudit.report.schema import read_report
+    from gradaudit.report import read_report
 
     started = time.perf_counter()
     out = private_dir(args.out)
     data = load_examples(str(write_dataset(out / "support_messages.tsv")))
     model, tokenizer = load_model("minilm", seed=args.seed)
-    encoded = tokenizer(data.texts, truncation=True)
-    dataset = [
-        {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": label}
-        for ids, mask, types, label in zip(
-            encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"], data.labels
-        )
-    ]
     every = max(1, args.steps // max(1, args.audits))
     config = AuditConfig(
         modules=args.modules,
@@ -100,6 +91,28 @@ def run_demo(args: argparse.Namespace) -> int:
         background=True,
         seed=args.seed,
     )
+    trainer = _trainer(model, tokenizer, data, out, args)
+    trainer.add_callback(GradAuditCallback(config, trainer=trainer))
+    print(f"fine-tuning MiniLM for {args.steps} steps on {len(data)} support messages ...")
+    trainer.train()
+    _print_audits(read_report(config.output_dir))
+    print(f"\nreport: {Path(config.output_dir).resolve() / 'report.html'}")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _trainer(model: Any, tokenizer: Any, data: Any, out: Path, args: argparse.Namespace) -> Any:
+    """A plain `Trainer` (dropout on, gradient clipping at 1) over the demo's messages."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    encoded = tokenizer(data.texts, truncation=True)
+    dataset = [
+        {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": label}
+        for ids, mask, types, label in zip(
+            encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"], data.labels
+        )
+    ]
     training = TrainingArguments(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=args.batch_size,
@@ -113,17 +126,17 @@ def run_demo(args: argparse.Namespace) -> int:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=training,
         train_dataset=dataset,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
-    trainer.add_callback(GradAuditCallback(config, trainer=trainer))
-    print(f"fine-tuning MiniLM for {args.steps} steps on {len(data)} support messages ...")
-    trainer.train()
-    report = read_report(config.output_dir)
+
+
+def _print_audits(report: dict[str, Any]) -> None:
+    """One line per audit: its scores and how much of a planted secret it recovered."""
     print(f"\n{'step':>5}  {'module':<44}{'gradient':<9}{'R1':>6}{'R2':>6}{'recall':>7}  canaries")
     for row in canary_rows(report):
         a = row["audit"]
@@ -137,6 +150,3 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{a['step']:>5}  {', '.join(a['modules']):<44}{a['gradient']:<9}{a['rouge1']:>6.2f}"
             f"{a['rouge2']:>6.2f}{a['token_recall']:>7.2f}  {exposure}"
         )
-    print(f"\nreport: {Path(config.output_dir).resolve() / 'report.html'}")
-    print(f"done in {time.perf_counter() - started:.0f} s")
-    return 0

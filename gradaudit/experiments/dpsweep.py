@@ -38,6 +38,7 @@ from gradaudit.privacy import (
     privacy_statement,
     private_snapshot,
 )
+from gradaudit.report.format import number
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.result import THREAT_MODEL, AuditResult
 
@@ -82,9 +83,9 @@ class SweepSettings:
             check_dp_parameters(noise_multiplier=sigma)
         for name in self.attacks:
             get_attack(name)
-        for number in ("batch_size", "batches", "eval_size", "max_length"):
-            if getattr(self, number) < 1:
-                raise GradAuditError(f"{number} must be at least 1, got {getattr(self, number)}")
+        for setting in ("batch_size", "batches", "eval_size", "max_length"):
+            if getattr(self, setting) < 1:
+                raise GradAuditError(f"{setting} must be at least 1, got {getattr(self, setting)}")
         if self.utility_steps < 0 or self.utility_lr <= 0:
             raise GradAuditError("utility steps must be ≥ 0 and the utility learning rate > 0")
 
@@ -227,7 +228,6 @@ def run_dpsweep(
     train, held = _split(examples, settings)
     delta = settings.delta if settings.delta is not None else default_delta(len(train))
     work = frozen_embeddings_copy(model)
-    names = select_modules(work, settings.modules)
     statements = {
         str(s): privacy_statement(
             noise_multiplier=s,
@@ -240,28 +240,62 @@ def run_dpsweep(
         )
         for s in settings.sigmas
     }
-    utility: dict[float, tuple[float, float]] = {}
+    utility = {}
     if held is not None:
-        train_set = _tensors(tokenizer, train, settings.max_length)
-        eval_set = _tensors(tokenizer, held, settings.max_length)
-        for sigma in settings.sigmas:
-            trained, spent = dp_finetune(
-                work,
-                train_set,
-                sigma=sigma,
-                clip=settings.clip,
-                sample_rate=settings.sample_rate,
-                steps=settings.utility_steps,
-                lr=settings.utility_lr,
-                seed=settings.seed,
-                accountant=settings.accountant,
-                delta=delta,
-            )
-            utility[sigma] = (accuracy(trained, eval_set), spent)
-            say(f"σ={sigma}: accuracy {utility[sigma][0]:.3f} after {settings.utility_steps} steps")
+        utility = _utility(work, tokenizer, train, held, settings, delta, say)
+    audits = _attack_released(work, tokenizer, train, settings, statements, device, say)
+    rows = [
+        _row(audits, sigma, attack, statements[str(sigma)]["epsilon"], utility.get(sigma))
+        for sigma in settings.sigmas
+        for attack in settings.attacks
+    ]
+    return SweepResult(settings, rows, statements, audits, len(train))
+
+
+def _utility(
+    work: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Examples,
+    held: Examples,
+    settings: SweepSettings,
+    delta: float,
+    say: Callable[[str], None],
+) -> dict[float, tuple[float, float]]:
+    """σ -> (held-out accuracy, ε) of a DP fine-tuning at that σ."""
+    train_set = _tensors(tokenizer, train, settings.max_length)
+    eval_set = _tensors(tokenizer, held, settings.max_length)
+    utility = {}
+    for sigma in settings.sigmas:
+        trained, spent = dp_finetune(
+            work,
+            train_set,
+            sigma=sigma,
+            clip=settings.clip,
+            sample_rate=settings.sample_rate,
+            steps=settings.utility_steps,
+            lr=settings.utility_lr,
+            seed=settings.seed,
+            accountant=settings.accountant,
+            delta=delta,
+        )
+        utility[sigma] = (accuracy(trained, eval_set), spent)
+        say(f"σ={sigma}: accuracy {utility[sigma][0]:.3f} after {settings.utility_steps} steps")
+    return utility
+
+
+def _attack_released(
+    work: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Examples,
+    settings: SweepSettings,
+    statements: dict[str, dict[str, Any]],
+    device: str | torch.device | None,
+    say: Callable[[str], None],
+) -> list[AuditResult]:
+    """Each batch's released gradient at each σ, attacked by each attack."""
+    names = select_modules(work, settings.modules)
     audits: list[AuditResult] = []
-    batches = train.batches(settings.batch_size, settings.batches)
-    for b, (texts, labels) in enumerate(batches):
+    for b, (texts, labels) in enumerate(train.batches(settings.batch_size, settings.batches)):
         samples = per_sample_gradients(
             work, make_batch(work, tokenizer, texts, labels), names, clip_scope=settings.clip_scope
         )
@@ -283,34 +317,29 @@ def run_dpsweep(
                 result.info["dp"] = snapshot.meta["dp"]
                 audits.append(result)
                 say(f"batch {b} σ={sigma} {attack}: ROUGE-1 {result.rouge1:.3f}")
-    rows = []
-    for sigma in settings.sigmas:
-        for attack in settings.attacks:
-            group = [
-                a
-                for a in audits
-                if a.attack == attack and a.info["dp"]["noise_multiplier"] == sigma
-            ]
-            acc, spent = utility.get(sigma, (None, None))
-            rows.append(
-                SweepRow(
-                    sigma=sigma,
-                    epsilon=statements[str(sigma)]["epsilon"],
-                    attack=attack,
-                    rouge1=sum(a.rouge1 for a in group) / len(group),
-                    rouge2=sum(a.rouge2 for a in group) / len(group),
-                    token_recall=sum(a.token_recall for a in group) / len(group),
-                    accuracy=acc,
-                    utility_epsilon=spent,
-                )
-            )
-    return SweepResult(settings, rows, statements, audits, len(train))
+    return audits
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return "∞" if math.isinf(value) else f"{value:.{digits}g}" if value > 100 else f"{value:.3f}"
+def _row(
+    audits: list[AuditResult],
+    sigma: float,
+    attack: str,
+    epsilon: float,
+    utility: tuple[float, float] | None,
+) -> SweepRow:
+    """The mean scores of `attack` at `sigma`, next to ε and the utility run's figures."""
+    group = [a for a in audits if a.attack == attack and a.info["dp"]["noise_multiplier"] == sigma]
+    acc, spent = utility or (None, None)
+    return SweepRow(
+        sigma=sigma,
+        epsilon=epsilon,
+        attack=attack,
+        rouge1=sum(a.rouge1 for a in group) / len(group),
+        rouge2=sum(a.rouge2 for a in group) / len(group),
+        token_recall=sum(a.token_recall for a in group) / len(group),
+        accuracy=acc,
+        utility_epsilon=spent,
+    )
 
 
 def render_table(result: SweepResult) -> str:
@@ -321,8 +350,8 @@ def render_table(result: SweepResult) -> str:
     ]
     for r in result.rows:
         lines.append(
-            f"| {r.sigma:g} | {_fmt(r.epsilon)} | {r.attack} | {r.rouge1:.3f} | {r.rouge2:.3f} | "
-            f"{r.token_recall:.3f} | {_fmt(r.accuracy)} | {_fmt(r.utility_epsilon)} |"
+            f"| {r.sigma:g} | {number(r.epsilon)} | {r.attack} | {r.rouge1:.3f} | {r.rouge2:.3f} | "
+            f"{r.token_recall:.3f} | {number(r.accuracy)} | {number(r.utility_epsilon)} |"
         )
     return "\n".join(lines)
 

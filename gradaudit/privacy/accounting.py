@@ -148,32 +148,9 @@ def privacy_statement(
         if len(sigmas) != 1 or len(rates) != 1:
             raise GradAuditError("pass epsilon_value when σ or q changed during training")
         epsilon_value = epsilon(sigmas[0], rates[0], steps, delta, accountant)
-    data = f" over {dataset_size} examples" if dataset_size else ""
-    clipping = f", per-example clipping norm C = {number(clip, 4)}" if clip is not None else ""
-    lines = [
-        f"DP-SGD{data} with noise multiplier σ = {_range(sigmas)}{clipping} and sampling rate "
-        f"q = {_range(rates)}, for {steps} steps.",
-    ]
-    if max(sigmas) == 0 and steps > 0:
-        lines.append(
-            "σ = 0: no noise is added, so there is no differential privacy guarantee (ε = ∞); "
-            "clipping alone bounds each example's influence but hides nothing."
-        )
-    else:
-        run = " of the training run" if source == "engine" else ""
-        lines += [
-            f"Example-level DP with add-or-remove-one adjacency at δ = {delta:.3g}, computed "
-            f"with Opacus's {accountant.upper()} accountant{run}: ε = {number(epsilon_value, 4)}.",
-            "It covers every gradient released in those steps, and so any part of them (a "
-            "partial gradient is post-processing of the release).",
-            "It assumes each example joins each batch independently with probability q."
-            if sampling == "poisson"
-            else "The data were shuffled into fixed-size batches, not Poisson-sampled: this ε is "
-            "what Poisson sampling would give, believed close but not a proven bound for "
-            "shuffling.",
-            "No user-level guarantee: someone with k examples in the data is protected only by "
-            "group privacy, roughly k·ε.",
-        ]
+    lines = _statement_lines(
+        sigmas, rates, steps, delta, accountant, clip, sampling, dataset_size, epsilon_value, source
+    )
     return {
         "epsilon": epsilon_value,
         "delta": delta,
@@ -189,6 +166,48 @@ def privacy_statement(
         "dataset_size": dataset_size,
         "statement": " ".join(lines),
     }
+
+
+def _statement_lines(
+    sigmas: list[float],
+    rates: list[float],
+    steps: int,
+    delta: float,
+    accountant: str,
+    clip: float | None,
+    sampling: str,
+    dataset_size: int | None,
+    epsilon_value: float,
+    source: str,
+) -> list[str]:
+    """The sentences of a privacy statement: the mechanism, then what ε covers and assumes."""
+    data = f" over {dataset_size} examples" if dataset_size else ""
+    clipping = f", per-example clipping norm C = {number(clip, 4)}" if clip is not None else ""
+    lines = [
+        f"DP-SGD{data} with noise multiplier σ = {_range(sigmas)}{clipping} and sampling rate "
+        f"q = {_range(rates)}, for {steps} steps.",
+    ]
+    if max(sigmas) == 0 and steps > 0:
+        return [
+            *lines,
+            "σ = 0: no noise is added, so there is no differential privacy guarantee (ε = ∞); "
+            "clipping alone bounds each example's influence but hides nothing.",
+        ]
+    run = " of the training run" if source == "engine" else ""
+    return [
+        *lines,
+        f"Example-level DP with add-or-remove-one adjacency at δ = {delta:.3g}, computed "
+        f"with Opacus's {accountant.upper()} accountant{run}: ε = {number(epsilon_value, 4)}.",
+        "It covers every gradient released in those steps, and so any part of them (a "
+        "partial gradient is post-processing of the release).",
+        "It assumes each example joins each batch independently with probability q."
+        if sampling == "poisson"
+        else "The data were shuffled into fixed-size batches, not Poisson-sampled: this ε is "
+        "what Poisson sampling would give, believed close but not a proven bound for "
+        "shuffling.",
+        "No user-level guarantee: someone with k examples in the data is protected only by "
+        "group privacy, roughly k·ε.",
+    ]
 
 
 def engine_statement(
