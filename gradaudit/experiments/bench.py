@@ -27,6 +27,7 @@ from gradaudit.model.batch import make_batch
 from gradaudit.model.families import COMPONENTS
 from gradaudit.model.selection import select_modules
 from gradaudit.scoring.audit import audit_snapshot
+from gradaudit.scoring.metrics import SCORE_KEYS
 
 DATASET_FILES = {
     "cola": "cola/dev.tsv",
@@ -150,10 +151,11 @@ def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any
     except GradAuditError as error:  # e.g. a saturated span, recorded as that cell's outcome
         return {"error": str(error)}
     return {
-        "rouge1": result.rouge1, "rouge2": result.rouge2, "token_recall": result.token_recall,
-        "exact": result.exact, "seconds": result.seconds, "error": None,
+        **{key: getattr(result, key) for key in SCORE_KEYS},
+        "seconds": result.seconds,
+        "error": None,
         "ran": result.info.get("ran", result.attack),
-    }  # fmt: skip
+    }
 
 
 def _row_line(row: dict[str, Any]) -> str:
@@ -180,7 +182,7 @@ def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "batch_size": batch_size, "attack": attack, "batches": len(members),
             "errors": len(members) - len(ok),
         }  # fmt: skip
-        for key in ("rouge1", "rouge2", "token_recall", "exact", "seconds"):
+        for key in (*SCORE_KEYS, "seconds"):
             cell[key] = sum(r[key] for r in ok) / len(ok) if ok else None
         cells.append(cell)
     return cells
