@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,27 +20,63 @@ def capture(
     include_bias: bool = False,
     step: int | None = None,
     include_weights: bool = False,
+    train_mode: bool = False,
+    seed: int = 0,
 ) -> GradientSnapshot:
     """Compute the loss gradient of the selected modules' weights for `batch`.
 
-    Runs in eval mode (no dropout, so the adversary's forward matches exactly) through
-    `torch.autograd.grad`: no `.grad` is touched; train/eval mode and RNG state are restored.
+    By default in eval mode (no dropout). With `train_mode`, in training mode as fine-tuning
+    runs (dropout on), its masks drawn from the torch generator seeded with `seed`, so the
+    audit measures the gradient training really produces. Through `torch.autograd.grad`: no
+    `.grad` is touched; every module's mode and every torch generator are restored.
     """
     modules = list(modules)
     batch = check_batch(dict(batch))
     params = dict(model.named_parameters())
     names = weight_names(model, modules, include_bias)
     device = next(model.parameters()).device
-    was_training = model.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.eval()
-        try:
-            with torch.enable_grad():
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-                grads = torch.autograd.grad(loss, [params[n] for n in names])
-        finally:
-            model.train(was_training)
+    with (
+        _mode(model, train_mode),
+        _seeded(seed if train_mode else None, device),
+        torch.enable_grad(),
+    ):
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
     gradients = {n: g.detach().to("cpu") for n, g in zip(names, grads)}
-    return GradientSnapshot.from_gradients(
+    snapshot = GradientSnapshot.from_gradients(
         model, batch, modules, gradients, "raw", step, include_weights
     )
+    snapshot.meta["train_mode"] = train_mode
+    if train_mode:
+        snapshot.meta["dropout_seed"] = seed
+    return snapshot
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """`model` in training (or eval) mode; each module's own mode restored on exit."""
+    modes = {module: module.training for module in model.modules()}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """The generator dropout draws from on `device` seeded with `seed`, restored on exit.
+
+    Only that generator is touched (CPU, or the one GPU), so nothing else in the process
+    sees a changed random stream.
+    """
+    on_gpu = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_gpu else []):
+        if seed is not None:
+            if on_gpu:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            else:
+                torch.random.default_generator.manual_seed(seed)
+        yield

@@ -21,6 +21,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--modules", nargs="+", required=True, help="module specs, e.g. query@0")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="number of batches")
+    parser.add_argument(
+        "--train-mode",
+        action="store_true",
+        help="take the gradient in training mode, dropout on, as fine-tuning does",
+    )
     add_attack_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed + i,
             device=args.device,
             budget=args.budget,
+            train_mode=args.train_mode,
             **options,
         )
         results.append(result)

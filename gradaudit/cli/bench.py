@@ -25,6 +25,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--attacks", help="comma list, e.g. gradmatch,span,auto")
     parser.add_argument("--batch-sizes", help="comma list, e.g. 1,4,8")
     parser.add_argument("--sentences", type=int, help="sentences per cell")
+    parser.add_argument(
+        "--train-mode",
+        action="store_true",
+        help="capture gradients in training mode, dropout on, as fine-tuning does",
+    )
     add_budget_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -72,6 +77,7 @@ def _grid(args: argparse.Namespace, num_layers: int):
     if args.sentences:
         grid.sentences = args.sentences
     grid.budgets.update(dict(args.attack_budget))
+    grid.train_mode = args.train_mode
     return grid
 
 

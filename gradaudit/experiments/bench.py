@@ -40,7 +40,11 @@ BENCH_COMPONENTS = (*COMPONENTS, "layer", "full")
 
 @dataclass
 class BenchGrid:
-    """Which cells to run; `budgets` maps attack name -> budget (default 1.0)."""
+    """Which cells to run; `budgets` maps attack name -> budget (default 1.0).
+
+    With `train_mode`, every gradient is captured in training mode (dropout masks seeded by
+    the run's seed and the batch index), as fine-tuning produces it.
+    """
 
     datasets: list[str] = field(default_factory=lambda: list(DATASET_FILES))
     components: list[str] = field(default_factory=lambda: list(BENCH_COMPONENTS))
@@ -49,6 +53,7 @@ class BenchGrid:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
     sentences: int = 8
     budgets: dict[str, float] = field(default_factory=dict)
+    train_mode: bool = False  # dropout on while capturing, as fine-tuning runs
 
     @classmethod
     def quick(cls) -> BenchGrid:
@@ -110,12 +115,15 @@ def run_bench(
                 modules = select_modules(model, module_spec(component, layer))
                 for index, (texts, labels) in enumerate(batches):
                     batch = make_batch(model, tokenizer, texts, labels)
-                    snapshot = capture(model, batch, modules)
+                    snapshot = capture(
+                        model, batch, modules, train_mode=grid.train_mode, seed=seed + index
+                    )
                     for attack in grid.attacks:
                         row = {
                             "dataset": dataset, "component": component, "layer": layer,
                             "batch_size": batch_size, "batch": index, "attack": attack,
                             "budget": grid.budgets.get(attack, 1.0),
+                            "train_mode": grid.train_mode,
                         }  # fmt: skip
                         rows.append(
                             {**row, **_attack_cell(model, tokenizer, snapshot, row, seed, device)}
@@ -180,7 +188,7 @@ def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cell = {
             "dataset": dataset, "component": component, "layer": layer,
             "batch_size": batch_size, "attack": attack, "batches": len(members),
-            "errors": len(members) - len(ok),
+            "errors": len(members) - len(ok), "train_mode": members[0]["train_mode"],
         }  # fmt: skip
         for key in (*SCORE_KEYS, "seconds"):
             cell[key] = sum(r[key] for r in ok) / len(ok) if ok else None
@@ -197,8 +205,9 @@ def render_table(result: dict[str, Any]) -> str:
     budgets = ", ".join(
         f"{a}={result['grid']['budgets'].get(a, 1.0):g}" for a in result["grid"]["attacks"]
     )
+    mode = "train (dropout on)" if result["grid"].get("train_mode") else "eval (no dropout)"
     lines = [
-        f"budgets: {budgets} (speed-ups compare these budgets)",
+        f"gradients captured in {mode} mode; budgets: {budgets} (speed-ups compare these budgets)",
         f"{'dataset':<16}{'module':<12}{'B':>3}  {'attack':<10}{'R1':>7}{'R2':>7}"
         f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}",
     ]

@@ -71,6 +71,8 @@ def audit_snapshot(
     )
     references, scores = score_reconstruction(snapshot, rec, tokenizer)
     info = dict(rec.info)
+    if "train_mode" in snapshot.meta:  # captured with dropout on, as training runs, or not
+        info["train_mode"] = snapshot.meta["train_mode"]
     if snapshot.meta.get("contrast"):
         info["contrast"] = True  # a saved dp_contrast snapshot was never released: no verdict
     return AuditResult(
@@ -105,12 +107,18 @@ def audit_batch(
     seed: int = 0,
     device: str | torch.device | None = None,
     budget: float = 1.0,
+    train_mode: bool = False,
     **options: Any,
 ) -> AuditResult:
-    """Tokenize `texts`, capture the selected modules' gradients, attack them and score."""
+    """Tokenize `texts`, capture the selected modules' gradients, attack them and score.
+
+    With `train_mode`, the gradient is taken as fine-tuning takes it, dropout on (masks
+    seeded by `seed`); the default eval mode is the attack's best case.
+    """
     get_attack(attack, **options)  # fail on a bad attack or option before any compute
     names = select_modules(model, modules)
-    snapshot = capture(model, make_batch(model, tokenizer, texts, labels), names)
+    batch = make_batch(model, tokenizer, texts, labels)
+    snapshot = capture(model, batch, names, train_mode=train_mode, seed=seed)
     return audit_snapshot(
         model, tokenizer, snapshot, attack, seed=seed, device=device, budget=budget, **options
     )

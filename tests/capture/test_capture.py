@@ -104,3 +104,58 @@ def test_batch_without_labels_is_refused(tiny_model, batch):
     del batch["labels"]
     with pytest.raises(GradAuditError, match="lacks labels"):
         capture(tiny_model, batch, select_modules(tiny_model, "key@0"))
+
+
+def test_train_mode_capture_is_the_gradient_of_a_seeded_dropout_forward(tiny_model, batch):
+    modules = select_modules(tiny_model, ["query@0", "value@1"])
+    snap = capture(tiny_model, batch, modules, train_mode=True, seed=7)
+    tiny_model.train()
+    try:
+        torch.manual_seed(7)
+        tiny_model.zero_grad()
+        tiny_model(**batch).loss.backward()
+        params = dict(tiny_model.named_parameters())
+        for name, grad in snap.gradients.items():
+            torch.testing.assert_close(grad, params[name].grad, rtol=0, atol=0)
+    finally:
+        tiny_model.eval()
+        tiny_model.zero_grad(set_to_none=True)
+    assert snap.meta["train_mode"] is True and snap.meta["dropout_seed"] == 7
+
+
+def test_train_mode_capture_differs_from_eval_and_repeats_with_its_seed(tiny_model, batch):
+    modules = select_modules(tiny_model, "query@0")
+    name = f"{modules[0]}.weight"
+    evaluated = capture(tiny_model, batch, modules).gradients[name]
+    first = capture(tiny_model, batch, modules, train_mode=True, seed=1).gradients[name]
+    again = capture(tiny_model, batch, modules, train_mode=True, seed=1).gradients[name]
+    other = capture(tiny_model, batch, modules, train_mode=True, seed=2).gradients[name]
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, evaluated) and not torch.allclose(first, other)
+
+
+def test_train_mode_capture_restores_every_module_mode_and_the_global_generator(
+    tiny_model, batch
+):
+    modules = select_modules(tiny_model, "query@0")
+    tiny_model.bert.encoder.layer[0].train()  # a mixed model: one layer in training mode
+    modes = {name: m.training for name, m in tiny_model.named_modules()}
+    state = torch.random.get_rng_state()
+    try:
+        capture(tiny_model, batch, modules, train_mode=True, seed=3)
+        assert {name: m.training for name, m in tiny_model.named_modules()} == modes
+        assert torch.equal(torch.random.get_rng_state(), state)
+    finally:
+        tiny_model.eval()
+
+
+def test_audit_batch_in_train_mode_records_the_mode(tiny_model, tiny_tokenizer):
+    from gradaudit import audit_batch
+
+    result = audit_batch(
+        tiny_model, tiny_tokenizer, TEXTS[:1], LABELS[:1], "query@0", "span", train_mode=True
+    )
+    assert result.info["train_mode"] is True
+    assert audit_batch(
+        tiny_model, tiny_tokenizer, TEXTS[:1], LABELS[:1], "query@0", "span"
+    ).info["train_mode"] is False

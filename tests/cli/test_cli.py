@@ -47,6 +47,19 @@ def test_audit_prints_reconstructions_and_writes_private_reports(
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
 
 
+def test_audit_in_train_mode_records_the_mode_in_the_report(model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "--attack", "gradmatch", "--budget", "0.01", "--limit", "1", "--out", str(out),
+        "--train-mode", "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["train_mode"] is True
+    assert report["audits"][0]["info"]["train_mode"] is True
+
+
 def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -73,3 +73,16 @@ def test_table_says_slower_where_an_attack_took_longer_than_gradmatch():
     }  # fmt: skip
     span_line = render_table(result).splitlines()[-1]
     assert span_line.endswith("1.2x slower") and "faster" not in span_line
+
+
+def test_bench_in_train_mode_says_so_in_every_row_cell_and_the_table(tiny_tokenizer, data_dir):
+    model = make_tiny_model(tiny_tokenizer.vocab_size)
+    grid = BenchGrid(
+        datasets=["sst2"], components=["query"], layers=[0], attacks=["gradmatch"],
+        batch_sizes=[1], sentences=1, budgets={"gradmatch": 0.01}, train_mode=True,
+    )  # fmt: skip
+    result = run_bench(model, tiny_tokenizer, data_dir, grid)
+    assert [r["train_mode"] for r in result["rows"]] == [True]
+    assert [c["train_mode"] for c in result["cells"]] == [True]
+    assert "train (dropout on)" in render_table(result)
+    assert not model.training  # the model's own mode is left as it was
