@@ -134,9 +134,7 @@ def test_train_mode_capture_differs_from_eval_and_repeats_with_its_seed(tiny_mod
     assert not torch.allclose(first, evaluated) and not torch.allclose(first, other)
 
 
-def test_train_mode_capture_restores_every_module_mode_and_the_global_generator(
-    tiny_model, batch
-):
+def test_train_mode_capture_restores_every_module_mode_and_the_global_generator(tiny_model, batch):
     modules = select_modules(tiny_model, "query@0")
     tiny_model.bert.encoder.layer[0].train()  # a mixed model: one layer in training mode
     modes = {name: m.training for name, m in tiny_model.named_modules()}
@@ -156,6 +154,5 @@ def test_audit_batch_in_train_mode_records_the_mode(tiny_model, tiny_tokenizer):
         tiny_model, tiny_tokenizer, TEXTS[:1], LABELS[:1], "query@0", "span", train_mode=True
     )
     assert result.info["train_mode"] is True
-    assert audit_batch(
-        tiny_model, tiny_tokenizer, TEXTS[:1], LABELS[:1], "query@0", "span"
-    ).info["train_mode"] is False
+    evaluated = audit_batch(tiny_model, tiny_tokenizer, TEXTS[:1], LABELS[:1], "query@0", "span")
+    assert evaluated.info["train_mode"] is False
