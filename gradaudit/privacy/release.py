@@ -155,10 +155,28 @@ def dp_snapshot(
         )
     base = unwrap_model(model)
     modules = list(modules)
-    params = dict(base.named_parameters())
+    gradients = _step_gradients(base, optimizer, weight_names(base, modules, include_bias), kind)
+    snapshot = GradientSnapshot.from_gradients(
+        base, batch, modules, gradients, kind, step, include_weights
+    )
+    snapshot.meta["dp"] = {
+        "noise_multiplier": float(optimizer.noise_multiplier),
+        "clip": float(optimizer.max_grad_norm),
+        "expected_batch_size": optimizer.expected_batch_size,
+        "batch_size": examples,
+        "loss_reduction": optimizer.loss_reduction,
+    }
+    return snapshot
+
+
+def _step_gradients(
+    model: nn.Module, optimizer: DPOptimizer, names: Iterable[str], kind: str
+) -> dict[str, torch.Tensor]:
+    """CPU copies of the `kind` gradient of the parameters `names` of `model` in this step."""
+    params = dict(model.named_parameters())
     trained = {id(p) for p in optimizer.params}
     gradients = {}
-    for name in weight_names(base, modules, include_bias):
+    for name in names:
         p = params[name]
         if id(p) not in trained:
             raise GradAuditError(
@@ -175,17 +193,7 @@ def dp_snapshot(
         else:
             raise GradAuditError(f"kind {kind!r} is not one of noised, clipped, raw")
         gradients[name] = grad.detach().to("cpu", copy=True).view_as(p)
-    snapshot = GradientSnapshot.from_gradients(
-        base, batch, modules, gradients, kind, step, include_weights
-    )
-    snapshot.meta["dp"] = {
-        "noise_multiplier": float(optimizer.noise_multiplier),
-        "clip": float(optimizer.max_grad_norm),
-        "expected_batch_size": optimizer.expected_batch_size,
-        "batch_size": examples,
-        "loss_reduction": optimizer.loss_reduction,
-    }
-    return snapshot
+    return gradients
 
 
 @contextlib.contextmanager
