@@ -13,32 +13,28 @@ step with `gradaudit.privacy.dp_step(model, optimizer, batch, backward=accelerat
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from gradaudit.integrations.common import gather_batches, log_results, refuse_sharded
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.errors import GradAuditError
-from gradaudit.training.auditor import Auditor, result_metrics
+from gradaudit.scoring.result import AuditResult
+from gradaudit.training.auditor import Auditor
 from gradaudit.training.config import AuditConfig
 
 
-def gather_batches(batch: Any) -> list[Any]:
-    """Every rank's batch, in rank order (`None` where a rank recorded none)."""
-    return gather_object([batch])
-
-
-class AccelerateAuditor(Auditor):
+class AccelerateAuditor:
     """An `Auditor` wired to an `Accelerator`: main process attacks, every rank's batch.
 
     Hooks the torch optimizer inside the prepared `AcceleratedOptimizer`, so it sees each real
     step once (after gradient accumulation, all-reduce, unscaling and any clipping). Finished
     audits are logged through `accelerator.log` when trackers are set. With an Opacus
     DPOptimizer inside, the released gradient is audited: pass `privacy_engine` and
-    `dataset_size` (or `config.dp_delta`) for ε.
+    `dataset_size` (or `config.dp_delta`) for ε. The `Auditor` itself is `.auditor`.
     """
 
     def __init__(
@@ -54,14 +50,9 @@ class AccelerateAuditor(Auditor):
         privacy_engine: Any = None,
         dataset_size: int | None = None,
     ) -> None:
-        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise GradAuditError(
-                f"AccelerateAuditor does not support {accelerator.distributed_type.value}: it "
-                "shards gradients, so no rank holds a module's full gradient; train with DDP "
-                "or on one process"
-            )
+        refuse_sharded("AccelerateAuditor", accelerator.distributed_type)
         self.accelerator = accelerator
-        super().__init__(
+        self.auditor = Auditor(
             accelerator.unwrap_model(model),
             AuditConfig.load(config),
             tokenizer=tokenizer,
@@ -72,19 +63,65 @@ class AccelerateAuditor(Auditor):
             last_step=last_step,
             privacy_engine=privacy_engine,
             dataset_size=dataset_size,
+            on_result=self._log,
         )
 
-    def _log_new_results(self) -> None:
-        results = self.new_results()
-        if self.accelerator.trackers:
-            for result in results:
-                self.accelerator.log(result_metrics(result), step=self.step)
+    def _log(self, result: AuditResult) -> None:
+        if self.accelerator.trackers:  # trackers may be set up after the auditor
+            log_results([result], partial(self.accelerator.log, step=self.auditor.step))
+
+    # -- the Auditor's interface ------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        return self.auditor.model
+
+    @property
+    def config(self) -> AuditConfig:
+        return self.auditor.config
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.auditor.step
+
+    @property
+    def dp_optimizer(self) -> Any:
+        """The Opacus DPOptimizer whose released gradients are audited, or None."""
+        return self.auditor.dp_optimizer
+
+    @property
+    def results(self) -> list[AuditResult]:
+        """Finished audits, by step."""
+        return self.auditor.results
+
+    def new_results(self) -> list[AuditResult]:
+        """Audits finished since the last call and not yet logged (logging takes them)."""
+        return self.auditor.new_results()
+
+    def epsilon(self) -> float | None:
+        return self.auditor.epsilon()
+
+    def privacy(self) -> dict[str, Any] | None:
+        return self.auditor.privacy()
 
     def before_step(self, step: int | None = None) -> None:
-        super().before_step(step)
-        self._log_new_results()
+        """Take step `step`'s gradients if sampled (the optimizer's hook already does)."""
+        self.auditor.before_step(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, for `accelerator.register_for_checkpointing`."""
+        return self.auditor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.auditor.load_state_dict(state)
 
     def close(self) -> Path | None:
-        path = super().close()
-        self._log_new_results()
-        return path
+        """Wait for pending attacks, write the report (main process: its path), log."""
+        return self.auditor.close()
+
+    def __enter__(self) -> AccelerateAuditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

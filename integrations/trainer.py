@@ -14,33 +14,31 @@ Poisson batches) gets "noised" audits and ε when the callback is given the engi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gradaudit.integrations.accelerate import gather_batches
+from gradaudit.integrations.common import (
+    gather_batches,
+    launched_with,
+    log_results,
+    refuse_sharded,
+)
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
 
-from gradaudit.errors import GradAuditError
-from gradaudit.training.auditor import Auditor, find_dp_optimizer, result_metrics
+from gradaudit.training.auditor import Auditor
 from gradaudit.training.config import AuditConfig
+from gradaudit.training.sources import dp_optimizer_of
 
 
-def _sharded_backend(args: TrainingArguments) -> str | None:
-    from accelerate.utils import DistributedType
-
-    kind = args.distributed_state.distributed_type if args.distributed_state else None
-    if args.deepspeed or kind == DistributedType.DEEPSPEED:
-        return "DeepSpeed"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "DeepSpeed"
-    if args.fsdp or kind == DistributedType.FSDP:
-        return "FSDP"
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "FSDP"
-    return None
+def _refuse_sharded(args: TrainingArguments) -> None:
+    refuse_sharded(
+        "GradAuditCallback",
+        args.distributed_state.distributed_type if args.distributed_state else None,
+        deepspeed=bool(args.deepspeed) or launched_with("DEEPSPEED"),
+        fsdp=bool(args.fsdp) or launched_with("FSDP"),
+    )
 
 
 class GradAuditCallback(TrainerCallback, ExportableState):
@@ -101,13 +99,7 @@ class GradAuditCallback(TrainerCallback, ExportableState):
         train_dataloader=None,
         **kwargs,
     ) -> None:
-        backend = _sharded_backend(args)
-        if backend is not None:
-            raise GradAuditError(
-                f"GradAuditCallback does not support {backend}: it shards parameters and "
-                "gradients, so no rank holds a module's full gradient; audit a run trained "
-                "with DDP or on one process, or save snapshots with gradaudit.capture"
-            )
+        _refuse_sharded(args)
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         saved = self._saved_state(state) if state.global_step > 0 else None
         # The Trainer hands callbacks accelerate's AcceleratedOptimizer; a DPOptimizer inside it
@@ -118,7 +110,7 @@ class GradAuditCallback(TrainerCallback, ExportableState):
             model,
             self.config,
             tokenizer=tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None,
-            optimizer=find_dp_optimizer(optimizer),
+            optimizer=dp_optimizer_of(optimizer),
             max_grad_norm=args.max_grad_norm,
             is_main_process=state.is_world_process_zero,
             gather=gather_batches if args.world_size > 1 else None,
@@ -146,8 +138,7 @@ class GradAuditCallback(TrainerCallback, ExportableState):
             return
         self._logging = True  # trainer.log calls on_log of every callback, this one included
         try:
-            for result in results:
-                self.trainer.log(result_metrics(result))
+            log_results(results, self.trainer.log)
         finally:
             self._logging = False
 

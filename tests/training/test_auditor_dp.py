@@ -10,7 +10,7 @@ from conftest import WORDS, make_tiny_model, make_tiny_tokenizer
 
 from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
 from gradaudit.privacy import dp_snapshot, dp_step, watch_released_gradients
-from gradaudit.training.auditor import result_metrics
+from gradaudit.training.results import result_metrics
 from gradaudit.training.worker import snapshot_dir
 
 
