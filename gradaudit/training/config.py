@@ -15,6 +15,8 @@ import torch
 from gradaudit.errors import GradAuditError
 
 DEFAULT_EVERY_N_STEPS = 100
+# How an audit runs, not what it audits: left out of the configuration a report embeds.
+RUNTIME_FIELDS = ("background", "attack_timeout_s", "close_timeout_s", "worker_threads")
 
 
 @dataclass
@@ -140,7 +142,12 @@ class AuditConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field (what `from_dict` reads back)."""
         return dataclasses.asdict(self)
+
+    def report_dict(self) -> dict[str, Any]:
+        """What is audited, for a report: every field but the runtime knobs (RUNTIME_FIELDS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditConfig:

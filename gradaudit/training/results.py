@@ -107,7 +107,7 @@ class ResultStore:
         privacy = self._privacy()
         report = build_report(
             audits,
-            config=self._config.to_dict(),
+            config=self._config.report_dict(),
             redact=self._config.redact,
             epsilon=None if privacy is None else privacy["epsilon"],
             privacy=privacy,
