@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from gradaudit.cli.common import (
     add_attack_arguments,
+    add_model_argument,
     parse_options,
     print_report_paths,
     print_result,
@@ -18,7 +19,7 @@ from gradaudit.cli.common import (
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("attack", help="attack saved gradient snapshots")
     parser.add_argument("snapshots", help="a snapshot directory or a folder of them")
-    parser.add_argument("--model", required=True)
+    add_model_argument(parser)
     add_attack_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         budget=args.budget,
         shard=shard,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,
         on_result=show,
         **options,
     )

@@ -3,31 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tqdm.auto import tqdm
 
 from gradaudit.cli.common import (
     add_attack_arguments,
+    add_model_argument,
     parse_options,
     print_report_paths,
     print_result,
+    progress_disabled,
 )
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("audit", help="attack batches of a data set and write a report")
-    parser.add_argument("--model", required=True, help="minilm, a local folder or a hub name")
+    add_model_argument(parser)
     parser.add_argument("--data", required=True, help="TSV/CSV/JSONL path or glue/sst2, ...")
     parser.add_argument("--modules", nargs="+", required=True, help="module specs, e.g. query@0")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="sentences per attacked batch")
     parser.add_argument("--limit", type=int, default=None, help="number of batches")
     parser.add_argument(
         "--train-mode",
         action="store_true",
         help="take the gradient in training mode, dropout on, as fine-tuning does",
     )
+    parser.add_argument(
+        "--fail-above",
+        action="append",
+        default=[],
+        type=_threshold,
+        metavar="METRIC=VALUE",
+        help="exit with code 1 when any audit's METRIC (rouge1, rouge2, token_recall, exact) "
+        "exceeds VALUE, e.g. rouge1=0.5; repeatable, for CI pipelines",
+    )
     add_attack_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    from gradaudit.report.assertions import METRICS
+
+    metric, sep, value = text.partition("=")
+    try:
+        if sep and metric in METRICS and 0 <= float(value) <= 1:
+            return metric, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not METRIC=VALUE with METRIC one of {', '.join(METRICS)} and VALUE in "
+        "[0, 1], e.g. rouge1=0.5"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,11 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
     options = parse_options(args.option)
     get_attack(args.attack, **options)  # a bad attack, option or module fails before any work
+    batches = load_examples(args.data).batches(args.batch_size, args.limit)
     model, tokenizer = load_model(args.model)
     modules = select_modules(model, args.modules)
-    batches = load_examples(args.data).batches(args.batch_size, args.limit)
     results = []
-    for i, (texts, labels) in enumerate(tqdm(batches, desc="audit", disable=args.quiet)):
+    for i, (texts, labels) in enumerate(
+        tqdm(batches, desc="audit", disable=progress_disabled(args))
+    ):
         result = audit_batch(
             model,
             tokenizer,
@@ -67,4 +96,20 @@ def run(args: argparse.Namespace) -> int:
     print_report_paths(
         write_report(args.out, build_report(results, config=config, redact=args.redact))
     )
+    return _check_thresholds(results, dict(args.fail_above))
+
+
+def _check_thresholds(results: list, limits: dict[str, float]) -> int:
+    """1 (with the reason on stderr) when a score exceeds its `--fail-above` limit, else 0."""
+    from gradaudit.report.assertions import assert_no_leakage
+
+    if not limits:
+        return 0
+    try:
+        assert_no_leakage(
+            results, **{"max_exact": None, **{f"max_{m}": v for m, v in limits.items()}}
+        )
+    except AssertionError as failure:
+        print(f"gradaudit: {failure}", file=sys.stderr)
+        return 1
     return 0

@@ -7,13 +7,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gradaudit.cli.common import add_budget_argument, csv_list
+from gradaudit.cli.common import (
+    add_budget_argument,
+    add_model_argument,
+    add_run_arguments,
+    csv_list,
+)
 from gradaudit.errors import GradAuditError
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="the paper's grid: data sets x modules x attacks x B")
-    parser.add_argument("--model", default="minilm")
+    add_model_argument(parser, default="minilm")
     parser.add_argument("--data-dir", help="folder with cola/, sst2/, rotten_tomatoes/ files")
     parser.add_argument("--quick", action="store_true", help="a small subset: minutes on 2 CPUs")
     parser.add_argument(
@@ -31,10 +36,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         help="capture gradients in training mode, dropout on, as fine-tuning does",
     )
     add_budget_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--quiet", action="store_true")
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-out"), help="folder for bench.json and heatmaps"
+    )
     parser.set_defaults(func=run)
 
 

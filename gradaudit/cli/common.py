@@ -55,6 +55,30 @@ def _budget_pair(text: str) -> tuple[str, float]:
     raise argparse.ArgumentTypeError(f"{text!r} is not ATTACK=BUDGET, e.g. gradmatch=0.1")
 
 
+def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--model`: required unless a default is given."""
+    parser.add_argument(
+        "--model",
+        required=default is None,
+        default=default,
+        help="minilm (the packaged MiniLM), a local model folder or a hub name",
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--seed`, `--device` and `--quiet`, as every attacking command takes them."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random draws")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars or per-sentence lines"
+    )
+
+
+def progress_disabled(args: argparse.Namespace) -> bool | None:
+    """tqdm's `disable`: off with `--quiet`, else shown only on a terminal (None)."""
+    return True if args.quiet else None
+
+
 def add_attack_arguments(
     parser: argparse.ArgumentParser, default_attack: str = "gradmatch"
 ) -> None:
@@ -70,13 +94,9 @@ def add_attack_arguments(
         help="attack option, repeatable (e.g. steps=500)",
     )
     parser.add_argument("--budget", type=float, default=1.0, help="scales the attack's step count")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    add_run_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory for the report")
     parser.add_argument("--redact", action="store_true", help="keep scores only, no text")
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress bars or per-sentence lines"
-    )
 
 
 def print_result(result: AuditResult) -> None:

@@ -7,14 +7,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gradaudit.cli.common import add_budget_argument, csv_list
+from gradaudit.cli.common import (
+    add_budget_argument,
+    add_model_argument,
+    add_run_arguments,
+    csv_list,
+)
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     dp = sub.add_parser(
         "dpsweep", help="leakage of the DP-SGD released gradient against σ and ε (+ utility)"
     )
-    dp.add_argument("--model", default="minilm")
+    add_model_argument(dp, default="minilm")
     dp.add_argument("--data", required=True, help="TSV/CSV/JSONL path or glue/sst2, ...")
     dp.add_argument("--modules", nargs="+", required=True, help="module specs, e.g. query@0")
     dp.add_argument("--sigmas", default="0,0.01,0.1,0.5,1", help="noise multipliers σ")
@@ -22,7 +27,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--sample-rate", type=float, default=0.01, help="Poisson sampling rate q")
     dp.add_argument("--steps", type=int, default=1000, help="DP-SGD steps T behind ε")
     dp.add_argument("--delta", type=float, default=None, help="δ (default 1/N)")
-    dp.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
+    dp.add_argument(
+        "--accountant", default="rdp", choices=["rdp", "prv"], help="Opacus accountant behind ε"
+    )
     dp.add_argument("--attacks", default="auto,gradmatch", help="comma list of attacks")
     add_budget_argument(dp)
     dp.add_argument("--batch-size", type=int, default=1, help="sentences per attacked batch")
@@ -34,13 +41,15 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         help="clip each example over all trainable parameters (DP-SGD) or the modules only",
     )
     dp.add_argument("--utility", type=int, default=0, metavar="K", help="DP fine-tuning steps")
-    dp.add_argument("--utility-lr", type=float, default=5e-4)
+    dp.add_argument(
+        "--utility-lr", type=float, default=5e-4, help="learning rate of the DP fine-tuning"
+    )
     dp.add_argument("--eval-size", type=int, default=200, help="held-out examples for accuracy")
-    dp.add_argument("--seed", type=int, default=0)
-    dp.add_argument("--device", default="auto")
-    dp.add_argument("--out", type=Path, default=Path("dpsweep-out"))
+    add_run_arguments(dp)
+    dp.add_argument(
+        "--out", type=Path, default=Path("dpsweep-out"), help="folder for the sweep's outputs"
+    )
     dp.add_argument("--redact", action="store_true", help="keep scores only, no text")
-    dp.add_argument("--quiet", action="store_true")
     dp.set_defaults(func=run)
 
 

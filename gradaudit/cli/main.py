@@ -10,11 +10,33 @@ import argparse
 import importlib.metadata
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from gradaudit._version import __version__
 from gradaudit.cli import attack, audit, bench, dpsweep, report, scan
 from gradaudit.errors import GradAuditError
 
 COMMANDS = (audit, attack, scan, bench, dpsweep, report)
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each flag's text with its default, where it has a real one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, [], argparse.SUPPRESS) or action.default is False:
+            return text
+        if "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: its help shows every flag's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradaudit", description="Audit training-text leakage from partial gradients."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"gradaudit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for command in COMMANDS:
         command.add_command(sub)
     for entry in importlib.metadata.entry_points(group="gradaudit.commands"):

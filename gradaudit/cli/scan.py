@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gradaudit.cli.common import add_model_argument
+
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("scan", help="no attack: gradient rank and leak label per module")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--modules", nargs="+", default=["all@all"])
+    add_model_argument(parser)
+    parser.add_argument("--data", required=True, help="TSV/CSV/JSONL path or glue/sst2, ...")
+    parser.add_argument(
+        "--modules", nargs="+", default=["all@all"], help="module specs, e.g. query@0"
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="sentences in the scanned batch")
     parser.add_argument("--out", type=Path, default=None, help="also write scan.json/scan.txt here")
     parser.set_defaults(func=run)
@@ -24,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from gradaudit.model.loading import load_model
     from gradaudit.model.selection import select_modules
 
-    model, tokenizer = load_model(args.model)
     texts, labels = load_examples(args.data).batches(args.batch_size, 1)[0]
+    model, tokenizer = load_model(args.model)
     rows = scan(
         model, make_batch(model, tokenizer, texts, labels), select_modules(model, args.modules)
     )

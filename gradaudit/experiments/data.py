@@ -33,6 +33,10 @@ class Examples:
         self, batch_size: int, limit: int | None = None
     ) -> list[tuple[list[str], list[int]]]:
         """Consecutive batches of `batch_size`, at most `limit` of them."""
+        if batch_size < 1:
+            raise GradAuditError(f"batch size must be at least 1, got {batch_size}")
+        if limit is not None and limit < 1:
+            raise GradAuditError(f"the number of batches must be at least 1, got {limit}")
         out = [
             (self.texts[i : i + batch_size], self.labels[i : i + batch_size])
             for i in range(0, len(self.texts), batch_size)

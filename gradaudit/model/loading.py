@@ -38,7 +38,15 @@ def load_model(
     source = (
         str(packaged_model_path(name_or_path)) if name_or_path in PACKAGED_MODELS else name_or_path
     )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise GradAuditError(
+            f"cannot load model {name_or_path!r}: it is not a packaged model "
+            f"({', '.join(PACKAGED_MODELS)}), a local folder with a tokenizer, or a hub name "
+            f"reachable from here ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "pass one of those"
+        ) from None
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here

@@ -145,7 +145,7 @@ def audit_snapshots(
     device: str | torch.device | None = None,
     budget: float = 1.0,
     shard: Shard | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     on_result: Callable[[Path, AuditResult], None] | None = None,
     **options: Any,
 ) -> list[AuditResult] | None:
@@ -154,6 +154,7 @@ def audit_snapshots(
     With a `shard` of several ranks, this rank attacks its share and rank 0 returns every
     rank's results in order (other ranks return None); there a failure becomes that result's
     error, so no rank leaves the others waiting. On one rank a failure is raised.
+    `progress` True shows a progress bar, None only on a terminal.
     """
     from tqdm.auto import tqdm
 
@@ -162,7 +163,9 @@ def audit_snapshots(
     device = shard.device(device)
     results = []
     mine = shard.mine([Path(d) for d in directories])
-    for i, directory in tqdm(mine, desc=f"attack (rank {shard.rank})", disable=not progress):
+    for i, directory in tqdm(
+        mine, desc=f"attack (rank {shard.rank})", disable=None if progress is None else not progress
+    ):
         try:
             snapshot = GradientSnapshot.load(directory, model)
             result = audit_snapshot(

@@ -35,3 +35,16 @@ def test_documented_names_import_from_their_documented_modules(module: str):
 
 def test_the_version_is_the_package_metadata_version():
     assert gradaudit.__version__ == importlib.metadata.version("gradaudit")
+
+
+def test_importing_gradaudit_and_its_command_line_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, gradaudit, gradaudit.cli.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_every_lazy_export_is_listed_in_all():
+    assert sorted(gradaudit.__all__) == sorted([*gradaudit._EXPORTS, "__version__"])

@@ -113,3 +113,52 @@ def test_unknown_attack_option_fails_before_any_work(model_dir, data_file, tmp_p
     assert code == 2
     assert "unknown option(s) stepz" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_fail_above_exits_1_naming_the_score_only_when_a_limit_is_exceeded(
+    model_dir, data_file, tmp_path, capsys
+):
+    common = [
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "--attack", "span", "--limit", "1", "--quiet",
+    ]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "a"), "--fail-above", "rouge1=0.5"]) == 1
+    assert "rouge1" in capsys.readouterr().err  # span rebuilds this sentence: ROUGE-1 1.0
+    assert main([*common, "--out", str(tmp_path / "b"), "--fail-above", "rouge1=1"]) == 0
+    assert (tmp_path / "a" / "report.json").is_file()  # the report is written either way
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--limit", "0"], "number of batches must be at least 1"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors_before_the_model_loads(
+    data_file, tmp_path, capsys, argv, message
+):
+    code = main([
+        "audit", "--model", str(tmp_path / "no-model"), "--data", str(data_file),
+        "--modules", "query@0", "--out", str(tmp_path / "out"), *argv,
+    ])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unknown_model_is_a_one_line_error(data_file, tmp_path, capsys):
+    code = main([
+        "audit", "--model", str(tmp_path / "no-model"), "--data", str(data_file),
+        "--modules", "query@0", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_version_and_help_show_the_version_and_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and "gradaudit 0." in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "(default: minilm)" in capsys.readouterr().out
