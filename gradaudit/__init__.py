@@ -17,14 +17,14 @@ _EXPORTS = {
     "AuditResult": "gradaudit.scoring.result",
     "Auditor": "gradaudit.training.auditor",
     "GradAuditError": "gradaudit.errors",
-    "GradientSnapshot": "gradaudit.capture.snapshot",
+    "GradientSnapshot": "gradaudit.gradients.snapshot",
     "Reconstruction": "gradaudit.attacks.base",
     "THREAT_MODEL": "gradaudit.scoring.result",
     "assert_leaks": "gradaudit.report.assertions",
     "assert_no_leakage": "gradaudit.report.assertions",
     "audit_batch": "gradaudit.scoring.audit",
     "audit_snapshot": "gradaudit.scoring.audit",
-    "capture": "gradaudit.capture.gradients",
+    "capture": "gradaudit.gradients.capture",
     "get_attack": "gradaudit.attacks.registry",
     "load_model": "gradaudit.model.loading",
     "select_modules": "gradaudit.model.selection",
@@ -53,9 +53,9 @@ __all__ = [
 if TYPE_CHECKING:
     from gradaudit.attacks.base import Attack, Reconstruction
     from gradaudit.attacks.registry import get_attack
-    from gradaudit.capture.gradients import capture
-    from gradaudit.capture.snapshot import GradientSnapshot
     from gradaudit.errors import GradAuditError
+    from gradaudit.gradients.capture import capture
+    from gradaudit.gradients.snapshot import GradientSnapshot
     from gradaudit.model.loading import load_model
     from gradaudit.model.selection import select_modules
     from gradaudit.report.assertions import assert_leaks, assert_no_leakage

@@ -17,9 +17,9 @@ from transformers import PreTrainedTokenizerBase
 from gradaudit.attacks.base import Attack, Reconstruction
 from gradaudit.attacks.registry import get_attack
 from gradaudit.attacks.span.attack import module_spectra
-from gradaudit.attacks.span.exact import exact_applicable
-from gradaudit.capture.snapshot import GradientSnapshot
-from gradaudit.capture.spectrum import label
+from gradaudit.attacks.span.exact.screening import exact_applicable
+from gradaudit.gradients.snapshot import GradientSnapshot
+from gradaudit.gradients.spectrum import label
 from gradaudit.model.families import layout
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import eager_attention
 
 _UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")

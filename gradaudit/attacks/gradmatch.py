@@ -19,8 +19,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
-from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import layout
 
 MOVE_KINDS = ("swap", "move_token", "move_span", "prefix_to_end")

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.capture.gradients import capture
 from gradaudit.errors import GradAuditError
 from gradaudit.experiments.data import load_examples
+from gradaudit.gradients.capture import capture
 from gradaudit.io import atomic_write_json, private_dir
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import COMPONENTS

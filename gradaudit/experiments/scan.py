@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from gradaudit.attacks.span.exact import exact_applicable
-from gradaudit.capture.gradients import capture
-from gradaudit.capture.spectrum import label, spectrum
+from gradaudit.attacks.span.exact.screening import exact_applicable
+from gradaudit.gradients.capture import capture
+from gradaudit.gradients.spectrum import label, spectrum
 from gradaudit.model.families import layout
 
 

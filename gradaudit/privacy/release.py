@@ -20,8 +20,8 @@ from opacus.utils.module_utils import trainable_modules
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradaudit.capture.snapshot import GradientSnapshot, weight_names
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot, weight_names
 
 
 def is_dp_optimizer(optimizer: Any) -> bool:

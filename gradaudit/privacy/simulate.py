@@ -15,8 +15,8 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from gradaudit.capture.snapshot import GradientSnapshot, weight_names
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot, weight_names
 from gradaudit.model.batch import check_batch
 from gradaudit.model.families import layout
 from gradaudit.privacy.accounting import check_dp_parameters

@@ -17,9 +17,9 @@ from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import Reconstruction
-from gradaudit.capture.gradients import capture
-from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.capture import capture
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.batch import make_batch
 from gradaudit.model.selection import select_modules
 from gradaudit.scoring.metrics import Scores, score

@@ -48,3 +48,14 @@ def test_importing_gradaudit_and_its_command_line_loads_no_torch():
 
 def test_every_lazy_export_is_listed_in_all():
     assert sorted(gradaudit.__all__) == sorted([*gradaudit._EXPORTS, "__version__"])
+
+
+def test_no_subpackage_shadows_a_public_name_once_everything_is_imported():
+    import pkgutil
+    import types
+
+    for info in pkgutil.walk_packages(gradaudit.__path__, "gradaudit."):
+        if not info.name.startswith("gradaudit.integrations"):
+            importlib.import_module(info.name)
+    shadowed = [n for n in gradaudit.__all__ if isinstance(getattr(gradaudit, n), types.ModuleType)]
+    assert shadowed == []

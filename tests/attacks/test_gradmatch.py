@@ -6,7 +6,7 @@ import torch
 from gradaudit import GradAuditError, get_attack
 from gradaudit.attacks.base import attack_model, candidate_token_ids
 from gradaudit.attacks.gradmatch import MOVE_KINDS, GradientMatcher, GradMatchAttack, reorder
-from gradaudit.capture.gradients import capture
+from gradaudit.gradients.capture import capture
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import eager_attention
 from gradaudit.scoring.metrics import score

@@ -8,23 +8,21 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import candidate_token_ids, content_mask
-from gradaudit.attacks.span.exact import (
-    MEMBERSHIP_EXACT,
-    Membership,
-    Search,
-    assign,
+from gradaudit.attacks.span.exact.membership import MEMBERSHIP_EXACT, Membership, assign
+from gradaudit.attacks.span.exact.screening import (
     content_slots,
     extend_basis,
     known_inputs,
     slot_offsets,
     token_offsets,
-    verified_sentences,
 )
-from gradaudit.attacks.span.words import word_places
-from gradaudit.capture.gradients import capture
-from gradaudit.capture.spectrum import spectrum
+from gradaudit.attacks.span.exact.search import Search
+from gradaudit.attacks.span.exact.solve import verified_sentences
+from gradaudit.attacks.span.exact.words import word_places
 from gradaudit.errors import GradAuditError
 from gradaudit.experiments.data import load_examples
+from gradaudit.gradients.capture import capture
+from gradaudit.gradients.spectrum import spectrum
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import layout
 

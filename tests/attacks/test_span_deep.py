@@ -11,33 +11,41 @@ from conftest import make_tiny_model
 
 from gradaudit.attacks import get_attack
 from gradaudit.attacks.base import candidate_token_ids, content_mask
-from gradaudit.attacks.span import deep as span_deep
 from gradaudit.attacks.span.attack import module_spectra
-from gradaudit.attacks.span.deep import (
+from gradaudit.attacks.span.deep import descent as span_descent
+from gradaudit.attacks.span.deep import search as span_search
+from gradaudit.attacks.span.deep.continuous import (
     KICK,
     LR_SPREAD,
+    kicked_start,
+    nearest,
+    optimise_embeddings,
+    slot_optima,
+)
+from gradaudit.attacks.span.deep.descent import (
     ROUGH_KEEP,
-    SEARCHES,
+    coordinate_descent,
+    open_sentences,
+    take_best,
+)
+from gradaudit.attacks.span.deep.moves import (
+    first_order_change,
+    first_order_gain,
+    insertion_shifts,
+    promising,
+    reorderings,
+    score_gradient,
+    shifted_insertions,
+)
+from gradaudit.attacks.span.deep.objective import (
     SENTENCE_FITS,
     SOLVED,
     DeepSettings,
     SpanObjective,
-    _continuous,
-    _discrete,
-    _first_order_change,
-    _first_order_gain,
-    _kicked,
-    _promising,
-    _reorderings,
-    _search_sentences_again,
-    _shifted_insertions,
-    _shifts,
-    _slot_optima,
-    _take_best,
-    deep_search,
 )
-from gradaudit.capture.gradients import capture
+from gradaudit.attacks.span.deep.search import SEARCHES, deep_search, search_sentences_again
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.capture import capture
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import layout
 from gradaudit.scoring.audit import score_reconstruction
@@ -143,7 +151,7 @@ def objective_of(model, tokenizer, snapshot, rough=None):
 
 
 def rough_take_best(objective, truth, position, wrong_token, candidates):
-    """`_take_best` over `candidates` at `position` of `truth` (the last one replaced by the
+    """`take_best` over `candidates` at `position` of `truth` (the last one replaced by the
     truth) from `wrong_token` there; its ids and score and how many it scored at full
     precision."""
     wrong = truth.clone()
@@ -157,7 +165,7 @@ def rough_take_best(objective, truth, position, wrong_token, candidates):
         full.append(len(variants)) or score_variants(ids, b, variants, per_pass)
     )
     current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
-    found, score = _take_best(objective, trial, 8, wrong, current)
+    found, score = take_best(objective, trial, 8, wrong, current)
     return found, score, sum(full)
 
 
@@ -253,7 +261,7 @@ def test_scoring_variants_of_a_one_sentence_batch_equals_scoring_them_whole(mode
 def test_reorderings_exchange_phrases_of_up_to_three_tokens():
     mask = torch.tensor([[False, True, True, True, True, True, False]])
     tokens = torch.tensor([[0, 11, 12, 13, 14, 15, 0]])
-    orders = {tuple(tokens.flatten()[p].tolist()) for p in _reorderings(mask)}
+    orders = {tuple(tokens.flatten()[p].tolist()) for p in reorderings(mask)}
     assert (0, 14, 13, 11, 12, 15, 0) in orders  # "11 12" and "14" change places
     assert (0, 13, 14, 15, 12, 11, 0) in orders  # "11 12" and "13 14 15"
     assert (0, 12, 11, 13, 14, 15, 0) in orders  # a plain swap
@@ -269,9 +277,10 @@ def test_insertions_delete_one_token_and_insert_another_in_the_same_sentence(mod
         sweeps=1, moves=10_000, forward_batch=8,
     )  # fmt: skip
     candidates = candidate_token_ids(tiny_tokenizer)
-    trials = _shifted_insertions(
-        objective, ids, _shifts(objective.content), objective.embed(candidates), candidates,
-        settings, torch.Generator(),
+    shifts = insertion_shifts(objective.content)
+    trials = shifted_insertions(
+        objective, ids, shifts, objective.embed(candidates), candidates, settings,
+        torch.Generator(),
     )  # fmt: skip
     content = ids[0, 1:-1].tolist()
     shifts = len(content) * (len(content) - 1)  # delete at i, insert at j != i
@@ -292,13 +301,13 @@ def test_first_order_ranks_the_reordering_that_restores_a_sentence_near_the_top(
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
     objective = objective_of(model, tiny_tokenizer, snapshot)
     truth = snapshot.batch["input_ids"]
-    perms = _reorderings(objective.content)
+    perms = reorderings(objective.content)
     ranks = []
     for perm in perms[torch.randperm(len(perms), generator=torch.Generator().manual_seed(0))][:20]:
         wrong = truth.flatten()[perm].view_as(truth)
         if torch.equal(wrong, truth):
             continue  # swapped the two "the"
-        change = _first_order_change(_first_order_gain(objective, wrong)[1], perms)
+        change = first_order_change(first_order_gain(objective, wrong)[1], perms)
         ranked = wrong.flatten()[perms[change.argsort()]].view(len(perms), *truth.shape)
         ranks.append(int((ranked == truth).flatten(1).all(1).nonzero()[0]))
     near_top = sum(rank < len(perms) // 4 for rank in ranks)
@@ -307,22 +316,22 @@ def test_first_order_ranks_the_reordering_that_restores_a_sentence_near_the_top(
 
 def test_promising_moves_are_the_first_order_best_half_and_a_random_rest():
     change = torch.tensor([5.0, -3.0, 0.0, -9.0, 2.0, 1.0, -1.0, 4.0])
-    chosen = _promising(change, 4, torch.Generator().manual_seed(0))
+    chosen = promising(change, 4, torch.Generator().manual_seed(0))
     assert chosen[:2].tolist() == [3, 1]  # the two best to first order
     assert len(set(chosen.tolist())) == 4
     drawn = {
         i for seed in range(20)
-        for i in _promising(change, 4, torch.Generator().manual_seed(seed))[2:].tolist()
+        for i in promising(change, 4, torch.Generator().manual_seed(seed))[2:].tolist()
     }  # fmt: skip
     assert drawn == {0, 2, 4, 5, 6, 7}  # every other move is reachable
-    assert sorted(_promising(change, 8, torch.Generator()).tolist()) == list(range(8))
+    assert sorted(promising(change, 8, torch.Generator()).tolist()) == list(range(8))
 
 
 def discrete_from(objective, wrong, source, candidates, settings):
-    """`_discrete` from ids `wrong` (B, L) whose continuous source is `source`."""
+    """`coordinate_descent` from ids `wrong` (B, L) whose continuous source is `source`."""
     raw = objective.embed(candidates)
     current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
-    return _discrete(
+    return coordinate_descent(
         objective, wrong, current, source, F.normalize(raw, dim=-1), raw, candidates, settings,
         1, torch.Generator(),
     )  # fmt: skip
@@ -345,7 +354,7 @@ def test_a_stuck_sweep_widens_the_linearised_tokens(model, tiny_tokenizer, monke
 
     found, score, sweeps = search()
     assert torch.equal(found, truth) and float(score) < SOLVED and sweeps == 2
-    monkeypatch.setattr(span_deep, "WIDEST", 1)
+    monkeypatch.setattr(span_descent, "WIDEST", 1)
     assert not torch.equal(search()[0], truth)  # without widening the sweep is stuck
 
 
@@ -363,8 +372,8 @@ def test_a_sweep_stops_at_the_position_that_solves_it(model, tiny_tokenizer, mon
         tried.append(len(trial))
         return take_best(objective, trial, *args)
 
-    take_best = span_deep._take_best
-    monkeypatch.setattr(span_deep, "_take_best", counted)
+    take_best = span_descent.take_best
+    monkeypatch.setattr(span_descent, "take_best", counted)
     found, score, sweeps = discrete_from(
         objective, wrong, objective.embed(truth), candidates, settings
     )
@@ -381,7 +390,7 @@ def test_a_sweep_stuck_at_the_widest_first_order_ranks_refines_each_slot(
     wrong = truth.clone()
     wrong[0, 2] = 18  # the true token ranks 4th to first order: beyond linearised=1
     candidates = candidate_token_ids(tiny_tokenizer)
-    monkeypatch.setattr(span_deep, "WIDEST", 1)  # no widening: stuck at once
+    monkeypatch.setattr(span_descent, "WIDEST", 1)  # no widening: stuck at once
 
     def search(steps):
         settings = DeepSettings(
@@ -412,13 +421,13 @@ def test_a_slot_optimum_ranks_a_missing_word_first_order_misses(minilm):
     )  # fmt: skip
     candidates = candidate_token_ids(tokenizer)
     the = int((candidates == tokenizer.convert_tokens_to_ids("the")).nonzero()[0, 0])
-    slope = span_deep._score_gradient(objective, ids.unsqueeze(0), 1)[0][0, 1]
+    slope = score_gradient(objective, ids.unsqueeze(0), 1)[0][0, 1]
     first_order = objective.embed(candidates) @ slope
     assert int((first_order < first_order[the]).sum()) > 512  # beyond the widest linearised
     settings = settings_of(steps=300)
-    optimum = _slot_optima(objective, ids.unsqueeze(0), *torch.tensor([[0], [1]]), settings)
+    optimum = slot_optima(objective, ids.unsqueeze(0), *torch.tensor([[0], [1]]), settings)
     vocab = F.normalize(objective.embed(candidates), dim=-1)
-    assert span_deep._nearest(optimum, vocab, candidates, 1)[0, 0] == candidates[the]
+    assert nearest(optimum, vocab, candidates, 1)[0, 0] == candidates[the]
 
 
 def three_layer_model(vocab_size: int):
@@ -451,7 +460,7 @@ def test_a_wrong_sentence_is_searched_again_with_the_others_held(tiny_tokenizer)
     assert float(outside[0]) < SENTENCE_FITS < float(outside[1])
     current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
     settings = settings_of(steps=60, restarts=2, sweeps=6, moves=64, linearised=8)
-    ids, score, replaced = _search_sentences_again(
+    ids, score, replaced = search_sentences_again(
         objective, wrong, current, candidate_token_ids(tiny_tokenizer), settings, seed=0
     )
     assert replaced == [1] and torch.equal(ids, truth)
@@ -469,7 +478,7 @@ def test_at_b2_wrong_sentences_are_searched_again_before_the_next_search(
     calls = []
 
     def recorded(name):
-        real = getattr(span_deep, name)
+        real = getattr(span_search, name)
 
         def record(objective, ids, *args):
             if len(ids) == 2:  # the batch's own search, not a one-sentence view's
@@ -478,12 +487,12 @@ def test_at_b2_wrong_sentences_are_searched_again_before_the_next_search(
 
         return record
 
-    for name in ("_discrete", "_search_sentences_again"):
-        monkeypatch.setattr(span_deep, name, recorded(name))
+    for name in ("coordinate_descent", "search_sentences_again"):
+        monkeypatch.setattr(span_search, name, recorded(name))
     # No continuous steps and one sweep: neither joint search can solve the batch.
     _, info = deep_search(objective, candidate_token_ids(tiny_tokenizer), settings_of(steps=0), 0)
-    assert calls[:2] == ["_discrete", "_search_sentences_again"]
-    assert calls.count("_discrete") == info["searches"] == len(calls) // 2
+    assert calls[:2] == ["coordinate_descent", "search_sentences_again"]
+    assert calls.count("coordinate_descent") == info["searches"] == len(calls) // 2
     assert info["residual"] <= min(info["start_residuals"])
 
 
@@ -506,7 +515,7 @@ def test_two_sentences_stuck_in_each_others_slots_are_both_found_again(minilm):
     assert float(outside[2:].max()) < SENTENCE_FITS < float(outside[:2].min())
     current = objective.score_ids(wrong.unsqueeze(0), 1)[0]
     settings = settings_of(steps=100, restarts=2, sweeps=6, moves=64, linearised=16, screen=16)
-    ids, score, replaced = _search_sentences_again(
+    ids, score, replaced = search_sentences_again(
         objective, wrong, current, candidate_token_ids(minilm[1]), settings, seed=0
     )
     assert torch.equal(ids, truth) and float(score) < SOLVED and set(replaced) == {0, 1}
@@ -548,18 +557,18 @@ def test_at_b4_the_collapsed_cls_rows_leave_outside_to_the_content_rows(minilm):
 def test_at_b4_a_sweep_searches_only_the_sentences_that_stray_outside_the_span(minilm, monkeypatch):
     snapshot, objective = minilm_query2_of_four(minilm, "unflinchingly bleak and desperate")
     truth = snapshot.batch["input_ids"]
-    assert span_deep._open_sentences(objective, truth) == [True] * 4  # all fit: none left out
+    assert open_sentences(objective, truth) == [True] * 4  # all fit: none left out
     wrong = truth.clone()
     wrong[2, 2] = truth[0, 2]  # "charming" for "plot"
-    assert span_deep._open_sentences(objective, wrong) == [False, False, True, False]
+    assert open_sentences(objective, wrong) == [False, False, True, False]
     touched = set()
 
     def recorded(objective, trial, per_pass, ids, current):
         touched.update((trial != ids).any(-1).any(0).nonzero().flatten().tolist())
         return take_best(objective, trial, per_pass, ids, current)
 
-    take_best = span_deep._take_best
-    monkeypatch.setattr(span_deep, "_take_best", recorded)
+    take_best = span_descent.take_best
+    monkeypatch.setattr(span_descent, "take_best", recorded)
     candidates = candidate_token_ids(minilm[1])
     # Each slot offered its current token only: replacements change nothing, then
     # reorderings (across sentences too) and insertions are tried.
@@ -586,7 +595,7 @@ def test_continuous_restarts_step_at_geometrically_spread_rates(model, tiny_toke
     snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
     objective = objective_of(model, tiny_tokenizer, snapshot)
     settings = settings_of()
-    x, _ = _continuous(objective, settings, torch.Generator().manual_seed(0))
+    x, _ = optimise_embeddings(objective, settings, torch.Generator().manual_seed(0))
     emb = objective.embeddings
     start = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=emb.dtype)
     origin = start * emb.std(0) + emb.mean(0)
@@ -616,7 +625,7 @@ def test_kicked_restarts_are_drawn_around_the_stuck_tokens(model, tiny_tokenizer
     objective = objective_of(model, tiny_tokenizer, snapshot)
     ids = snapshot.batch["input_ids"]
     generator = torch.Generator().manual_seed(0)
-    x, _ = _continuous(objective, settings_of(steps=0), generator, around=ids)
+    x, _ = optimise_embeddings(objective, settings_of(steps=0), generator, around=ids)
     spread = (x - objective.embed(ids)) / objective.embeddings.std(0)
     assert float(spread.mean()) == pytest.approx(0, abs=0.05)
     assert float(spread.std()) == pytest.approx(KICK, rel=0.1)
@@ -637,16 +646,16 @@ def test_a_kick_frees_a_search_stuck_several_tokens_from_the_truth(minilm):
         moves=1024, forward_batch=32,
     )  # the defaults, one sweep  # fmt: skip
     score = objective.score_ids(stuck.unsqueeze(0), 1)[0]
-    same, _, _ = _discrete(
+    same, _, _ = coordinate_descent(
         objective, stuck, score, objective.embed(stuck), vocab, raw, candidates, settings, 32,
         torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert torch.equal(same, stuck)  # no replacement, reordering or insertion helps
     generator = torch.Generator().manual_seed(0)
-    start, start_score, source = _kicked(
+    start, start_score, source = kicked_start(
         objective, stuck, vocab, candidates, settings, 32, generator
     )
-    ids, solved, _ = _discrete(
+    ids, solved, _ = coordinate_descent(
         objective, start, start_score, source, vocab, raw, candidates, settings, 32, generator
     )
     assert torch.equal(ids, snapshot.batch["input_ids"]) and float(solved) < SOLVED
@@ -661,7 +670,7 @@ def test_replacements_are_put_off_while_reorderings_still_help(model, tiny_token
     candidates = candidate_token_ids(tiny_tokenizer)
     settings = settings_of(
         steps=0, neighbours=1, bag=0, linearised=0, screen=0, inserts=0, sweeps=5,
-        moves=len(_reorderings(objective.content)),
+        moves=len(reorderings(objective.content)),
     )  # fmt: skip
     kinds = []  # each scored set: r(eplacements at one slot) or m(oves); + where one helped
 
@@ -673,8 +682,8 @@ def test_replacements_are_put_off_while_reorderings_still_help(model, tiny_token
         kinds.append(("r" if changed <= 1 else "m") + ("+" if found[1] < current else "."))
         return found
 
-    take_best = span_deep._take_best
-    monkeypatch.setattr(span_deep, "_take_best", counted)
+    take_best = span_descent.take_best
+    monkeypatch.setattr(span_descent, "take_best", counted)
     found, score, sweeps = discrete_from(
         objective, wrong, objective.embed(wrong), candidates, settings
     )

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from gradaudit.capture.snapshot import GradientSnapshot, weight_names
+from gradaudit.gradients.snapshot import GradientSnapshot, weight_names
 from gradaudit.model.batch import check_batch
 
 
