@@ -1,0 +1,1 @@
+"""Research commands behind `bench`, `dpsweep`, `scan` and `bench --overhead`: not library API."""

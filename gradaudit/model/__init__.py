@@ -1,0 +1,1 @@
+"""Model families (adapters), module selection, batches, and loading models."""

@@ -1,0 +1,1 @@
+"""Scoring reconstructions: metrics, the `AuditResult`, and auditing a batch or saved snapshots."""
