@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.batch import Batch
 from gradaudit.model.selection import select_modules
 from gradaudit.scoring.result import AuditResult

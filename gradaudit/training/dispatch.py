@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
 from gradaudit.training.worker import BackgroundAttacker, Job, run_job

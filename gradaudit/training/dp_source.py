@@ -12,8 +12,8 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.batch import Batch
 from gradaudit.privacy import (
     dp_snapshot,

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradaudit.capture.snapshot import GradientSnapshot
 from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.batch import Batch
 from gradaudit.training.config import AuditConfig
 

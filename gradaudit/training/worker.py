@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.capture.snapshot import GradientSnapshot
+from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
