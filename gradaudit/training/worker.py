@@ -45,13 +45,13 @@ class Job:
 
     def result(self, attack: str, error: str) -> AuditResult:
         """A result without scores; `error` says why."""
-        return AuditResult(
-            modules=self.modules,
-            attack=attack,
-            batch_size=self.batch_size,
+        return AuditResult.failure(
+            self.modules,
+            attack,
+            self.batch_size,
+            error,
             gradient=self.gradient,
             step=self.step,
-            error=error,
             epsilon=self.epsilon,
             info={**self.info, "snapshot": self.directory},
         )
