@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -25,7 +26,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """With RANK and WORLD_SIZE set, each rank attacks its share; rank 0 writes the report."""
+    """Exit 1 when a snapshot could not be attacked (the report lists it with its error).
+
+    With RANK and WORLD_SIZE set, each rank attacks its share; rank 0 writes the report.
+    """
     from gradaudit.model.loading import load_model
     from gradaudit.report import build_report, write_report
     from gradaudit.scoring.audit import Shard, audit_snapshots, find_snapshots
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     def show(directory: Path, result) -> None:
         if not args.quiet and result.error is None:
             tqdm.write(f"{directory}:")
-            print_result(result)
+            print_result(result, redact=args.redact)
 
     results = audit_snapshots(
         model,
@@ -68,4 +72,7 @@ def run(args: argparse.Namespace) -> int:
     }
     report = build_report(results, config=config, redact=args.redact)
     print_report_paths(write_report(args.out, report))
-    return 0
+    failed = [r for r in results if r.error is not None]
+    for result in failed:
+        print(f"gradaudit: {result.info.get('snapshot', '')}: {result.error}", file=sys.stderr)
+    return 1 if failed else 0

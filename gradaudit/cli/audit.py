@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
         if not args.quiet:
             tqdm.write(f"batch {i}:")
-            print_result(result)
+            print_result(result, redact=args.redact)
     config = {"command": "audit", **{k: v for k, v in vars(args).items() if k != "func"}}
     config["out"] = str(args.out)
     print_report_paths(

@@ -99,12 +99,16 @@ def add_attack_arguments(
     parser.add_argument("--redact", action="store_true", help="keep scores only, no text")
 
 
-def print_result(result: AuditResult) -> None:
-    """Per-sentence reconstructions with their ROUGE, then the batch scores."""
+def print_result(result: AuditResult, redact: bool = False) -> None:
+    """Per-sentence ROUGE, each reconstruction beside its reference, then the batch scores.
+
+    With `redact`, no text is printed: scores only.
+    """
     for s in result.sentences:
         tqdm.write(f"  R1 {s['rouge1']:.2f} R2 {s['rouge2']:.2f}")
-        tqdm.write(f"    reference:      {result.references[s['reference']]}")
-        tqdm.write(f"    reconstruction: {result.reconstructions[s['reconstruction']]}")
+        if not redact:
+            tqdm.write(f"    reference:      {result.references[s['reference']]}")
+            tqdm.write(f"    reconstruction: {result.reconstructions[s['reconstruction']]}")
     tqdm.write(
         f"  batch: ROUGE-1 {result.rouge1:.3f} ROUGE-2 {result.rouge2:.3f} "
         f"token recall {result.token_recall:.3f} in {result.seconds:.1f} s"

@@ -85,6 +85,11 @@ class GradientSnapshot:
         try:
             return self.gradients[f"{module}.weight"]
         except KeyError:
+            if module in self.modules:
+                raise GradAuditError(
+                    f"the snapshot lists module {module!r} but holds no gradient for it: "
+                    "capture it again"
+                ) from None
             raise GradAuditError(
                 f"module {module!r} is not in this snapshot (it holds {', '.join(self.modules)})"
             ) from None
@@ -177,26 +182,40 @@ class GradientSnapshot:
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module | None = None) -> GradientSnapshot:
-        """Read a saved snapshot; with `model`, refuse one taken from another architecture."""
+        """Read a saved snapshot; with `model`, refuse one taken from another architecture.
+
+        A damaged, incomplete or newer snapshot is one `GradAuditError` naming the directory.
+        """
         directory = Path(directory)
-        sidecar = directory / "snapshot.json"
-        if not sidecar.is_file():
+        if not (directory / "snapshot.json").is_file():
             raise GradAuditError(f"{directory} holds no snapshot.json: pass a snapshot directory")
-        info = json.loads(sidecar.read_text())
-        tensors = load_safetensors((directory / "gradients.safetensors").read_bytes())
-        weights_file = directory / "weights.safetensors"
-        weights = load_safetensors(weights_file.read_bytes()) if weights_file.is_file() else None
-        snapshot = cls(
-            gradients={k[5:]: v for k, v in tensors.items() if k.startswith("grad/")},
-            batch={k[6:]: v for k, v in tensors.items() if k.startswith("batch/")},
-            modules=list(info["modules"]),
-            model_name=info["model_name"],
-            config_hash=info["config_hash"],
-            kind=info["kind"],
-            step=info["step"],
-            meta=info.get("meta", {}),
-            weights=weights,
-        )
+        try:
+            info, tensors, weights = _read_files(directory)
+            snapshot = cls(
+                gradients={k[5:]: v for k, v in tensors.items() if k.startswith("grad/")},
+                batch={k[6:]: v for k, v in tensors.items() if k.startswith("batch/")},
+                modules=list(info["modules"]),
+                model_name=info["model_name"],
+                config_hash=info["config_hash"],
+                kind=info["kind"],
+                step=info["step"],
+                meta=info.get("meta", {}),
+                weights=weights,
+            )
+        except GradAuditError as error:
+            raise GradAuditError(f"snapshot {directory}: {error}") from None
+        except (KeyError, TypeError, ValueError, OSError) as error:
+            raise GradAuditError(
+                f"snapshot {directory} is damaged or incomplete ({type(error).__name__}: "
+                f"{error}): capture it again, or delete it"
+            ) from None
+        missing = [m for m in snapshot.modules if f"{m}.weight" not in snapshot.gradients]
+        if missing or "input_ids" not in snapshot.batch:
+            raise GradAuditError(
+                f"snapshot {directory} lists module(s) {', '.join(missing) or '-'} but holds no "
+                "gradient for them, or holds no batch: its files do not belong together; "
+                "capture it again"
+            )
         if model is not None:
             snapshot.check_model(model)
         return snapshot
@@ -208,3 +227,27 @@ class GradientSnapshot:
                 f"snapshot was taken from model {self.model_name!r} (config {self.config_hash}), "
                 f"not from this one (config {config_hash(model)}): attack it with the same model"
             )
+
+
+def _read_files(
+    directory: Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The sidecar, the gradient and batch tensors, and the weights (when saved)."""
+    from safetensors import SafetensorError
+
+    try:
+        info = json.loads((directory / "snapshot.json").read_text(encoding="utf-8"))
+        tensors = load_safetensors((directory / "gradients.safetensors").read_bytes())
+        weights_file = directory / "weights.safetensors"
+        weights = load_safetensors(weights_file.read_bytes()) if weights_file.is_file() else None
+    except SafetensorError as error:
+        raise ValueError(f"a safetensors file is truncated or corrupt: {error}") from None
+    if not isinstance(info, dict):
+        raise ValueError("snapshot.json does not hold a mapping")
+    version = info.get("version")
+    if not isinstance(version, int) or version > SNAPSHOT_VERSION:
+        raise GradAuditError(
+            f"its format version {version!r} is not one this gradaudit reads "
+            f"(up to {SNAPSHOT_VERSION}): upgrade gradaudit, or capture it again"
+        )
+    return info, tensors, weights

@@ -151,9 +151,10 @@ def audit_snapshots(
 ) -> list[AuditResult] | None:
     """Attack each saved snapshot with seed `seed + i` (its index), and score it.
 
-    With a `shard` of several ranks, this rank attacks its share and rank 0 returns every
-    rank's results in order (other ranks return None); there a failure becomes that result's
-    error, so no rank leaves the others waiting. On one rank a failure is raised.
+    A snapshot that cannot be read or attacked becomes a result with its `error`, so the
+    others are still attacked (and, sharded, no rank leaves the others waiting). With a
+    `shard` of several ranks, this rank attacks its share and rank 0 returns every rank's
+    results in order (other ranks return None).
     `progress` True shows a progress bar, None only on a terminal.
     """
     from tqdm.auto import tqdm
@@ -172,10 +173,10 @@ def audit_snapshots(
                 model, tokenizer, snapshot, attack, seed=seed + i,  # global index: shards agree
                 device=device, budget=budget, **options,
             )  # fmt: skip
-        except Exception as error:
-            if shard.world == 1:
-                raise
-            result = AuditResult.failure([], attack, 0, f"{directory}: {error}")
+        except Exception as error:  # noqa: BLE001 - one bad snapshot must not lose the others
+            result = AuditResult.failure(
+                [], attack, 0, f"{type(error).__name__}: {error}", info={"snapshot": str(directory)}
+            )
         results.append((i, result))
         if on_result is not None:
             on_result(directory, result)

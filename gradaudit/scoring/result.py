@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from gradaudit.errors import GradAuditError
 
 THREAT_MODEL = (
     "white-box adversary: knows the model weights at the audited step, the labels and the "
@@ -70,4 +72,11 @@ class AuditResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditResult:
+        """The result an audit dict of a report holds; unknown fields are a clear error."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise GradAuditError(
+                f"an audit holds field(s) {', '.join(unknown)} that this gradaudit does not "
+                "know: the report was written by a newer version; upgrade gradaudit"
+            )
         return cls(**data)

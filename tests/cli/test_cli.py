@@ -162,3 +162,43 @@ def test_version_and_help_show_the_version_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "(default: minilm)" in capsys.readouterr().out
+
+
+def test_audit_with_redact_prints_scores_but_no_training_text(
+    model_dir, data_file, tmp_path, capsys
+):
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "--attack", "span", "--limit", "1", "--out", str(tmp_path / "out"), "--redact",
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "R1 " in printed and "ROUGE-1" in printed
+    assert "movie" not in printed and "reference:" not in printed
+
+
+def test_attack_over_a_folder_attacks_the_good_snapshots_and_names_the_damaged_one(
+    model_dir, tiny_tokenizer, tmp_path, capsys
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from gradaudit import capture, select_modules
+    from gradaudit.model.batch import make_batch
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    batch = make_batch(model, tiny_tokenizer, ["a charming film"], [1])
+    for step in (1, 2):
+        snapshot = capture(model, batch, select_modules(model, "value@0"), step=step)
+        snapshot.save(tmp_path / "snaps" / f"step-{step}")
+    damaged = tmp_path / "snaps" / "step-1" / "gradients.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    out = tmp_path / "out"
+    code = main([
+        "attack", str(tmp_path / "snaps"), "--model", str(model_dir), "--attack", "span",
+        "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    assert code == 1
+    assert "step-1" in capsys.readouterr().err
+    audits = json.loads((out / "report.json").read_text())["audits"]
+    assert "damaged or incomplete" in audits[0]["error"]
+    assert audits[1]["error"] is None and audits[1]["reconstructions"] == ["a charming film"]

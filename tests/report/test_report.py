@@ -251,3 +251,23 @@ def test_module_names_are_located_without_a_model():
     assert locate_name("classifier") is None
     names = [QUERY.format(i) for i in (0, 1, 2, 5)] + [FFN_IN.format(1), "classifier"]
     assert modules_label(names) == "query@0-2,5, ffn_in@1, classifier"
+
+
+def test_report_command_redacts_an_audit_holding_a_field_it_does_not_know(tmp_path):
+    from gradaudit.cli.main import main
+
+    report = dp_report()
+    report["audits"][0]["added_later"] = "kept"
+    write_report(tmp_path, report)
+    assert main(["report", str(tmp_path), "--redact"]) == 0
+    audit = read_report(tmp_path)["audits"][0]
+    assert audit["references"] == [] and audit["reconstructions"] == []
+    assert audit["added_later"] == "kept"
+
+
+def test_an_audit_with_an_unknown_field_is_a_clear_error_not_a_type_error():
+    from gradaudit import AuditResult, GradAuditError
+
+    audit = {**dp_report()["audits"][0], "added_later": 1}
+    with pytest.raises(GradAuditError, match="added_later.*upgrade gradaudit"):
+        AuditResult.from_dict(audit)
