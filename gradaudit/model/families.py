@@ -171,7 +171,7 @@ def layout(model: nn.Module) -> ModelLayout:
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise GradAuditError(
         f"model type {model_type!r} has no gradaudit family adapter yet (supported: {supported}); "
-        "select modules by glob, or add a Family in gradaudit/families.py"
+        "select modules by glob, or add a Family in gradaudit/model/families.py"
     )
 
 
