@@ -1,35 +1,11 @@
 """Which words a layer-0 batch holds, and where the ones it holds once sit.
 
-Before LayerNorm a layer-0 input is a word part plus a slot part, so with
-`e_v = gamma * centred E[v]` and `p_j = gamma * centred (P[t] + T[s])` every input is
-`x = (e_v + p_j) / sigma + beta` (sigma: that token's LayerNorm scale). The weight gradient
-`G = sum_i delta_i x_i^T` therefore splits exactly over the vectors `{e_v, p_j, beta}`:
-
-    G = sum_v a_v e_v^T + sum_j b_j p_j^T + c beta^T,
-
-`a_v` being the sum of `delta_i / sigma_i` over word v's tokens and `b_j` the same sum over the
-tokens at slot j. While words + slots + 1 stay below the width these vectors are independent, so
-one least-squares solve gives every `a_v` and `b_j`, however many false (word, slot) pairs the
-row space admits (it admits whole connected components of the word-slot graph; see span_exact).
-
-- The words: `e_v` lies in the span of G's rows, the slot parts and beta exactly when v occurs
-  (SST-2 batches of four at MiniLM's query@0: true words' parts 4e-5 and up, false ones below
-  1e-9).
-- Their places: a word that occurs once has `a_v` = its one token's part, which `b_j` of its slot
-  holds whole. Regressing each `b_j` on the `a`s puts coefficient about 1 on it there and about
-  0 elsewhere; such words are placed, taken off their slots' parts, and the regression runs
-  again. On SST-2 dev sentences 8-11 and 12-15 (batches of four, query@0) that placed 68 and 47
-  tokens, every one at a slot that holds it. A repeated word is split over its slots and mostly
-  not placed, but one whose first token carries most of its part can pass as whole: 3 of the 47
-  ("from", "humor", "("), whose other token then has no word left in the pools.
-- The rest: each repeated word's part is regressed on what the open slots have left (a slot
-  holding only that word gets coefficient 1); each open slot's pool offers the likeliest words,
-  `SPARE` more than it has tokens open (on the two batches: 3 of 52 and 4 of 51 open tokens
-  missing from their pools, 3 of those the repeated words above; the row space's best tokens
-  missed 13-15 of all the tokens).
-
-The search (`span_exact.Search`) never replaces a placed word, only moves it between the
-sentences sharing its slot.
+Before LayerNorm a layer-0 input is a word part plus a slot part, so the weight gradient
+splits exactly over the word parts, the slot parts and beta:
+`G = sum_v a_v e_v^T + sum_j b_j p_j^T + c beta^T`. One least-squares solve gives each word's
+share `a_v` and each slot's share `b_j`, however many false (word, slot) pairs the row space
+admits: a word met once has its whole share at one slot, which places it; the others are
+ranked for the slots left open. The search never replaces a placed word.
 """
 
 from __future__ import annotations
@@ -38,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradaudit.attacks.span.exact import Slot, norm_affine, pick_by_gap
+from gradaudit.attacks.span.exact.screening import Slot, norm_affine, pick_by_gap
 from gradaudit.model.families import ModelLayout
 
 DECOMPOSED = 1e-4  # relative residual of G against the word/slot/beta basis: an exact split
@@ -131,6 +107,36 @@ def word_places(
     vocab = torch.cat([words, specials])
     table = lay.word_embeddings.weight.detach()
     word_parts = _centred(gamma, table[vocab].to(torch.float64))
+    shares = split_shares(target, word_parts, place_parts, beta)
+    if shares is None:
+        return None
+    a, b = shares
+    need = torch.zeros(len(places), dtype=torch.long, device=device)
+    slot_of = slot_place[: len(slots)]
+    for j, slot in enumerate(slots):
+        need[slot_of[j]] += len(slot.sentences)
+    crowd = max(len(s.sentences) for s in slots)  # most tokens one slot holds
+    placed, free = place_whole_words(a, b, need, len(words), crowd)
+    share = leftover_shares(a, b, need, free, crowd)
+    ranked = []
+    for j in range(len(slots)):
+        t = int(slot_of[j])
+        order = share[t].argsort(descending=True)[: int(need[t]) + SPARE] if need[t] else []
+        ranked.append([int(words[free[i]]) for i in order])
+    return WordPlaces(
+        words=vocab,
+        placed=[[int(words[v]) for v in placed[int(slot_of[j])]] for j in range(len(slots))],
+        leftover=[int(words[v]) for v in free],
+        ranked=ranked,
+    )
+
+
+def split_shares(
+    target: torch.Tensor, word_parts: torch.Tensor, place_parts: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each word's share `a` (out x words) and each place's share `b` (out x places) of
+    `target`, from one least-squares fit on the word, place and beta parts; None when those
+    parts are dependent or do not explain `target` exactly."""
     # beta's term drops out where beta is zero (an untrained LayerNorm): leave it out then.
     split = torch.cat([word_parts, place_parts, beta[None][: int(bool(beta.any()))]])
     values = torch.linalg.svdvals(split)
@@ -139,22 +145,31 @@ def word_places(
     fit = torch.linalg.lstsq(split.T, target.double().T).solution.T  # out x K
     if (target - fit @ split).norm() > DECOMPOSED * target.norm():
         return None
-    a = fit[:, : len(vocab)]
-    b = fit[:, len(vocab) : len(vocab) + len(places)].clone()
-    need = torch.zeros(len(places), dtype=torch.long, device=device)
-    slot_of = slot_place[: len(slots)]
-    for j, slot in enumerate(slots):
-        need[slot_of[j]] += len(slot.sentences)
-    placed: list[list[int]] = [[] for _ in places]
-    crowd = max(len(s.sentences) for s in slots)  # most tokens one slot holds
-    free = list(range(len(words)))  # content words not placed yet
+    count = len(word_parts)
+    a = fit[:, :count]
+    b = fit[:, count : count + len(place_parts)].clone()
+    return a, b
+
+
+def place_whole_words(
+    a: torch.Tensor, b: torch.Tensor, need: torch.Tensor, words: int, crowd: int
+) -> tuple[list[list[int]], list[int]]:
+    """Per place, the content words (indices below `words` into `a`'s columns) whose whole
+    share `b` holds there, and the words left unplaced.
+
+    Regressing each place's share on the words' puts a coefficient of about 1 on a word met
+    once at its place and about 0 elsewhere; the surest are placed while their places have
+    tokens open (`need`), taken off `b` and `need` (in place), and the regression runs again.
+    `crowd` is the most tokens one slot holds.
+    """
+    placed: list[list[int]] = [[] for _ in range(b.shape[1])]
+    free = list(range(words))  # content words not placed yet
     while free:
-        active = free + list(range(len(words), len(vocab)))
+        active = free + list(range(words, a.shape[1]))
         coef = torch.linalg.lstsq(a[:, active], b).solution[: len(free)]  # free words x places
         # In a key gradient each sentence's signals sum to zero, so the parts nearly do too and
-        # the fit is loose along "every word alike" (SST-2 at B = 8: all coefficients near
-        # -28). While most words cannot be at a given slot, its median coefficient is that
-        # offset.
+        # the fit is loose along "every word alike". While most words cannot be at a given
+        # slot, its median coefficient is that offset.
         if len(free) > 2 * crowd:
             coef = coef - coef.median(0, keepdim=True).values
         coef[:, need == 0] = 0
@@ -172,23 +187,20 @@ def word_places(
         if not taken:
             break
         free = [v for k, v in enumerate(free) if k not in taken]
-    # Where the repeated words go: each one's part regressed on the open places' remainders
-    # (a place holding only that word gets coefficient 1). The likeliest `room + SPARE`.
+    return placed, free
+
+
+def leftover_shares(
+    a: torch.Tensor, b: torch.Tensor, need: torch.Tensor, free: list[int], crowd: int
+) -> torch.Tensor:
+    """How likely each unplaced word in `free` sits at each place (places x free): its share
+    regressed on what the open places' shares have left (a place holding only that word gets
+    coefficient 1)."""
     open_places = (need > 0).nonzero().flatten()
-    share = torch.zeros(len(places), len(free), dtype=a.dtype, device=device)
+    share = torch.zeros(len(need), len(free), dtype=a.dtype, device=a.device)
     if len(open_places) and free:
         fit = torch.linalg.lstsq(b[:, open_places], a[:, free]).solution
-        if len(open_places) > 2 * crowd:  # the same offset as for `coef` above
+        if len(open_places) > 2 * crowd:  # the same offset as in `place_whole_words`
             fit = fit - fit.median(0, keepdim=True).values
         share[open_places] = fit
-    ranked = []
-    for j in range(len(slots)):
-        t = int(slot_of[j])
-        order = share[t].argsort(descending=True)[: int(need[t]) + SPARE] if need[t] else []
-        ranked.append([int(words[free[i]]) for i in order])
-    return WordPlaces(
-        words=vocab,
-        placed=[[int(words[v]) for v in placed[int(slot_of[j])]] for j in range(len(slots))],
-        leftover=[int(words[v]) for v in free],
-        ranked=ranked,
-    )
+    return share

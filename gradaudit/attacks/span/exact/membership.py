@@ -1,0 +1,237 @@
+"""Which sentence each token belongs to, from layer-0 attention (query and key modules).
+
+The row space of a layer-0 gradient tells which (word, slot) pairs occur but, with several
+sentences, not which sentence holds them. Attention does: a token's backward signal is a
+combination of its own sentence's keys (resp. queries). `Membership` scores a hypothesis by
+that, and `assign` anneals over who holds which of the slots' tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradaudit.attacks.span.exact.screening import Slot, layer0_inputs
+from gradaudit.model.families import ModelLayout, layout
+
+PARTNERS = {"query": "key", "key": "query"}  # whose outputs a module's signals combine
+MEMBERSHIP_EXACT = 1e-6  # a membership score this low is taken as the truth (~1e-12)
+DEPENDENT = 1e-9  # singular value of the inputs, relative: an exact linear dependency
+DEPENDENT_SHARE = 1e-3  # a row's weight in such a dependency that leaves its signal open
+ANNEAL_STEPS = 50  # annealing moves per (shared slot, sentence)
+TEMPERATURE = 0.03  # of the membership score (a sum of relative residuals), at the start
+RUN = 8  # longest run of slots swapped between two sentences in one move
+
+
+@dataclass
+class Signals:
+    """One hypothesis' distinct inputs, their backward signals and which rows each sentence holds.
+
+    `rows[b]` indexes sentence `b`'s tokens into the distinct inputs; `tested` marks the rows
+    whose signal belongs to one sentence and is determined by the gradient (not shared by two
+    sentences, and not on an exact linear dependency among the inputs, where `G = D^T H`
+    leaves the split of the signal open).
+    """
+
+    signals: torch.Tensor  # heads x distinct x head width
+    partners: torch.Tensor  # heads x distinct x head width
+    rows: list[list[int]]
+    # Plain lists, per distinct input: the annealing reads them one row at a time, hundreds of
+    # thousands of times per batch.
+    shared: list[bool]  # held by more than one sentence
+    dependent: list[bool]
+    tested: list[bool] = field(init=False)  # one sentence's, and fixed by the gradient
+
+    def __post_init__(self) -> None:
+        self.tested = [not s and not d for s, d in zip(self.shared, self.dependent)]
+
+
+@dataclass
+class Membership:
+    """The membership test of a layer-0 query or key module.
+
+    A hypothesis' distinct inputs `H` give each one's backward signal `D` from `G = D^T H`
+    (least squares). Per head, a query signal lies in the span of its own sentence's key
+    differences (softmax ignores a shared shift), a key signal in that of its sentence's
+    queries. A sentence's score is the relative residual of its tested signals against those
+    spans: ~0 for the truth and clearly above for a swapped token, even where the row space of
+    `G` cannot tell them apart. A sentence longer than the head width spans every signal, so it
+    scores 0 whatever it holds.
+    """
+
+    lay: ModelLayout
+    component: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    heads: int
+    target: torch.Tensor
+    batch: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        module: nn.Module,
+        batch: dict[str, torch.Tensor],
+        target: torch.Tensor,
+    ) -> Membership | None:
+        """The test for `module` when it is a layer's query or key projection, else None."""
+        lay = layout(model)
+        name = next(n for n, m in model.named_modules() if m is module)
+        where = lay.locate(name)
+        if where is None or where[0] not in PARTNERS:
+            return None
+        partner = model.get_submodule(lay.component_name(PARTNERS[where[0]], where[1]))
+        weight = partner.weight.detach().to(target.device, torch.float64)
+        bias = partner.bias.detach() if partner.bias is not None else weight.new_zeros(1)
+        heads = int(model.config.num_attention_heads)
+        return cls(lay, where[0], weight, bias.to(weight), heads, target.double(), batch)
+
+    def signals(self, ids: torch.Tensor) -> Signals:
+        """Distinct inputs of the hypothesis `ids` (batch x length) and their signals."""
+        mask = self.batch["attention_mask"].bool()
+        positions = self.lay.position_ids(self.batch["attention_mask"])[mask]
+        segments = self.batch["token_type_ids"][mask]
+        tokens = ids[mask]
+        code = (tokens * (positions.max() + 1) + positions) * (segments.max() + 1) + segments
+        unique, inverse = torch.unique(code, return_inverse=True)
+        first = torch.zeros(len(unique), dtype=torch.long, device=ids.device)
+        first.scatter_(0, inverse, torch.arange(len(code), device=ids.device))
+        offsets = self.lay.position_embeddings.weight.detach()[positions[first]]
+        offsets = offsets + self.lay.token_type_embeddings.weight.detach()[segments[first]]
+        inputs = layer0_inputs(self.lay, tokens[first], offsets.to(torch.float64))
+        signals = torch.linalg.lstsq(inputs.T, self.target.T, driver="gelsd").solution
+        # Rows on an exact dependency (a word pair repeated at a pair of positions, e.g. two
+        # punctuation marks) get an arbitrary share of the signal: leave them untested.
+        left, sv, _ = torch.linalg.svd(inputs, full_matrices=True)
+        dependent = left[:, int((sv > sv[0] * DEPENDENT).sum()) :].norm(dim=1) > DEPENDENT_SHARE
+        shared = torch.bincount(inverse, minlength=len(unique)) > 1
+        partners = inputs @ self.weight.T + (self.bias if self.component == "key" else 0)
+        split = lambda m: m.reshape(len(m), self.heads, -1).transpose(0, 1)  # noqa: E731
+        rows = [r.tolist() for r in inverse.split(mask.sum(1).tolist())]
+        return Signals(split(signals), split(partners), rows, shared.tolist(), dependent.tolist())
+
+    def span(self, state: Signals, rows: list[int]) -> torch.Tensor:
+        """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
+        vectors = state.partners[:, rows]
+        if self.component == "query":  # softmax ignores a shared shift: key differences
+            vectors = vectors[:, 1:] - vectors[:, :1]
+        return torch.linalg.qr(vectors.transpose(1, 2)).Q
+
+    def residual(self, state: Signals, members: list[int], span: torch.Tensor) -> float:
+        """Relative residual of the `members`' signals against `span`."""
+        if not members:
+            return 0.0
+        sig = state.signals[:, members]
+        res = sig - (sig @ span) @ span.transpose(1, 2)
+        return float(res.square().sum() / sig.square().sum().clamp_min(1e-300))
+
+    def shared_score(
+        self, state: Signals, rows: list[list[int]], spans: list[torch.Tensor]
+    ) -> float:
+        """Signals of rows two sentences share lie in the sum of the sentences' spans."""
+        owners: dict[int, list[int]] = {}
+        for b, rows_b in enumerate(rows):
+            for i in rows_b:
+                owners.setdefault(i, []).append(b)
+        total = 0.0
+        for i, bs in owners.items():
+            if state.shared[i] and not state.dependent[i]:
+                union = torch.linalg.qr(torch.cat([spans[b] for b in bs], -1)).Q
+                total += self.residual(state, [i], union)
+        return total
+
+    def score(self, state: Signals) -> tuple[list[float], list[torch.Tensor], float]:
+        """Each sentence's score and span, and the shared rows' score; all ~0 when right."""
+        spans = [self.span(state, rows) for rows in state.rows]
+        own = [
+            self.residual(state, [i for i in rows if state.tested[i]], span)
+            for rows, span in zip(state.rows, spans)
+        ]
+        return own, spans, self.shared_score(state, state.rows, spans)
+
+
+def assign(
+    membership: Membership,
+    ids: torch.Tensor,
+    slots: list[Slot],
+    pools: list[torch.Tensor],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float]:
+    """Token per (sentence, slot) by simulated annealing on the membership score.
+
+    Each slot keeps its pool's best tokens (one per sentence, in random order at the start),
+    so the distinct inputs and their signals stay fixed: pool replacements would let the
+    score drop by sharing rows or putting them on exact dependencies, which leaves them
+    untested. Moves swap two sentences' tokens at a slot or along a run of up to `RUN` slots
+    (a phrase in the wrong sentence); only the two sentences are rescored. Returns the best
+    assignment seen and its score.
+    """
+    ids = ids.clone()
+    for slot, pool in zip(slots, pools):
+        order = torch.randperm(len(slot.sentences), generator=generator).tolist()
+        for i, b in zip(order, slot.sentences):
+            ids[b, slot.column] = pool[min(i, len(pool) - 1)]
+    index = (membership.batch["attention_mask"].cumsum(1) - 1).tolist()  # column -> rows[b] index
+    state = membership.signals(ids)
+    own, spans, shared_score = membership.score(state)
+    best_ids, best = ids, sum(own) + shared_score
+    shared = [j for j, slot in enumerate(slots) if len(slot.sentences) > 1]
+    steps = ANNEAL_STEPS * sum(len(slots[j].sentences) for j in shared)
+    for step in range(steps if shared else 0):
+        j = shared[_draw(len(shared), generator)]
+        pair = torch.randperm(len(slots[j].sentences), generator=generator)[:2].tolist()
+        b, c = (slots[j].sentences[i] for i in pair)
+        cols = _run(slots, j, b, c, 1 + _draw(RUN, generator) if _draw(2, generator) else 1)
+        if bool((ids[b, cols] == ids[c, cols]).all()):
+            continue
+        rows = list(state.rows)
+        rows[b], rows[c] = list(rows[b]), list(rows[c])
+        for col in cols:
+            i, k = index[b][col], index[c][col]
+            rows[b][i], rows[c][k] = rows[c][k], rows[b][i]
+        trial_spans, trial_own = list(spans), list(own)
+        for x in (b, c):
+            trial_spans[x] = membership.span(state, rows[x])
+            tested = [i for i in rows[x] if state.tested[i]]
+            trial_own[x] = membership.residual(state, tested, trial_spans[x])
+        trial_shared = shared_score
+        if any(state.shared[rows[x][index[x][col]]] for x in (b, c) for col in cols):
+            trial_shared = membership.shared_score(state, rows, trial_spans)
+        change = sum(trial_own) + trial_shared - sum(own) - shared_score
+        if _accept(change, TEMPERATURE * (1 - step / steps), generator):
+            ids = ids.clone()
+            ids[b, cols], ids[c, cols] = ids[c, cols], ids[b, cols]
+            state.rows, spans, own, shared_score = rows, trial_spans, trial_own, trial_shared
+            if sum(own) + shared_score < best:
+                best_ids, best = ids, sum(own) + shared_score
+                if best < MEMBERSHIP_EXACT:
+                    break
+    return best_ids, best
+
+
+def _run(slots: list[Slot], j: int, b: int, c: int, length: int) -> list[int]:
+    """Columns of up to `length` consecutive slots from `slots[j]` that `b` and `c` share."""
+    run = [j]
+    while len(run) < length and run[-1] + 1 < len(slots):
+        nxt = slots[run[-1] + 1]
+        if nxt.column != slots[run[-1]].column + 1 or not {b, c} <= set(nxt.sentences):
+            break
+        run.append(run[-1] + 1)
+    return [slots[k].column for k in run]
+
+
+def _draw(n: int, generator: torch.Generator) -> int:
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def _accept(change: float, temperature: float, generator: torch.Generator) -> bool:
+    """Metropolis rule: always downhill, uphill with probability exp(-change / temperature)."""
+    if change < 0:
+        return True
+    if temperature <= 0:
+        return False
+    return float(torch.rand(1, generator=generator)) < math.exp(-change / temperature)

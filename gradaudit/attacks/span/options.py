@@ -1,0 +1,71 @@
+"""Options of the span attack: every number it uses, checked, and deep mode's rough dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradaudit.errors import GradAuditError
+
+SATURATED_CHOICES = ("stop", "gradmatch")
+ROUGH_CHOICES = ("auto", "none", "bfloat16", "float16")
+
+
+def rough_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of deep mode's rough objective for option `choice` on `device`, or None."""
+    if choice != "auto":
+        return None if choice == "none" else getattr(torch, choice)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    # Without native support (no AVX-512-BF16 or AMX) bfloat16 is emulated and slower.
+    cpu = torch.cpu
+    native = getattr(cpu, "_is_avx512_bf16_supported", None) or getattr(
+        cpu, "_is_amx_tile_supported", None
+    )
+    return torch.bfloat16 if device.type == "cpu" and native is not None and native() else None
+
+
+@dataclass
+class SpanOptions:
+    """Numbers the span attack uses (their roles: docs/span-method.md); checked when built."""
+
+    chunk: int = 4096
+    min_gap: float = 50.0
+    pool_extra: int = 1
+    sweeps: int = 3
+    forward_batch: int = 32
+    deep_steps: int = 300  # Adam steps per restart at budget 1
+    deep_restarts: int = 4  # continuous starts; the best 2 are searched while unsolved
+    deep_lr: float = 0.05  # first start's step, x the embeddings' spread; the last one's is 4x
+    deep_neighbours: int = 64  # nearest tokens each position tries
+    deep_bag: int = 8  # nearest tokens of each position that every position also tries
+    deep_linearised: int = 32  # tokens per position ranked by the score's gradient, each sweep
+    deep_screen: int = 32  # of the nearest and bag tokens, tried per position (0: all)
+    deep_inserts: int = 16  # tokens tried as an insertion that shifts its sentence
+    deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
+    deep_moves: int = 1024  # reorderings (swaps, moves of a token) tried per sweep
+    # Deep mode ranks candidates with a copy of the model in this dtype and scores only the
+    # best few at full precision: "auto" is bfloat16 where the device computes it natively
+    # (where emulated it is slower), "none" scores all at full precision.
+    rough_dtype: str = "auto"
+    gradient_check: bool = True
+    saturated: str = "stop"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.saturated not in SATURATED_CHOICES:
+            raise GradAuditError(
+                f"saturated={self.saturated!r}: choose one of {', '.join(SATURATED_CHOICES)}"
+            )
+        counts = ("chunk", "forward_batch", "deep_restarts", "deep_neighbours", "deep_sweeps")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise GradAuditError(f"{name} must be at least 1")
+        sizes = ("deep_steps", "deep_bag", "deep_linearised", "deep_screen", "deep_inserts")
+        for name in (*sizes, "deep_moves"):
+            if getattr(self, name) < 0:
+                raise GradAuditError(f"{name} must be at least 0")
+        if self.rough_dtype not in ROUGH_CHOICES:
+            choices = ", ".join(ROUGH_CHOICES)
+            raise GradAuditError(f"rough_dtype={self.rough_dtype!r}: choose one of {choices}")
