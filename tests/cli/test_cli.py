@@ -60,7 +60,9 @@ def test_audit_in_train_mode_records_the_mode_in_the_report(model_dir, data_file
     assert report["audits"][0]["info"]["train_mode"] is True
 
 
-def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_path):
+@pytest.fixture
+def snapshots(model_dir, tiny_tokenizer, tmp_path):
+    """Two saved snapshots of value@0 for one sentence (steps 1, 2; 2 marked contrast)."""
     from transformers import AutoModelForSequenceClassification
 
     from gradaudit import capture, select_modules
@@ -72,12 +74,19 @@ def test_attack_command_attacks_saved_snapshots(model_dir, tiny_tokenizer, tmp_p
         snapshot = capture(model, batch, select_modules(model, "value@0"), step=step)
         snapshot.meta["contrast"] = step == 2  # as the auditor saves a dp_contrast snapshot
         snapshot.save(tmp_path / "snaps" / f"step-{step}")
-    out = tmp_path / "out"
-    code = main([
-        "attack", str(tmp_path / "snaps"), "--model", str(model_dir), "--attack", "span",
+    return tmp_path / "snaps"
+
+
+def attack_snapshots(snapshots, model_dir, out) -> int:
+    return main([
+        "attack", str(snapshots), "--model", str(model_dir), "--attack", "span",
         "--out", str(out), "--quiet",
     ])  # fmt: skip
-    assert code == 0
+
+
+def test_attack_command_attacks_saved_snapshots(snapshots, model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert attack_snapshots(snapshots, model_dir, out) == 0
     audits = json.loads((out / "report.json").read_text())["audits"]
     assert [a["step"] for a in audits] == [1, 2]
     assert all(a["reconstructions"] == ["a charming film"] for a in audits)
@@ -178,26 +187,12 @@ def test_audit_with_redact_prints_scores_but_no_training_text(
 
 
 def test_attack_over_a_folder_attacks_the_good_snapshots_and_names_the_damaged_one(
-    model_dir, tiny_tokenizer, tmp_path, capsys
+    snapshots, model_dir, tmp_path, capsys
 ):
-    from transformers import AutoModelForSequenceClassification
-
-    from gradaudit import capture, select_modules
-    from gradaudit.model.batch import make_batch
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    batch = make_batch(model, tiny_tokenizer, ["a charming film"], [1])
-    for step in (1, 2):
-        snapshot = capture(model, batch, select_modules(model, "value@0"), step=step)
-        snapshot.save(tmp_path / "snaps" / f"step-{step}")
-    damaged = tmp_path / "snaps" / "step-1" / "gradients.safetensors"
+    damaged = snapshots / "step-1" / "gradients.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:50])
     out = tmp_path / "out"
-    code = main([
-        "attack", str(tmp_path / "snaps"), "--model", str(model_dir), "--attack", "span",
-        "--out", str(out), "--quiet",
-    ])  # fmt: skip
-    assert code == 1
+    assert attack_snapshots(snapshots, model_dir, out) == 1
     assert "step-1" in capsys.readouterr().err
     audits = json.loads((out / "report.json").read_text())["audits"]
     assert "damaged or incomplete" in audits[0]["error"]
