@@ -2,6 +2,7 @@
 
 - The core (`gradaudit/`) imports no training framework: no accelerate, no Trainer, no pytest.
 - No module-level import cycle among gradaudit's modules, `gradaudit.integrations` included.
+- Packages are layers: a module imports (at any depth) only from its own layer or those below.
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"gradaudit": ROOT / "gradaudit", "gradaudit.integrations": ROOT / "integrations"}
 FRAMEWORK_MODULES = ("accelerate", "pytest", "_pytest", "transformers.trainer")
 FRAMEWORK_NAMES = ("Trainer", "Training")  # from transformers import Trainer*, Training*
+# Bottom to top. "" is the package root (`gradaudit/__init__`): the public API over the core.
+LAYERS = (
+    ("errors", "io", "_version"),
+    ("model",),
+    ("gradients",),
+    ("attacks",),
+    ("scoring",),
+    ("report",),
+    ("privacy",),
+    ("training",),
+    ("experiments",),
+    ("cli",),
+    ("", "metrics", "__main__"),
+    ("integrations",),
+)
 
 
 def module_files(packages: dict[str, Path]) -> dict[str, Path]:
@@ -72,6 +88,29 @@ def framework_imports(modules: dict[str, Path]) -> list[str]:
                 bad += [
                     f"{module}: transformers.{n}" for n in names if n.startswith(FRAMEWORK_NAMES)
                 ]
+    return bad
+
+
+def layer_of(module: str) -> int:
+    """The layer index of a gradaudit module."""
+    part = module.split(".")[1] if "." in module else ""
+    for index, names in enumerate(LAYERS):
+        if part in names:
+            return index
+    raise AssertionError(f"{module} belongs to no layer: add its package to LAYERS")
+
+
+def upward_imports(modules: dict[str, Path]) -> list[str]:
+    """`module -> target` for each import of a module in a higher layer."""
+    bad = []
+    for module, path in modules.items():
+        for target, names in imports(path, module, module_level=False):
+            if not target.startswith("gradaudit"):
+                continue
+            for name in names or [None]:
+                full = f"{target}.{name}" if name and f"{target}.{name}" in modules else target
+                if layer_of(full) > layer_of(module):
+                    bad.append(f"{module} -> {full}")
     return bad
 
 
@@ -138,6 +177,21 @@ def test_no_module_level_import_cycle():
     graph = import_graph(module_files(PACKAGES))
     assert "gradaudit.integrations.trainer" in graph
     assert cycles(graph) == []
+
+
+def test_packages_import_only_from_their_layer_or_below():
+    assert upward_imports(module_files(PACKAGES)) == []
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path: Path):
+    package = tmp_path / "gradaudit"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model" / "__init__.py").write_text("")
+    (package / "model" / "families.py").write_text("def f():\n    from ..report import x\n")
+    (package / "report.py").write_text("from gradaudit.model import families\n")
+    modules = module_files({"gradaudit": package})
+    assert upward_imports(modules) == ["gradaudit.model.families -> gradaudit.report"]
 
 
 def test_the_checks_find_a_planted_cycle_and_framework_import(tmp_path: Path):
