@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import eager_attention
+from gradaudit.model.linear import uniform_copy
 
 _UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
 
@@ -123,6 +124,7 @@ class Attack(ABC):
         device = resolve_device(device)
         start = time.perf_counter()
         clone = attack_model(model, snapshot, device)
+        snapshot = snapshot.as_linear(uniform_copy(clone))  # GPT-2's Conv1D as nn.Linear
         with eager_attention(clone), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             result = self._reconstruct(

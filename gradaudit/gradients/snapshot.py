@@ -104,6 +104,20 @@ class GradientSnapshot:
             self, gradients={k: v for k, v in self.gradients.items() if k in keep}, modules=modules
         )
 
+    def as_linear(self, modules: Iterable[str]) -> GradientSnapshot:
+        """The same snapshot with the weight gradients (and saved weights) of `modules`, which
+        were `Conv1D` (weight stored (in, out)), transposed to `nn.Linear`'s (out, in): what an
+        attack sees on a copy converted by `gradaudit.model.linear.to_linear`."""
+        keys = {f"{m}.weight" for m in modules}
+        if not keys:
+            return self
+
+        def flip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.T.contiguous() if k in keys else v for k, v in tensors.items()}
+
+        weights = None if self.weights is None else flip(self.weights)
+        return dataclasses.replace(self, gradients=flip(self.gradients), weights=weights)
+
     @classmethod
     def from_grads(
         cls,
@@ -148,7 +162,10 @@ class GradientSnapshot:
             weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return cls(
             gradients=gradients,
-            batch={k: v.detach().to("cpu", copy=True) for k, v in check_batch(dict(batch)).items()},
+            batch={
+                k: v.detach().to("cpu", copy=True)
+                for k, v in check_batch(dict(batch), model).items()
+            },
             modules=list(modules),
             model_name=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
             config_hash=config_hash(model),
@@ -251,3 +268,17 @@ def _read_files(
             f"(up to {SNAPSHOT_VERSION}): upgrade gradaudit, or capture it again"
         )
     return info, tensors, weights
+
+
+def require_per_token(snapshot: GradientSnapshot, modules: Iterable[str], purpose: str) -> None:
+    """Refuse modules whose captured input had no token axis (`meta["not_per_token"]`, written
+    by `capture`): a pooler or a classifier on [CLS] sees one vector per sentence."""
+    pooled = snapshot.meta.get("not_per_token", {})
+    for module in modules:
+        if module in pooled:
+            raise GradAuditError(
+                f"module {module!r} took one vector per sentence (input shape "
+                f"{pooled[module][0]}), not one per token, and {purpose} needs per-token "
+                "inputs: select a module inside the layers (e.g. query@N, ffn_in@N), or "
+                "attack this one with gradmatch"
+            )
