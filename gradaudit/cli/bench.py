@@ -25,8 +25,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--overhead", action="store_true", help="training step time with and without the auditor"
     )
     parser.add_argument("--datasets", help="comma list of cola,sst2,rotten_tomatoes")
-    parser.add_argument("--components", help="comma list of query,...,ffn_out,layer,full")
-    parser.add_argument("--layers", help="e.g. 0-5, 0,2 or all")
+    parser.add_argument(
+        "--components",
+        help="comma list of query,...,ffn_out,layer,full (a decoder's grid: its components)",
+    )
+    parser.add_argument("--layers", help="e.g. 0-5, 0,2 or all (a decoder's: 0,1,5,15,28)")
     parser.add_argument("--attacks", help="comma list, e.g. gradmatch,span,auto")
     parser.add_argument("--batch-sizes", help="comma list, e.g. 1,4,8")
     parser.add_argument("--sentences", type=int, help="sentences per cell")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     if args.overhead:
         return run_overhead(model, tokenizer, args)
-    grid = _grid(args, int(model.config.num_hidden_layers))
+    grid = _grid(args, model)
     if args.data_dir is None or not Path(args.data_dir).is_dir():
         raise GradAuditError(
             f"--data-dir {args.data_dir} is not a folder: pass the folder holding cola/dev.tsv, "
@@ -66,12 +69,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid(args: argparse.Namespace, num_layers: int):
-    """The bench grid: `--quick` or the full one, narrowed by the flags given."""
+def _grid(args: argparse.Namespace, model):
+    """The model's bench grid (an encoder's or a decoder's): `--quick` or the full one,
+    narrowed by the flags given."""
     from gradaudit.experiments.bench import BenchGrid
     from gradaudit.model.selection import parse_layers
 
-    grid = BenchGrid.quick() if args.quick else BenchGrid()
+    num_layers = int(model.config.num_hidden_layers)
+    grid = BenchGrid.for_model(model, quick=args.quick)
     for name in ("datasets", "components", "attacks"):
         if getattr(args, name):
             setattr(grid, name, csv_list(getattr(args, name)))

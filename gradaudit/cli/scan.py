@@ -24,15 +24,14 @@ def run(args: argparse.Namespace) -> int:
     from gradaudit.experiments.data import load_examples
     from gradaudit.experiments.scan import scan, to_json, to_table
     from gradaudit.io import atomic_write_text
-    from gradaudit.model.batch import make_batch
+    from gradaudit.model.batch import labels_for, make_batch
     from gradaudit.model.loading import load_model
     from gradaudit.model.selection import select_modules
 
     texts, labels = load_examples(args.data).batches(args.batch_size, 1)[0]
     model, tokenizer = load_model(args.model)
-    rows = scan(
-        model, make_batch(model, tokenizer, texts, labels), select_modules(model, args.modules)
-    )
+    batch = make_batch(model, tokenizer, texts, labels_for(model, labels))
+    rows = scan(model, batch, select_modules(model, args.modules))
     print(to_table(rows))
     if args.out is not None:
         atomic_write_text(args.out / "scan.json", to_json(rows) + "\n")

@@ -23,8 +23,8 @@ from gradaudit.errors import GradAuditError
 from gradaudit.experiments.data import load_examples
 from gradaudit.gradients.capture import capture
 from gradaudit.io import atomic_write_json, private_dir
-from gradaudit.model.batch import make_batch
-from gradaudit.model.families import COMPONENTS
+from gradaudit.model.batch import labels_for, make_batch
+from gradaudit.model.families import BERT_COMPONENTS, COMPONENTS, layout
 from gradaudit.model.selection import select_modules
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.metrics import SCORE_KEYS
@@ -36,6 +36,9 @@ DATASET_FILES = {
 }
 # `layer`: every linear module of one layer; `full`: every linear module of the model.
 BENCH_COMPONENTS = (*COMPONENTS, "layer", "full")
+# A decoder's grid (SmolLM2 has 30 layers): depths from the first to the second-to-last.
+DECODER_LAYERS = (0, 1, 5, 15, 28)
+DECODER_ATTACKS = ("gradmatch",)  # the attacks that support decoder families
 
 
 @dataclass
@@ -47,7 +50,7 @@ class BenchGrid:
     """
 
     datasets: list[str] = field(default_factory=lambda: list(DATASET_FILES))
-    components: list[str] = field(default_factory=lambda: list(BENCH_COMPONENTS))
+    components: list[str] = field(default_factory=lambda: [*BERT_COMPONENTS, "layer", "full"])
     layers: list[int] = field(default_factory=lambda: list(range(6)))
     attacks: list[str] = field(default_factory=lambda: ["gradmatch", "span", "auto"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
@@ -67,6 +70,27 @@ class BenchGrid:
             sentences=2,
             budgets={"gradmatch": 0.05},
         )
+
+    @classmethod
+    def for_model(cls, model: nn.Module, quick: bool = False) -> BenchGrid:
+        """The encoder grid (`quick` or full) for an encoder; for a decoder, its family's
+        components x layers 0, 1, 5, 15, 28 x B = 1, 4, 8, 16 with the attacks that support
+        decoders (`quick`: one attention and one FFN module at layer 1, B = 1)."""
+        lay = layout(model)
+        if not lay.family.decoder:
+            return cls.quick() if quick else cls()
+        components = list(lay.components)
+        grid = cls(
+            components=components,
+            layers=[layer for layer in DECODER_LAYERS if layer < lay.num_layers],
+            attacks=list(DECODER_ATTACKS),
+            batch_sizes=[1, 4, 8, 16],
+        )
+        if quick:
+            grid.datasets, grid.layers, grid.batch_sizes, grid.sentences = ["sst2"], [1], [1], 2
+            grid.components = [components[0], "ffn_in"]
+            grid.budgets = {"gradmatch": 0.05}
+        return grid
 
     def cells(self, num_layers: int) -> list[tuple[str, int | None]]:
         """(component, layer) pairs; `full` has no layer."""
@@ -99,11 +123,9 @@ def run_bench(
             raise GradAuditError(
                 f"unknown data set {name!r}: choose from {', '.join(DATASET_FILES)}"
             )
-    for component in grid.components:
-        if component not in BENCH_COMPONENTS:
-            raise GradAuditError(
-                f"unknown component {component!r}: choose from {', '.join(BENCH_COMPONENTS)}"
-            )
+    known = (*layout(model).components, "layer", "full")
+    for component in set(grid.components) - set(known):
+        raise GradAuditError(f"unknown component {component!r}: choose from {', '.join(known)}")
     rows: list[dict[str, Any]] = []
     num_layers = int(model.config.num_hidden_layers)
     started = time.perf_counter()
@@ -114,7 +136,7 @@ def run_bench(
             for component, layer in grid.cells(num_layers):
                 modules = select_modules(model, module_spec(component, layer))
                 for index, (texts, labels) in enumerate(batches):
-                    batch = make_batch(model, tokenizer, texts, labels)
+                    batch = make_batch(model, tokenizer, texts, labels_for(model, labels))
                     snapshot = capture(
                         model, batch, modules, train_mode=grid.train_mode, seed=seed + index
                     )

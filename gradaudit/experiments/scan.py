@@ -2,7 +2,8 @@
 
 One capture of all selected modules, one SVD each: the numerical rank next to the batch's
 token count, the module's share of the model's parameters, and a label from
-`spectrum.label`: `exact`, `span`, `rank-limited`, `saturated` or `zero`.
+`spectrum.label`: `exact`, `span`, `rank-limited`, `saturated` or `zero`. `exact` needs
+BERT-style embeddings at layer 0; GPT-2's `Conv1D` gradients are read as `nn.Linear`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gradaudit.attacks.span.exact.screening import exact_applicable
 from gradaudit.gradients.capture import capture
 from gradaudit.gradients.spectrum import label, spectrum
 from gradaudit.model.families import layout
+from gradaudit.model.linear import conv1d_names
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def scan(
 ) -> list[ScanRow]:
     """Rank, token count, parameter share and label of each module's weight gradient."""
     modules = list(modules)
-    snapshot = capture(model, batch, modules)
+    snapshot = capture(model, batch, modules).as_linear(conv1d_names(model))  # (out, in)
     lay = layout(model)
     tokens = int(snapshot.batch["attention_mask"].sum())
     total = sum(p.numel() for p in model.parameters())
@@ -56,7 +58,7 @@ def scan(
                 width=spec.width,
                 param_share=grad.numel() / total,
                 clean=spec.clean,
-                label=label(spec, tokens, exact_applicable(lay, name)),
+                label=label(spec, tokens, lay.bert_embeddings and exact_applicable(lay, name)),
             )
         )
     return rows
