@@ -4,7 +4,10 @@ For a linear module applied to every token, `G = sum_t delta_t x_t^T`, so the ro
 `G` lies in the span of the module's inputs and `rank(G) <= tokens`. The rank is read from
 the singular values in float64:
 
-1. a dtype-aware floor, `eps(dtype) * s_max`, below which a value is rounding;
+1. a precision-aware floor, `eps(precision) * s_max`, below which a value is rounding. The
+   precision is the one the gradient was computed in: its dtype, or, for a gradient stored
+   as float32 but computed in bfloat16 or float16 (autocast, mixed precision), that narrower
+   type, given or read from its values (all of them exactly representable in it);
 2. the largest relative gap `s_k / s_{k+1}` above the floor: when it is at least `min_gap`,
    the rank is `k` (a clean spectrum, e.g. a raw float32 gradient);
 3. later gaps of at least `min_gap` are recorded as `rank_above_rounding`: weaker directions
@@ -16,6 +19,8 @@ the singular values in float64:
 4. without such a gap (noise, e.g. DP-SGD), the Gavish-Donoho hard threshold
    `omega(beta) * median(s)` separates the signal from the noise bulk, and the spectrum is
    flagged `clean=False`: attacks still run on the leading subspace, with looser residuals.
+   A bfloat16 or float16 gradient without such a gap is `saturated`: its rounding (about 1e-3
+   of the largest value) fills every direction, so its span constrains nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ import torch
 from gradaudit.errors import GradAuditError
 
 STATUSES = ("ok", "zero", "saturated")
+LOW_PRECISIONS = (torch.bfloat16, torch.float16)  # coarsest first
+# Values needed to tell a narrower precision from the stored one (a float32 value is exact in
+# bfloat16 by chance with probability 2**-16).
+_PRECISION_EVIDENCE = 16
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Spectrum:
     floor: float
     basis: torch.Tensor
     status: str
+    precision: str = "float32"
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly record of how the rank was decided."""
@@ -54,6 +64,7 @@ class Spectrum:
             "clean": self.clean,
             "gap": self.gap,
             "relative_floor": self.floor / top if top > 0 else 0.0,
+            "precision": self.precision,
         }
 
 
@@ -63,11 +74,43 @@ def _gavish_donoho(s: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((s > omega * s.median()).sum())
 
 
+def gradient_precision(grad: torch.Tensor) -> torch.dtype:
+    """The precision `grad` was computed in: the narrowest of bfloat16 and float16 that holds
+    each of its (at least `_PRECISION_EVIDENCE` nonzero) values exactly, else its dtype."""
+    if not grad.is_floating_point() or grad.dtype in LOW_PRECISIONS:
+        return grad.dtype
+    values = grad[grad != 0]
+    if values.numel() < _PRECISION_EVIDENCE:
+        return grad.dtype
+    for dtype in LOW_PRECISIONS:
+        if torch.equal(values.to(dtype).to(grad.dtype), values):
+            return dtype
+    return grad.dtype
+
+
+def _precision(grad: torch.Tensor, precision: torch.dtype | str | None) -> torch.dtype:
+    """The coarser of `grad`'s dtype and `precision` (read from the values when None)."""
+    if precision is None:
+        return gradient_precision(grad)
+    if isinstance(precision, str):
+        named = getattr(torch, precision, None)
+        if not isinstance(named, torch.dtype) or not named.is_floating_point:
+            raise GradAuditError(f"precision {precision!r} is not a torch float type")
+        precision = named
+    return max(grad.dtype, precision, key=lambda t: torch.finfo(t).eps)
+
+
 def spectrum(
-    grad: torch.Tensor, *, noisy: bool = False, min_gap: float = 50.0, name: str = "gradient"
+    grad: torch.Tensor,
+    *,
+    noisy: bool = False,
+    min_gap: float = 50.0,
+    name: str = "gradient",
+    precision: torch.dtype | str | None = None,
 ) -> Spectrum:
     """Rank and row space of `grad` (out x in); `noisy` for DP-noised gradients.
 
+    `precision` is the float type the gradient was computed in (None: `gradient_precision`).
     Raises on NaN/inf, naming the module `name`.
     """
     if grad.dim() != 2:
@@ -80,10 +123,12 @@ def spectrum(
     width = int(grad.shape[1])
     _, s, vh = torch.linalg.svd(grad.to(torch.float64), full_matrices=False)
     top = float(s[0])
-    floor = torch.finfo(grad.dtype).eps * top
+    precision = _precision(grad, precision)
+    kind = str(precision).removeprefix("torch.")
+    floor = torch.finfo(precision).eps * top
     above = int((s > floor).sum())
     if above == 0:
-        return Spectrum(s.cpu(), 0, 0, width, True, 0.0, floor, vh[:0], "zero")
+        return Spectrum(s.cpu(), 0, 0, width, True, 0.0, floor, vh[:0], "zero", kind)
     # Gap after each value above the floor; past the last value of the list there is none.
     following = torch.cat([s[1:], s.new_tensor([s[-1]])])[:above]
     ratios = s[:above] / following.clamp_min(floor * 1e-6)
@@ -97,8 +142,9 @@ def spectrum(
     else:
         rank = above
     clear = int((ratios >= min_gap).nonzero().max()) + 1 if clean else rank
-    status = "saturated" if rank >= min(grad.shape) else "ok"
-    return Spectrum(s.cpu(), rank, clear, width, clean, gap, floor, vh[:rank], status)
+    rounded = precision in LOW_PRECISIONS and not (clean or noisy)  # no gap above rounding
+    status = "saturated" if rank >= min(grad.shape) or rounded else "ok"
+    return Spectrum(s.cpu(), rank, clear, width, clean, gap, floor, vh[:rank], status, kind)
 
 
 LABELS = ("exact", "span", "rank-limited", "saturated", "zero")
