@@ -132,7 +132,8 @@ def load_model(
     """(model, tokenizer) for a packaged model, a local folder or a hub name, in eval mode.
 
     Packaged: `minilm` (MiniLM, an encoder) and `smollm2` (SmolLM2-135M-Instruct, a Llama
-    decoder read from its GGUF file, weights dequantized to float32). `task` is
+    decoder read from its GGUF file, weights dequantized to float32, so it trains like any
+    float32 model: transformers' GGUF quantizer mark is removed). `task` is
     `"sequence-classification"` (a head with `num_labels` outputs, new for a checkpoint without
     one; `seed` makes it reproducible) or `"causal-lm"` (the language-model head: each text is
     its own label). By default decoder families (Llama, Qwen2, Mistral, GPT-2) load as causal
@@ -147,6 +148,9 @@ def load_model(
 
         task = default_task(AutoConfig.from_pretrained(source, **kwargs).model_type)
     model = _load_weights(source, kwargs, task, num_labels, seed)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if "gguf_file" in kwargs and quantizer is not None:  # dequantized on load: plain float32
+        quantizer.remove_quantization_config(model)
     if task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a decoder finds each row's end
     model.eval()
