@@ -18,8 +18,10 @@ from transformers import PreTrainedTokenizerBase
 from gradaudit.attacks.base import Attack, Reconstruction, content_mask, decode
 from gradaudit.attacks.registry import get_attack
 from gradaudit.attacks.span.deep.solve import solve_deep
+from gradaudit.attacks.span.exact.dropout import embedding_dropout
 from gradaudit.attacks.span.exact.screening import exact_applicable
 from gradaudit.attacks.span.exact.solve import solve_exact
+from gradaudit.attacks.span.exact.train import solve_train
 from gradaudit.attacks.span.options import SpanOptions
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum, label, spectrum
@@ -52,6 +54,13 @@ def unusable_reason(labels: dict[str, str]) -> str:
             "cannot leak the other tokens"
         )
     return ""
+
+
+def dropout_on(model: nn.Module, snapshot: GradientSnapshot, rate: float) -> bool:
+    """Whether the gradient was taken with embedding dropout on: as its capture recorded it,
+    else as the model's mode says now (a training loop's own gradient, e.g. the Auditor's)."""
+    train = snapshot.meta.get("train_mode")
+    return rate > 0 and bool(model.training if train is None else train)
 
 
 class SpanAttack(Attack):
@@ -98,8 +107,20 @@ class SpanAttack(Attack):
         if exact:
             module = min(exact, key=lambda m: usable[m].rank)
             spec = usable[module]
-            ids, details = solve_exact(model, snapshot, lay, module, spec, tokenizer, ids, opts)
-            info.update(mode="exact", module=module, **details)
+            rate, cannot = embedding_dropout(lay)
+            train = dropout_on(model, snapshot, rate)
+            if train and cannot:
+                info["dropout"] = f"cannot model this model's dropout: {cannot}; deep mode instead"
+                exact = []
+            elif train:
+                ids, details = solve_train(
+                    model, snapshot, lay, module, spec, tokenizer, ids, opts.chunk, rate
+                )
+                info.update(mode="exact", module=module, train_mode=True, **details)
+            else:
+                ids, details = solve_exact(model, snapshot, lay, module, spec, tokenizer, ids, opts)
+                info.update(mode="exact", module=module, **details)
+        if exact:
             info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
             info["why"] += f"{spec.rank} < width {spec.width}"
         else:

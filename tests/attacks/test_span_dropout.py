@@ -1,0 +1,108 @@
+"""Exact mode on train-mode gradients: dropout masks found in the span (issue 23)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from test_span import BATCH, WORDS
+from torch import nn
+
+from gradaudit.attacks import get_attack
+from gradaudit.attacks.span.exact.dropout import embedding_dropout
+from gradaudit.attacks.span.exact.masks import complement, lp_mask
+from gradaudit.attacks.span.exact.screening import layer0_inputs
+from gradaudit.gradients.capture import capture
+from gradaudit.gradients.spectrum import spectrum
+from gradaudit.model.batch import make_batch
+from gradaudit.model.families import layout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """A random 2-layer BERT of width 96 (dropout 0.1, BERT's default) and its tokenizer."""
+    tokenizer = make_tiny_tokenizer(tmp_path_factory.mktemp("vocab"), WORDS)
+    return make_tiny_model(len(tokenizer.get_vocab()), hidden=96), tokenizer
+
+
+def run(model, tokenizer, texts, component="query", seed=5):
+    batch = make_batch(model, tokenizer, texts, [1] * len(texts))
+    module = layout(model).component_name(component, 0)
+    snapshot = capture(model, batch, [module], train_mode=True, seed=seed)
+    result = get_attack("span").reconstruct(
+        model, snapshot, tokenizer=tokenizer, device="cpu", budget=0.02
+    )
+    lengths = batch["attention_mask"].sum(1)
+    truth = [ids[: int(n)].tolist() for ids, n in zip(batch["input_ids"], lengths)]
+    return truth, result
+
+
+def test_dropout_is_read_from_the_model(tiny):
+    model, _ = tiny
+    assert embedding_dropout(layout(model)) == (0.1, "")
+
+
+@pytest.mark.parametrize("component", ["query", "value"])
+def test_train_mode_recovers_one_sentence(tiny, component):
+    model, tokenizer = tiny
+    truth, result = run(model, tokenizer, ["the charming cast and the music"], component)
+    assert result.token_ids == truth
+    assert result.info["train_mode"] is True
+    assert result.info["inputs_found"] == result.info["inputs_expected"] == len(truth[0])
+    assert result.info["explained_residual"] < 1e-5
+
+
+def test_train_mode_recovers_and_assigns_a_batch_of_four(tiny):
+    model, tokenizer = tiny
+    truth, result = run(model, tokenizer, BATCH)
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.info["assignment"] == "membership"
+    assert result.info["membership_score"] < 1e-6
+    assert result.info["explained_residual"] < 1e-5
+
+
+def test_the_relaxation_separates_a_true_input_from_a_false_one(tiny):
+    model, tokenizer = tiny
+    lay = layout(model)
+    batch = make_batch(model, tokenizer, ["the charming cast and the music"], [1])
+    module = lay.component_name("query", 0)
+    snapshot = capture(model, batch, [module], train_mode=True, seed=5)
+    basis = spectrum(snapshot.weight_gradient(module)).basis.double()
+    offsets = (lay.position_embeddings.weight[2] + lay.token_type_embeddings.weight[0]).detach()
+    true, false = batch["input_ids"][0, 2], tokenizer.convert_tokens_to_ids("boring")
+    rows = layer0_inputs(lay, torch.tensor([true, false]), offsets.double().expand(2, -1)) / 0.9
+    drops = [lp_mask(row, complement(basis)) for row in rows]
+    width = basis.shape[1]
+    assert drops[0] < 0.25 * width  # about p x width coordinates dropped
+    assert drops[1] > 0.5 * width  # a false token needs most dropped, or is infeasible
+
+
+class DropoutFirst(nn.Module):
+    """Embeddings with dropout before the LayerNorm: a layout the robust test cannot model."""
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.inner = embeddings
+
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None, **kwargs):
+        e = self.inner
+        words = e.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        positions = torch.arange(words.shape[1], device=words.device)[None]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(words.shape[:2], dtype=torch.long, device=words.device)
+        z = words + e.position_embeddings(positions)
+        return e.LayerNorm(e.dropout(z + e.token_type_embeddings(token_type_ids)))
+
+
+def test_dropout_it_cannot_model_is_said_and_not_trusted(tiny, tmp_path):
+    model, tokenizer = tiny
+    other = make_tiny_model(model.config.vocab_size, hidden=96)
+    wrapped = DropoutFirst(other.bert.embeddings)
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm"):
+        wrapped.add_module(name, getattr(other.bert.embeddings, name))
+    other.bert.embeddings = wrapped
+    rate, why = embedding_dropout(layout(other))
+    assert rate == 0.1 and "not LayerNorm's output" in why
+    _, result = run(other, tokenizer, ["the charming cast"])
+    assert result.info["mode"] == "deep"
+    assert "cannot model" in result.info["dropout"]
