@@ -6,7 +6,7 @@ import pytest
 import torch
 from _decoders import decoder_tokenizer, tiny_gpt2, tiny_llama
 
-from gradaudit import audit_batch, capture, get_attack, select_modules
+from gradaudit import GradAuditError, audit_batch, capture, get_attack, select_modules
 from gradaudit.attacks.base import attack_model
 from gradaudit.attacks.gradmatch import GradientMatcher, GradMatchOptions
 from gradaudit.model.batch import make_batch
@@ -59,3 +59,9 @@ def test_gradmatch_on_a_tiny_llama_recovers_more_than_chance():
     assert rec.info["best_loss"] < rec.info["init_loss"]
     right = sum(a == b for a, b in zip(rec.token_ids[0], batch["input_ids"][0].tolist()))
     assert right >= 2  # of 4 words from 34 (chance: about 0.1)
+
+
+def test_span_exact_mode_says_it_does_not_support_llama_yet():
+    model = tiny_llama()
+    with pytest.raises(GradAuditError, match="not supported for the llama family yet"):
+        audit_batch(model, decoder_tokenizer(), TEXTS[:1], None, "query@0", "span")
