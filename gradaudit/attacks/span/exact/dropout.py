@@ -22,6 +22,7 @@ from gradaudit.attacks.span.exact.masks import (
 from gradaudit.attacks.span.exact.screening import layer0_inputs
 from gradaudit.model.families import ModelLayout
 
+REPEAT_DRAWS = 8  # random-cost fits per mask sought of a token several sentences hold
 PLAUSIBLE = 0.02  # ranking residual below which a candidate gets the exact (MILP) check
 
 
@@ -111,15 +112,40 @@ def find_rows(
                 if mask is not None:
                     chosen.append((i, mask[0]))
         for i, first in sorted(chosen, key=lambda c: c[0]):  # a token two sentences hold
-            masks = (first,)
-            while len(chosen) < counts[j]:
-                mask = exact_masks(rows[i][None], orthogonal, most, masks, time_limit=5.0)
-                if mask is None:
-                    break
-                masks += (mask[0],)
-                chosen.append((i, mask[0]))
+            if len(chosen) >= counts[j]:
+                break
+            more = other_masks(rows[i], first, basis, most, orthogonal, counts[j] - len(chosen))
+            chosen.extend((i, mask) for mask in more)
         for i, mask in chosen[: counts[j]]:
             found.tokens.append(int(candidates[j][i]))
             found.slots.append(j)
             found.inputs.append(rows[i] * mask)
     return found
+
+
+def other_masks(
+    row: torch.Tensor,
+    first: torch.Tensor,
+    basis: torch.Tensor,
+    most: int,
+    orthogonal: torch.Tensor,
+    wanted: int,
+) -> list[torch.Tensor]:
+    """Up to `wanted` more masks (other than `first`) putting `row` in the span: several
+    sentences' tokens at one slot (every [CLS]). Random costs per dropped coordinate
+    (log-normal, widely spread) make each mask the cheapest for some draws (one batched fit);
+    then the MILP, excluding those found."""
+    generator = torch.Generator().manual_seed(0)
+    draws = REPEAT_DRAWS * (wanted + 1)
+    costs = (3 * torch.randn(draws, len(row), generator=generator, dtype=row.dtype)).exp()
+    fit = fit_masks(row.expand(draws, -1), span_projection(basis), most, costs.to(row.device))
+    masks = [first]
+    for k in fit.residual.argsort().tolist():
+        if fit.residual[k] < MASK_EXACT and not any(bool((fit.kept[k] == m).all()) for m in masks):
+            masks.append(fit.kept[k])
+    while len(masks) <= wanted:
+        more = exact_masks(row[None], orthogonal, most, tuple(masks), time_limit=5.0)
+        if more is None:
+            break
+        masks.append(more[0])
+    return masks[1 : wanted + 1]

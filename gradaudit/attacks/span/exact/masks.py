@@ -67,17 +67,21 @@ def masked_residual(
     return out.masked_fill((~kept).sum(-1) > most, float("inf"))
 
 
-def fit_masks(inputs: torch.Tensor, project: Projection, most: int) -> MaskFit:
+def fit_masks(
+    inputs: torch.Tensor, project: Projection, most: int, costs: torch.Tensor | None = None
+) -> MaskFit:
     """Best mask found for each row of `inputs` (n x width, already scaled by 1 / (1 - p)).
 
     ADMM on `min sum(y)` over the box with `u * (1 - y)` in the span (the y-step is per
     coordinate, the other a projection), rounded, then alternating projection (keep the
     coordinates whose projection is nearer the input than 0). Two matmuls per step for all
     rows; the truth reaches its own mask (residual ~1e-7) or comes close, a false one stays far.
+    `costs` (n x width, default 1) weigh each dropped coordinate: random ones pick different
+    masks of an input that several tokens share.
     """
     u = inputs
     rho = 1 / u.square().mean(-1, keepdim=True)
-    inverse = 1 / (rho * u.square().clamp_min(1e-30))
+    inverse = (1 if costs is None else costs) / (rho * u.square().clamp_min(1e-30))
     safe = torch.where(u.abs() > 1e-15, u, torch.full_like(u, 1e-15))
     z = project(u)
     w = torch.zeros_like(u)

@@ -220,6 +220,7 @@ def place_rows(
                 best, index = score, trial
             if score < 1e-6:
                 break
+        index, best = polish(membership, index, slots, best)
         details.update(assignment="membership", membership_score=best)
     elif len(index) > 1:
         why = "no membership test for this module" if plain is None else "inputs missing"
@@ -229,3 +230,22 @@ def place_rows(
     real = batch["attention_mask"].bool().cpu()
     out[real] = tokens[index[real]]
     return out, details
+
+
+def polish(
+    membership: RowMembership, index: torch.Tensor, slots: list[Slot], best: float
+) -> tuple[torch.Tensor, float]:
+    """Swap two sentences' rows at one slot while that lowers the membership score (the
+    annealing can end one swap away from the truth)."""
+    improved = True
+    while improved and best > 1e-6:
+        improved = False
+        for slot in slots:
+            for x, b in enumerate(slot.sentences):
+                for c in slot.sentences[x + 1 :]:
+                    trial = index.clone()
+                    trial[[b, c], slot.column] = index[[c, b], slot.column]
+                    own, _, shared = membership.score(membership.signals(trial))
+                    if sum(own) + shared < best:
+                        index, best, improved = trial, sum(own) + shared, True
+    return index, best
