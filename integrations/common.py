@@ -11,7 +11,7 @@ from accelerate.utils import DistributedType, gather_object
 
 from gradaudit.errors import GradAuditError
 from gradaudit.scoring.result import AuditResult
-from gradaudit.training.results import result_metrics
+from gradaudit.training.results import deliver, result_metrics
 
 
 def gather_batches(batch: Any) -> list[Any]:
@@ -43,6 +43,8 @@ def refuse_sharded(
 
 
 def log_results(results: Iterable[AuditResult], log: Callable[[dict[str, float]], Any]) -> None:
-    """Pass each finished audit's `gradaudit/...` metrics (`result_metrics`) to `log`."""
-    for result in results:
-        log(result_metrics(result))
+    """Pass each finished audit's `gradaudit/...` metrics (`result_metrics`) to `log`.
+
+    A logger that fails is warned about, never raised into training (report.json has them).
+    """
+    deliver(results, lambda result: log(result_metrics(result)))

@@ -100,6 +100,8 @@ class GradAuditCallback(TrainerCallback, ExportableState):
         **kwargs,
     ) -> None:
         _refuse_sharded(args)
+        if self.auditor is not None:  # an earlier train() that raised left it open
+            self.auditor.close()
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         saved = self._saved_state(state) if state.global_step > 0 else None
         # The Trainer hands callbacks accelerate's AcceleratedOptimizer; a DPOptimizer inside it
@@ -150,6 +152,8 @@ class GradAuditCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
+        # Not called when training raises: the auditor's exit handler then stops the worker,
+        # settles pending audits and writes the report.
         if self.auditor is None:
             return
         self.auditor_state = self.auditor.state_dict()

@@ -1,16 +1,24 @@
 """Auditing during training: record each step's batch, snapshot sampled steps, attack them.
 
 The auditor never changes training: it draws from no global RNG, modifies no gradient,
-never switches train/eval and copies tensors to the CPU on sampled steps only. It wires a
+never switches train/eval, copies tensors to the CPU on sampled steps only, and raises
+nothing into a training step (a failure becomes that audit's error). It wires a
 `BatchRecorder` (batches and sampling), a gradient source (`.grad` or a DP-SGD release), a
 `Dispatcher` (saving and attacking) and a `ResultStore` (results and the report).
+
+Not closed when the process exits (training raised) or when collected, it stops at once:
+the worker is killed, audits still pending are recorded as not attacked, their snapshots
+deleted (unless keep_snapshots), and the report written.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler is registered before ours (runs after)
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +35,8 @@ from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
 from gradaudit.training.dispatch import Dispatcher
 from gradaudit.training.recorder import BatchRecorder, Gather
-from gradaudit.training.results import ResultStore, check_writable
-from gradaudit.training.sources import gradient_source
+from gradaudit.training.results import ResultStore, check_writable, deliver
+from gradaudit.training.sources import GradientSource, gradient_source
 from gradaudit.training.worker import WORKER_NAME, Job, snapshot_dir
 
 
@@ -53,6 +61,20 @@ def _check_settings(
             "set every_n_steps, steps or probability",
             stacklevel=3,  # the caller of Auditor()
         )
+
+
+ABANDONED = (
+    "the auditor was not closed before the process exited or dropped it (training raised, "
+    "or close() was never called)"
+)
+
+
+def _abandon(recorder: BatchRecorder, dispatch: Dispatcher | None, results: ResultStore) -> None:
+    """Stop an auditor that was not closed: kill the worker, settle its audits, write."""
+    recorder.close()
+    if dispatch is not None:
+        dispatch.abort(ABANDONED)
+        results.settle(ABANDONED)
 
 
 def _refuse_in_worker() -> None:
@@ -92,6 +114,30 @@ def step_jobs(
         info={**info, "contrast": True},
     )
     return [released, contrast]
+
+
+def take_snapshot(
+    source: GradientSource,
+    modules: list[str],
+    batch: Batch,
+    job: Job,
+    weights: dict[str, torch.Tensor] | None,
+    precision: dict[str, torch.dtype],
+) -> tuple[GradientSnapshot, Job]:
+    """Copy `job.gradient` of `job.step` and the weights that produced it to the CPU, at the
+    precision each module computed in; the job with its labels and that precision.
+
+    `weights` already copied for this step (by its other snapshot) are shared, not copied
+    again on the training path.
+    """
+    gradient, labels = source.label(job.gradient)
+    job = dataclasses.replace(job, gradient=gradient, info={**job.info, **labels})
+    snapshot = source.snapshot(batch, modules, job.gradient, job.step, weights is None)
+    if weights is not None:
+        snapshot.weights = weights
+    snapshot.meta = {**snapshot.meta, **job.info}
+    job.info["precision"] = source.at_precision(snapshot, precision)
+    return snapshot, job
 
 
 class Auditor:
@@ -146,9 +192,15 @@ class Auditor:
         self._results = ResultStore(config, self._source.privacy)
         self._dispatch = None
         if is_main_process:
-            self._dispatch = Dispatcher(model, tokenizer, config, self.modules, self._results.add)
-        self._recorder = BatchRecorder(model, config)
+            self._dispatch = Dispatcher(model, tokenizer, config, self.modules, self._results)
+        self._recorder = BatchRecorder(model, config, self.modules)
         self._recorder.hold(self._source.watch(self.before_step))
+        # Holds no reference to the auditor; runs at exit before multiprocessing's handler.
+        self._finalizer = weakref.finalize(
+            self, _abandon, self._recorder, self._dispatch, self._results
+        )
+        self._finalizer.atexit = False
+        atexit.register(self._finalizer)
 
     # -- state (resume) -------------------------------------------------------------------
 
@@ -160,7 +212,14 @@ class Auditor:
         """Restore counters; audits of earlier steps are read back from the old report."""
         self._recorder.load_state_dict(state)
         if self.is_main_process:
-            self._results.reload(self._recorder.audited_steps)
+            self._results.reload(self._recorder.audited_steps, self._failure)
+
+    def _failure(self, step: int, error: str) -> AuditResult:
+        """The audit of `step` (every module, not attacked) with `error`."""
+        attack = self.config.attack or "none"
+        return AuditResult.failure(
+            self.modules, attack, 0, error, gradient=self._source.kind, step=step
+        )
 
     @property
     def step(self) -> int:
@@ -201,6 +260,9 @@ class Auditor:
         try:
             if not self._closed and self._recorder.sampled(step):
                 self._capture(step)
+        except Exception as error:  # noqa: BLE001 - the auditor never breaks a training step
+            if self._dispatch is not None:
+                self._results.add(self._failure(step, f"{type(error).__name__}: {error}"))
         finally:
             self._recorder.advance(step)
         self._deliver()
@@ -215,14 +277,12 @@ class Auditor:
             return
         jobs = step_jobs(self.config, self.modules, self._source.kind, step, batch, info)
         if batch is None:
+            why = self._recorder.problem or (
+                "no training forward was recorded for this step: build the auditor before the "
+                "first forward of the step"
+            )
             for job in jobs:
-                self._results.add(
-                    job.result(
-                        self.config.attack or "none",
-                        "no training forward was recorded for this step: build the auditor "
-                        "before the first forward of the step",
-                    )
-                )
+                self._results.add(job.result(self.config.attack or "none", why))
             return
         self._capture_jobs(batch, jobs)
 
@@ -232,9 +292,9 @@ class Auditor:
         weights = None
         for job in jobs:
             try:
-                gradient, labels = self._source.label(job.gradient)
-                job = dataclasses.replace(job, gradient=gradient, info={**job.info, **labels})
-                snapshot = self._snapshot(batch, job, weights)
+                snapshot, job = take_snapshot(
+                    self._source, self.modules, batch, job, weights, self._recorder.precision
+                )
             except Exception as error:  # noqa: BLE001 - a failed capture is recorded, never raised
                 message = f"capture failed: {type(error).__name__}: {error}"
                 self._results.add(job.result(self.config.attack or "none", message))
@@ -242,39 +302,27 @@ class Auditor:
             weights = snapshot.weights
             self._dispatch.submit(snapshot, dataclasses.replace(job, epsilon=epsilon))
 
-    def _snapshot(
-        self, batch: Batch, job: Job, weights: dict[str, torch.Tensor] | None
-    ) -> GradientSnapshot:
-        """Copy `job.gradient` of `job.step` and the weights that produced it to the CPU.
-
-        `weights` already copied for this step (by its other snapshot) are shared, not copied
-        again on the training path.
-        """
-        snapshot = self._source.snapshot(
-            batch, self.modules, job.gradient, job.step, include_weights=weights is None
-        )
-        if weights is not None:
-            snapshot.weights = weights
-        snapshot.meta = {**snapshot.meta, **job.info}
-        return snapshot
-
     def _deliver(self) -> None:
         if self._on_result is not None:
-            for result in self.new_results():
-                self._on_result(result)
+            deliver(self.new_results(), self._on_result)
 
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> Path | None:
         """Stop recording, wait for pending attacks (`close_timeout_s`), write the report.
 
-        Returns the report path on the main process, None elsewhere.
+        Returns the report path on the main process (None elsewhere, or when the report
+        could not be written: that is warned about). Never raises; interrupted (Ctrl-C), the
+        exit handler finishes the job.
         """
         if not self._closed:
             self._closed = True
             self._recorder.close()
             if self._dispatch is not None:
-                self._dispatch.close()
+                self._dispatch.close(self.config.close_timeout_s)
+                self._results.settle("its outcome never came back")  # none should be left
+            self._finalizer.detach()
+            atexit.unregister(self._finalizer)
         path = self._results.write() if self.is_main_process else None
         self._deliver()
         return path

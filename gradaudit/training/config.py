@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +19,9 @@ from gradaudit.errors import GradAuditError
 
 DEFAULT_EVERY_N_STEPS = 100
 # How an audit runs, not what it audits: left out of the configuration a report embeds.
-RUNTIME_FIELDS = ("background", "attack_timeout_s", "close_timeout_s", "worker_threads")
+RUNTIME_FIELDS = (
+    "background", "attack_timeout_s", "close_timeout_s", "start_timeout_s", "worker_threads",
+)  # fmt: skip
 
 
 @dataclass
@@ -28,9 +33,10 @@ class AuditConfig:
     `first_step + k * every_n_steps`, or wins a draw of `probability` (a generator seeded
     by `seed` and the step, so every rank and every resumed run draws the same). With none
     of the three rules given, every `DEFAULT_EVERY_N_STEPS` steps are audited.
-    Each background attack may take `attack_timeout_s`; `close()` waits for pending ones
-    at most `close_timeout_s` in all (None: until each finished or timed out); the worker uses
-    `worker_threads` CPU threads, leaving the others to training.
+    The background worker must be ready (its model built) within `start_timeout_s`, each of
+    its attacks may take `attack_timeout_s`; `close()` waits for pending ones at most
+    `close_timeout_s` in all (None: until each finished or timed out, so still bounded); the
+    worker uses `worker_threads` CPU threads, leaving the others to training.
     `attack=None` captures and saves snapshots without attacking them (attack them later
     with `gradaudit attack OUTPUT_DIR/snapshots`).
     `separate_modules` attacks each selected module's gradient on its own (an adversary who
@@ -57,6 +63,7 @@ class AuditConfig:
     background: bool = True
     attack_timeout_s: float = 3600.0
     close_timeout_s: float | None = None
+    start_timeout_s: float = 600.0
     worker_threads: int = 1
     keep_snapshots: bool = False
     redact: bool = False
@@ -67,47 +74,20 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if isinstance(self.modules, str):
             self.modules = [self.modules]
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = str(self.output_dir)
+        _check_types(self)
         self.modules = list(self.modules)
         if not self.modules:
             raise GradAuditError("modules is empty: give at least one module spec, e.g. query@0")
         if self.every_n_steps is None and self.probability is None and self.steps is None:
             self.every_n_steps = DEFAULT_EVERY_N_STEPS
-        if self.every_n_steps is not None and self.every_n_steps < 1:
-            raise GradAuditError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
-        if self.probability is not None and not 0 <= self.probability <= 1:
-            raise GradAuditError(f"probability must be in [0, 1], got {self.probability}")
         if self.steps is not None:
             self.steps = sorted({int(s) for s in self.steps})
-        if self.first_step < 1:
-            raise GradAuditError(
-                f"first_step must be >= 1 (steps count from 1), got {self.first_step}"
-            )
-        if self.max_audits is not None and self.max_audits < 0:
-            raise GradAuditError(f"max_audits must be >= 0 or null, got {self.max_audits}")
-        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
-            raise GradAuditError(f"dp_delta must lie in (0, 1), got {self.dp_delta}")
-        if not isinstance(self.dp_contrast, bool):
-            raise GradAuditError(f"dp_contrast must be true or false, got {self.dp_contrast!r}")
-        if self.budget <= 0:
-            raise GradAuditError(f"budget must be positive, got {self.budget}")
-        if self.worker_threads < 1:
-            raise GradAuditError(f"worker_threads must be >= 1, got {self.worker_threads}")
-        for name in ("attack_timeout_s", "close_timeout_s"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise GradAuditError(f"{name} must be positive, got {value}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise GradAuditError(
-                    f"device {self.device!r} is not a torch device: use auto, cpu, cuda or cuda:1"
-                ) from None
+        _check_ranges(self)
+        _check_device(self.device)
         if self.attack is not None:
-            from gradaudit.attacks import get_attack
-
-            get_attack(self.attack, **self.attack_options)  # unknown attack or option: fail now
-        self.output_dir = str(self.output_dir)
+            _check_attack(self.attack, self.attack_options)
 
     def is_sampled(self, step: int, audits_taken: int = 0) -> bool:
         """Whether optimizer step `step` (1-based) is audited after `audits_taken` audits."""
@@ -188,3 +168,111 @@ class AuditConfig:
         if not isinstance(data, Mapping):
             raise GradAuditError(f"audit config {path} does not hold a mapping of settings")
         return cls.from_dict(data)
+
+
+# Field kinds, checked before any value is used: a wrong type is one clear error, not a
+# TypeError later (or, like "5" or 2.5 steps, silently wrong sampling).
+_WHOLE = ("every_n_steps", "first_step", "max_audits", "seed", "worker_threads")
+_REAL = ("probability", "budget", "attack_timeout_s", "close_timeout_s", "start_timeout_s",
+         "dp_delta")  # fmt: skip
+_FLAGS = ("background", "keep_snapshots", "redact", "separate_modules", "dp_contrast")
+_NULLABLE = ("every_n_steps", "max_audits", "probability", "close_timeout_s", "dp_delta")
+
+
+def _kind_error(value: Any, kind: str) -> str | None:
+    """Why `value` is not of `kind` ("whole", "real", "flag", "text"), or None when it is."""
+    if kind == "flag":
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "text":
+        return None if isinstance(value, str) else "a string"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return "a whole number" if kind == "whole" else "a number"
+    if kind == "whole" and not isinstance(value, numbers.Integral):
+        return "a whole number"
+    if not math.isfinite(value):
+        return "a finite number"
+    return None
+
+
+def _check_kind(name: str, value: Any, kind: str) -> None:
+    why = _kind_error(value, kind)
+    if why is not None:
+        quoted = " (without quotes)" if isinstance(value, str) else ""
+        raise GradAuditError(f"{name} must be {why}{quoted}, got {value!r}")
+
+
+def _check_types(config: AuditConfig) -> None:
+    for names, kind in ((_WHOLE, "whole"), (_REAL, "real"), (_FLAGS, "flag")):
+        for name in names:
+            value = getattr(config, name)
+            if not (value is None and name in _NULLABLE):
+                _check_kind(name, value, kind)
+    if not isinstance(config.modules, (list, tuple)):
+        raise GradAuditError(f"modules must be a list of module specs, got {config.modules!r}")
+    for module in config.modules:
+        _check_kind("each of modules", module, "text")
+    for step in config.steps or []:
+        _check_kind("each of steps", step, "whole")
+    _check_kind("device", config.device, "text")
+    _check_kind("output_dir", config.output_dir, "text")
+    if config.attack is not None:
+        _check_kind("attack", config.attack, "text")
+    if not isinstance(config.attack_options, Mapping):
+        raise GradAuditError(
+            f"attack_options must be a mapping of option names to values, got "
+            f"{config.attack_options!r}"
+        )
+
+
+def _check_ranges(config: AuditConfig) -> None:
+    def positive(name: str, value: Any, least: float = 0, strict: bool = True) -> None:
+        if value is not None and (value <= least if strict else value < least):
+            raise GradAuditError(f"{name} must be {'>' if strict else '>='} {least}, got {value}")
+
+    positive("every_n_steps", config.every_n_steps, 1, strict=False)
+    positive("first_step (steps count from 1)", config.first_step, 1, strict=False)
+    positive("max_audits", config.max_audits, 0, strict=False)
+    positive("worker_threads", config.worker_threads, 1, strict=False)
+    for name in ("budget", "attack_timeout_s", "close_timeout_s", "start_timeout_s"):
+        positive(name, getattr(config, name))
+    if config.probability is not None and not 0 <= config.probability <= 1:
+        raise GradAuditError(f"probability must be in [0, 1], got {config.probability}")
+    if config.dp_delta is not None and not 0 < config.dp_delta < 1:
+        raise GradAuditError(f"dp_delta must lie in (0, 1), got {config.dp_delta}")
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have (every attack would fail on it)."""
+    if device == "auto":
+        return
+    try:
+        found = torch.device(device)
+    except RuntimeError:
+        raise GradAuditError(
+            f"device {device!r} is not a torch device: use auto, cpu, cuda or cuda:1"
+        ) from None
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise GradAuditError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            "so every attack would fail: use auto, cpu or an existing cuda:N"
+        )
+    if found.type == "mps" and not torch.backends.mps.is_available():
+        raise GradAuditError(f"device {device!r}: MPS is not available here: use auto or cpu")
+
+
+def _check_attack(attack: str, options: Mapping[str, Any]) -> None:
+    """Unknown attack, unknown option or an option of the wrong kind: fail now, not per audit."""
+    from gradaudit.attacks import get_attack
+
+    fields = {f.name: f for f in dataclasses.fields(get_attack(attack).Options)}
+    for name, value in options.items():
+        default = getattr(fields.get(name), "default", dataclasses.MISSING)
+        kind = {bool: "flag", int: "whole", float: "real", str: "text"}.get(type(default))
+        if kind is not None:
+            _check_kind(f"attack option {name} of attack {attack!r}", value, kind)
+    try:
+        get_attack(attack, **options)
+    except GradAuditError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise GradAuditError(f"attack {attack!r} refuses its options: {error}") from None

@@ -1,16 +1,20 @@
-"""From a captured snapshot to its results: save it, attack each module group, record.
+"""From a captured snapshot to its results: record it pending, save it, attack each group.
 
 In background mode a thread of its own writes snapshots (off the training step) and the
-spawned worker attacks them; otherwise both happen inline, under `preserve_rng`.
+spawned worker attacks them; otherwise both happen inline, under `preserve_rng`. Every
+outcome, failures included, goes to the `ResultStore`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterator
+import shutil
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +22,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.gradients.snapshot import GradientSnapshot
+from gradaudit.io import describe_os_error, private_dir
 from gradaudit.scoring.result import AuditResult
+from gradaudit.training.attacker import BackgroundAttacker
 from gradaudit.training.config import AuditConfig
-from gradaudit.training.worker import BackgroundAttacker, Job, run_job
+from gradaudit.training.results import PENDING, ResultStore
+from gradaudit.training.worker import Job, run_job
 
 
 @contextmanager
@@ -36,11 +43,23 @@ def preserve_rng() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-class Dispatcher:
-    """Saves snapshots and attacks them per module group; every outcome goes to `on_result`.
+def save_snapshot(snapshot: GradientSnapshot, directory: str) -> str | None:
+    """Save `snapshot` in `directory`; on failure remove what was written and say why."""
+    try:
+        private_dir(Path(directory).parent, tighten=True)
+        snapshot.save(directory)
+    except Exception as error:  # noqa: BLE001 - a failed save is recorded, never raised
+        shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(error, OSError):
+            why = describe_os_error(error, directory)
+        else:
+            why = f"{type(error).__name__}: {error} (writing to {directory})"
+        return f"saving the snapshot failed: {why}; the partial snapshot was removed"
+    return None
 
-    `on_result` may be called from the writer thread or the worker's dispatcher thread.
-    """
+
+class Dispatcher:
+    """Saves snapshots and attacks them per module group; outcomes go to `results`."""
 
     def __init__(
         self,
@@ -48,60 +67,86 @@ class Dispatcher:
         tokenizer: PreTrainedTokenizerBase | None,
         config: AuditConfig,
         modules: list[str],
-        on_result: Callable[[AuditResult], None],
+        results: ResultStore,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._config = config
         self._modules = modules
-        self._on_result = on_result
+        self._results = results
         self._attack_model: nn.Module | None = None
         self._writer = None
         self._attacker = None
         if config.background:  # snapshots are written from a thread of its own
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradaudit-writer")
             if config.attack is not None:
-                self._attacker = BackgroundAttacker(model, tokenizer, config, on_result)
+                self._attacker = BackgroundAttacker(model, tokenizer, config, results.add)
 
     def submit(self, snapshot: GradientSnapshot, job: Job) -> None:
-        """Save and attack `snapshot` (its tensors are copies: writing them can wait)."""
-        if self._writer is not None:
-            self._writer.submit(self._save_and_attack, snapshot, job)
-        else:
-            self._save_and_attack(snapshot, job)
+        """Record `job` pending, then save and attack `snapshot` (copies: writing can wait)."""
+        parts = self._parts(job)
+        self._results.add_pending(part.result(self._attack_name, PENDING) for part in parts)
+        if self._writer is None:
+            self._save_and_attack(snapshot, parts)
+            return
+        try:
+            self._writer.submit(self._save_and_attack, snapshot, parts)
+        except RuntimeError:  # shut down (the process exits): left pending, then settled
+            pass
 
-    def close(self) -> None:
-        """Finish writing; wait for pending attacks at most `close_timeout_s`."""
+    def close(self, timeout_s: float | None) -> None:
+        """Finish writing; wait for pending attacks, at most `timeout_s` in all."""
+        start = time.monotonic()
         if self._writer is not None:
             self._writer.shutdown(wait=True)
         if self._attacker is not None:
-            self._attacker.close(self._config.close_timeout_s)
+            left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - start))
+            self._attacker.close(left)
 
-    def _save_and_attack(self, snapshot: GradientSnapshot, job: Job) -> None:
-        """Write the snapshot, then attack each module group (inline or in the worker)."""
-        attack = self._config.attack or "none"
-        try:
-            snapshot.save(job.directory)
-        except Exception as error:  # noqa: BLE001 - a failed save is recorded, never raised
-            self._on_result(job.result(attack, f"saving failed: {type(error).__name__}: {error}"))
+    def abort(self, why: str) -> None:
+        """Stop at once: unsaved snapshots are dropped, the worker killed (audits left pending)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
+        if self._attacker is not None:
+            self._attacker.abort(why)
+
+    @property
+    def _attack_name(self) -> str:
+        return self._config.attack or "none"
+
+    def _parts(self, job: Job) -> list[Job]:
+        """The audits of `job`: one per module group (one in all when not attacking)."""
+        if self._config.attack is None:
+            return [job]
+        groups = [[m] for m in self._modules] if self._config.separate_modules else [self._modules]
+        last = len(groups) - 1
+        return [
+            dataclasses.replace(job, modules=group, release=i == last)
+            for i, group in enumerate(groups)
+        ]
+
+    def _save_and_attack(self, snapshot: GradientSnapshot, parts: list[Job]) -> None:
+        """Write the report (pending entries first), the snapshot, then attack each part."""
+        self._results.write()
+        error = save_snapshot(snapshot, parts[0].directory)
+        if error is not None:
+            for part in parts:
+                self._results.add(part.result(self._attack_name, error))
             return
         if self._config.attack is None:
-            self._on_result(
-                job.result(
-                    attack,
+            self._results.add(
+                parts[0].result(
+                    self._attack_name,
                     "not attacked (capture only, attack is None): attack the snapshot with "
-                    f"`gradaudit attack {job.directory} --model ...`",
+                    f"`gradaudit attack {parts[0].directory} --model ...`",
                 )
             )
             return
-        separate = self._config.separate_modules
-        groups = [[m] for m in self._modules] if separate else [self._modules]
-        for i, group in enumerate(groups):
-            part = dataclasses.replace(job, modules=group, release=i == len(groups) - 1)
+        for part in parts:
             if self._attacker is not None:
                 self._attacker.submit(part)
             else:
-                self._on_result(self._attack_inline(part))
+                self._results.add(self._attack_inline(part))
 
     def _attack_inline(self, job: Job) -> AuditResult:
         with preserve_rng():

@@ -92,6 +92,10 @@ class ReleasedGradients:
             kind=kind, step=step, include_weights=include_weights,
         )  # fmt: skip
 
+    def at_precision(self, snapshot: GradientSnapshot, precision: dict) -> str:
+        """The release is float32: noise is added after any mixed-precision rounding."""
+        return "float32"
+
     def epsilon(self) -> float | None:
         return engine_epsilon(self._engine, self._delta)
 

@@ -45,6 +45,9 @@ class GradientSource(Protocol):
     ) -> GradientSnapshot:
         """CPU copy of this step's `kind` gradient of `modules` (and weights if asked)."""
 
+    def at_precision(self, snapshot: GradientSnapshot, precision: dict[str, torch.dtype]) -> str:
+        """Round `snapshot`'s gradients to the float type each module computed in; its name."""
+
     def epsilon(self) -> float | None:
         """ε spent so far, when known."""
 
@@ -100,11 +103,41 @@ class PlainGradients:
             self.model, batch, modules, kind=kind, step=step, include_weights=include_weights
         )
 
+    def at_precision(self, snapshot: GradientSnapshot, precision: dict[str, torch.dtype]) -> str:
+        return round_to_precision(snapshot, precision)
+
     def epsilon(self) -> float | None:
         return None
 
     def privacy(self) -> dict[str, Any] | None:
         return None
+
+
+def round_to_precision(snapshot: GradientSnapshot, precision: dict[str, torch.dtype]) -> str:
+    """Round each weight gradient to the float type its module computed in, when narrower.
+
+    Under autocast (bf16=True, fp16=True) a linear module computes in bfloat16 or float16
+    while its parameter and `.grad` stay float32: the gradient carries that rounding, and the
+    copy is rounded to it so that its rank is read at the precision it has (the training
+    gradient is untouched). `snapshot.meta["precision"]` records each module's type; the
+    coarsest is returned.
+    """
+    used = {}
+    for module in snapshot.modules:
+        name = f"{module}.weight"
+        grad = snapshot.gradients.get(name)
+        if grad is None:
+            continue
+        computed = precision.get(module, grad.dtype)
+        if torch.finfo(computed).eps > torch.finfo(grad.dtype).eps:
+            snapshot.gradients[name] = grad.to(computed).to(grad.dtype)
+        else:
+            computed = grad.dtype
+        used[module] = str(computed).removeprefix("torch.")
+    snapshot.meta = {**snapshot.meta, "precision": used}
+    if not used:
+        return "float32"
+    return max(used.values(), key=lambda t: torch.finfo(getattr(torch, t)).eps)
 
 
 def dp_optimizer_of(optimizer: Any) -> Any:

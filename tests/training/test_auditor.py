@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from gradaudit import AuditConfig, Auditor, GradAuditError, GradientSnapshot
+from gradaudit.attacks.gradmatch import GradMatchAttack
+from gradaudit.attacks.registry import register_attack
 from gradaudit.model.batch import concat_batches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,14 +142,24 @@ def test_inline_attacks_score_sampled_steps_and_free_snapshots(tokenizer, tmp_pa
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o600
 
 
+class RaisingAttack(GradMatchAttack):
+    """An attack that fails at every snapshot (a CUDA device that is missing is refused when
+    the config is built, so it cannot make attacks fail any more)."""
+
+    name = "raising"
+
+    def _reconstruct(self, *args, **kwargs):
+        raise RuntimeError("the attack broke")
+
+
 def test_failing_attack_is_recorded_and_training_goes_on(tokenizer, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA to make the cuda device fail")
+    register_attack("raising", RaisingAttack)
     model = make_tiny_model(tokenizer.vocab_size).train()
-    train(model, tokenizer, tiny_config(tmp_path, every_n_steps=2, device="cuda"), steps=4)
+    train(model, tokenizer, tiny_config(tmp_path, every_n_steps=2, attack="raising"), steps=4)
     audits = read_audits(tmp_path)
     assert [a["step"] for a in audits] == [1, 3]
-    assert all("CUDA is not available" in a["error"] and a["rouge1"] is None for a in audits)
+    assert all("RuntimeError: the attack broke" in a["error"] for a in audits)
+    assert all(a["rouge1"] is None for a in audits)
     assert all(Path(a["info"]["snapshot"]).is_dir() for a in audits)  # kept to retry
 
 
@@ -195,8 +207,9 @@ def test_bad_input_fails_before_training(tokenizer, tmp_path):
         warnings.simplefilter("error")
         auditor = Auditor(model, tiny_config(tmp_path), tokenizer=tokenizer, optimizer=optimizer)
     batch = tokenizer(["the movie"], return_tensors="pt")
-    with pytest.raises(GradAuditError, match="batch lacks labels"):
-        model(**batch)
+    # The auditor never breaks a training forward: it says once why it cannot audit it.
+    with pytest.warns(RuntimeWarning, match="batch lacks labels.*training goes on"):
+        assert model(**batch).logits.shape == (1, 2)
     auditor.close()
 
 
