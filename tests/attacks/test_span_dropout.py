@@ -118,3 +118,19 @@ def test_train_mode_batch_of_four_on_minilm(minilm, sst2_path, one_torch_thread)
     assert sorted(result.token_ids) == sorted(truth)
     assert result.info["inputs_found"] == result.info["inputs_expected"] == 74
     assert result.info["membership_score"] < 1e-6
+
+
+def test_a_saturated_batch_is_stated_not_scored_as_safe(tmp_path):
+    tokenizer = make_tiny_tokenizer(tmp_path, WORDS)
+    narrow = make_tiny_model(len(tokenizer.get_vocab()), hidden=32)
+    texts = [t + " and the music" for t in BATCH]  # 40 tokens with dropout: 40 inputs > 32
+    truth, result = run(narrow, tokenizer, texts)
+    statement = result.info["saturation"]
+    assert result.info["mode"] == "none" and result.info["why"].startswith("saturated")
+    assert statement["inputs"] == sum(map(len, truth)) > statement["width"] == 32
+    assert statement["not_identified"] == ["words", "their positions", "their sentences"]
+    assert statement["identified"]["sentence_lengths"] == [len(t) for t in truth]
+    assert "not evidence that the batch is safe" in statement["statement"]
+    # Its claim: one sentence at a time is recovered exactly from the same module.
+    one, alone = run(narrow, tokenizer, texts[:1])
+    assert alone.token_ids == one and "saturation" not in alone.info

@@ -19,13 +19,14 @@ from gradaudit.attacks.base import Attack, Reconstruction, content_mask, decode
 from gradaudit.attacks.registry import get_attack
 from gradaudit.attacks.span.deep.solve import solve_deep
 from gradaudit.attacks.span.exact.dropout import embedding_dropout
+from gradaudit.attacks.span.exact.saturation import saturation_statement
 from gradaudit.attacks.span.exact.screening import exact_applicable
 from gradaudit.attacks.span.exact.solve import solve_exact
 from gradaudit.attacks.span.exact.train import solve_train
 from gradaudit.attacks.span.options import SpanOptions
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum, label, spectrum
-from gradaudit.model.families import layout
+from gradaudit.model.families import ModelLayout, layout
 
 
 def module_spectra(
@@ -61,6 +62,21 @@ def dropout_on(model: nn.Module, snapshot: GradientSnapshot, rate: float) -> boo
     else as the model's mode says now (a training loop's own gradient, e.g. the Auditor's)."""
     train = snapshot.meta.get("train_mode")
     return rate > 0 and bool(model.training if train is None else train)
+
+
+def saturation(
+    model: nn.Module,
+    snapshot: GradientSnapshot,
+    lay: ModelLayout,
+    spectra: dict[str, Spectrum],
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    """`{"saturation": statement}` when a layer-0 query/key/value gradient is saturated."""
+    saturated = [m for m, lab in labels.items() if lab == "saturated" and exact_applicable(lay, m)]
+    if not saturated:
+        return {}
+    train = dropout_on(model, snapshot, embedding_dropout(lay)[0])
+    return {"saturation": saturation_statement(spectra[saturated[0]], snapshot.batch, train)}
 
 
 class SpanAttack(Attack):
@@ -101,7 +117,7 @@ class SpanAttack(Attack):
                 )
                 result.info.update(info, mode="gradmatch", why=why)
                 return result
-            info.update(mode="none", why=why)
+            info.update(mode="none", why=why, **saturation(model, snapshot, lay, spectra, labels))
             return self._result(tokenizer, snapshot, ids, info)
         exact = [m for m in usable if labels[m] == "exact"]
         if exact:
