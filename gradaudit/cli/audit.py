@@ -60,6 +60,7 @@ def _threshold(text: str) -> tuple[str, float]:
 def run(args: argparse.Namespace) -> int:
     from gradaudit.attacks import get_attack
     from gradaudit.experiments.data import load_examples
+    from gradaudit.model.batch import labels_for
     from gradaudit.model.loading import load_model
     from gradaudit.model.selection import select_modules
     from gradaudit.report import build_report, write_report
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             tokenizer,
             texts,
-            labels,
+            labels_for(model, labels),  # a causal LM's text is its own label
             modules,
             args.attack,
             seed=args.seed + i,

@@ -197,3 +197,20 @@ def test_attack_over_a_folder_attacks_the_good_snapshots_and_names_the_damaged_o
     audits = json.loads((out / "report.json").read_text())["audits"]
     assert "damaged or incomplete" in audits[0]["error"]
     assert audits[1]["error"] is None and audits[1]["reconstructions"] == ["a charming film"]
+
+
+def test_audit_of_a_causal_lm_uses_each_text_as_its_own_label(data_file, tmp_path):
+    from _decoders import decoder_tokenizer, tiny_llama
+
+    folder = tmp_path / "llama"
+    tiny_llama().save_pretrained(folder)
+    decoder_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    code = main([
+        "audit", "--model", str(folder), "--data", str(data_file), "--modules", "query@1",
+        "--attack", "gradmatch", "--budget", "0.01", "--limit", "1", "--out", str(out),
+        "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    audit = json.loads((out / "report.json").read_text())["audits"][0]
+    assert audit["error"] is None and audit["references"][0].startswith("the movie was good")
