@@ -99,7 +99,8 @@ class BackgroundAttacker:
         """Stop now: kill the worker; jobs not finished are left unrecorded (pending)."""
         self._aborted = why
         self._jobs.put(None)
-        self._thread.join(timeout=_STOP_S)
+        if threading.current_thread() is not self._thread:  # (a finalizer may run anywhere)
+            self._thread.join(timeout=_STOP_S)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -35,7 +35,7 @@ from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
 from gradaudit.training.dispatch import Dispatcher
 from gradaudit.training.recorder import BatchRecorder, Gather
-from gradaudit.training.results import ResultStore, check_writable, deliver
+from gradaudit.training.results import ResultStore, check_writable, deliver, is_pending
 from gradaudit.training.sources import GradientSource, gradient_source
 from gradaudit.training.worker import WORKER_NAME, Job, snapshot_dir
 
@@ -237,8 +237,8 @@ class Auditor:
 
     @property
     def results(self) -> list[AuditResult]:
-        """Finished audits, by step."""
-        return self._results.all()
+        """Finished audits, by step (pending ones left out)."""
+        return [r for r in self._results.all() if not is_pending(r.error)]
 
     def new_results(self) -> list[AuditResult]:
         """Audits finished since the last call (for logging them once)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from gradaudit.training.attacker import BackgroundAttacker
 from gradaudit.training.config import AuditConfig
 from gradaudit.training.results import PENDING, ResultStore
 from gradaudit.training.worker import Job, run_job
+
+_WRITER = "gradaudit-writer"
 
 
 @contextmanager
@@ -78,7 +81,7 @@ class Dispatcher:
         self._writer = None
         self._attacker = None
         if config.background:  # snapshots are written from a thread of its own
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradaudit-writer")
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WRITER)
             if config.attack is not None:
                 self._attacker = BackgroundAttacker(model, tokenizer, config, results.add)
 
@@ -105,8 +108,9 @@ class Dispatcher:
 
     def abort(self, why: str) -> None:
         """Stop at once: unsaved snapshots are dropped, the worker killed (audits left pending)."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True, cancel_futures=True)
+        if self._writer is not None:  # a finalizer may run on the writer thread itself
+            writing = threading.current_thread().name.startswith(_WRITER)
+            self._writer.shutdown(wait=not writing, cancel_futures=True)
         if self._attacker is not None:
             self._attacker.abort(why)
 
