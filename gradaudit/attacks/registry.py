@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str | type[Attack]] = {
     "gradmatch": "gradaudit.attacks.gradmatch:GradMatchAttack",
     "span": "gradaudit.attacks.span.attack:SpanAttack",
     "auto": "gradaudit.attacks.auto:AutoAttack",
+    "causal": "gradaudit.attacks.causal.attack:CausalSpanAttack",
 }
 
 

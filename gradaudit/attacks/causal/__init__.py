@@ -1,0 +1,1 @@
+"""The causal span attack for decoders: grow each sentence inside a gradient's row space."""

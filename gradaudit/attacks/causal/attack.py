@@ -1,0 +1,183 @@
+"""The `causal` attack: exact recovery of a decoder's batch from one linear module's gradient.
+
+In a decoder the input of a per-token module at position t depends on tokens <= t only, so the
+sentences are grown position by position (`grow`): the next token of a prefix is one whose
+module input, computed after the prefix's key/value cache, lies in the gradient's row space.
+The last token of a causal LM has no row in any module's gradient (it predicts nothing); it is
+the label of the position before it, so the gradient match recovers it (`last`).
+
+Threat model. The adversary knows the model's weights, the tokenizer, and each sentence's
+length (the attention mask); it does not know the text. For a causal LM the labels ARE the
+text (the input ids, shifted by one), so this attack never reads the snapshot's `input_ids` or
+`labels`: only `attention_mask`. The loss it models is the standard shifted next-token loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, decode
+from gradaudit.attacks.causal.grow import Grower
+from gradaudit.attacks.causal.last import LastTokens
+from gradaudit.attacks.causal.options import CausalOptions
+from gradaudit.attacks.causal.prefix import PrefixRunner
+from gradaudit.attacks.causal.screen import Screen, complement_sketch
+from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all
+from gradaudit.errors import GradAuditError
+from gradaudit.gradients.snapshot import GradientSnapshot
+from gradaudit.gradients.spectrum import Spectrum, spectrum
+from gradaudit.model.adapter import ModelLayout
+from gradaudit.model.families import is_causal_lm, layout
+
+THREAT_MODEL = (
+    "weights, tokenizer and sentence lengths known; the text (input ids, and a causal LM's "
+    "labels, which are the text) never read"
+)
+
+
+def lengths_of(snapshot: GradientSnapshot) -> list[int]:
+    """Each sentence's length from the attention mask; left padding is refused."""
+    mask = snapshot.batch["attention_mask"]
+    lengths = [int(n) for n in mask.sum(1)]
+    for b, n in enumerate(lengths):
+        if not bool(mask[b, :n].all()):
+            raise GradAuditError(
+                f"sentence {b} is not right-padded: the causal attack grows each sentence from "
+                "column 0, so capture the batch with right padding (make_batch does)"
+            )
+    return lengths
+
+
+def pick_module(lay: ModelLayout, snapshot: GradientSnapshot, min_gap: float, device):
+    """The observed module to attack: the shallowest with a usable span, and every spectrum."""
+    noisy = snapshot.kind == "noised"
+    spectra: dict[str, Spectrum] = {}
+    for m in snapshot.modules:
+        grad = snapshot.weight_gradient(m).to(device)
+        spectra[m] = spectrum(grad, noisy=noisy, min_gap=min_gap, name=m)
+    usable = [m for m, s in spectra.items() if s.status == "ok" and lay.locate(m) is not None]
+    if not usable:
+        labels = ", ".join(f"{m}: {s.status}, rank {s.rank}/{s.width}" for m, s in spectra.items())
+        raise GradAuditError(
+            f"no observed module has a usable span for the causal attack ({labels}): it needs "
+            "a per-token linear module of a layer whose gradient rank is below its input width"
+        )
+    return min(usable, key=lambda m: lay.locate(m)[1]), spectra
+
+
+def first_seen(lay: ModelLayout, module: str) -> int:
+    """The first position the module's gradient has a row for: a query's first token attends
+    to itself alone (softmax of one score), so its query gets no gradient."""
+    component, _ = lay.locate(module)
+    return 1 if component == "query" else 0
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Special tokens the tokenizer puts before every text (e.g. BOS): known, not guessed."""
+    ids = tokenizer("a")["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for i in ids:
+        if i not in special:
+            break
+        out.append(int(i))
+    return out
+
+
+class CausalSpanAttack(Attack):
+    """Grow a decoder's sentences token by token inside one module's gradient row space."""
+
+    name = "causal"
+    Options = CausalOptions
+
+    def _reconstruct(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        budget: float,
+    ) -> Reconstruction:
+        opts = self.options
+        lay = layout(model)
+        if not lay.family.decoder:
+            raise GradAuditError(
+                f"the causal attack needs a decoder (causal attention), and {type(model).__name__}"
+                f" is a {lay.family.name} encoder: use the span or auto attack"
+            )
+        lengths = lengths_of(snapshot)
+        module, spectra = pick_module(lay, snapshot, opts.min_gap, device)
+        spec = spectra[module]
+        basis = spec.basis.to(device)
+        generator = torch.Generator().manual_seed(seed)
+        embeddings = lay.word_embeddings.weight.detach()
+        screen = Screen(
+            PrefixRunner(model, module, lay.num_layers),
+            basis,
+            complement_sketch(basis, max(1, round(opts.sketch * budget)), generator),
+            candidate_token_ids(tokenizer).to(device),
+            embeddings,
+            opts.forward_batch,
+        )
+        grower = Grower(screen, opts)
+        plan = GrowthPlan(
+            spec.width,
+            first_seen=first_seen(lay, module),
+            unseen_tail=1 if is_causal_lm(model) else 0,
+            fixed=dict(enumerate(special_prefix(tokenizer))),
+        )
+        done = grow_all(grower, lengths, plan)
+        picked = choose(done, basis)
+        prefixes = {b: done[b].tokens[picked[b]] for b in done}
+        info: dict[str, Any] = {
+            "module": module,
+            "spectra": {m: s.summary() for m, s in spectra.items()},
+            "threat_model": THREAT_MODEL,
+            "unsure": sorted(set(done[0].unsure)) if done else [],
+            "blind": plan.blind,
+        }
+        token_ids = self._finish(model, module, snapshot, lengths, prefixes, info)
+        return Reconstruction(
+            token_ids=token_ids,
+            texts=decode(tokenizer, token_ids),
+            attack=self.name,
+            options=self.options_dict(),
+            info=info,
+        )
+
+    def _finish(
+        self,
+        model: nn.Module,
+        module: str,
+        snapshot: GradientSnapshot,
+        lengths: list[int],
+        prefixes: dict[int, torch.Tensor],
+        info: dict[str, Any],
+    ) -> list[list[int]]:
+        """Every sentence's tokens: its prefix and its last token (see `last`)."""
+        causal = is_causal_lm(model)
+        with_prefix = {b: p for b, p in prefixes.items() if p.numel() > 0}
+        last: dict[int, int] = {}
+        if causal and with_prefix and self.options.last != "none":
+            solver = LastTokens(model, module, snapshot.weight_gradient(module))
+            if self.options.last == "gradient":
+                last, residual = solver.solve(with_prefix, self.options)
+                info["gradient_residual"] = residual
+            else:
+                _, logits, _ = solver.known_part([with_prefix[b] for b in sorted(with_prefix)])
+                last = dict(zip(sorted(with_prefix), logits.argmax(-1).tolist()))
+        unidentified = [(b, n - 1) for b, n in enumerate(lengths) if causal and b not in last]
+        info["last_token"] = self.options.last if causal else "seen (not a causal LM)"
+        info["unidentified"] = sorted(set(unidentified) | {tuple(p) for p in info["blind"]})
+        token_ids = []
+        for b, n in enumerate(lengths):
+            ids = prefixes[b].tolist() if b in prefixes else []
+            ids = ids + ([last[b]] if b in last else [])
+            token_ids.append((ids + [0] * n)[:n])
+        return token_ids

@@ -1,0 +1,127 @@
+"""Grow every sentence of the batch position by position: a beam of prefixes per sentence.
+
+At a position the gradient sees (one with a loss path), a prefix survives with each next
+token whose module input lies in the row space: the screen ranks the vocabulary, the best are
+checked exactly, and a prefix with no fit is screened again around its best token (`rounds`).
+A fit is a residual below `tol` and within `ratio` of that prefix's best; each sentence keeps
+its `beam` prefixes of lowest worst residual. A sentence whose prefixes all fail keeps its best
+token there, recorded in `unsure`. All sentences grow together, so a token another sentence
+holds at the same slot fits too (duplicates): the beam carries both until they part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gradaudit.attacks.causal.options import CausalOptions
+from gradaudit.attacks.causal.prefix import KV, select
+from gradaudit.attacks.causal.screen import Screen
+
+
+@dataclass
+class Beam:
+    """Prefix rows: tokens (N, t), sentence (N,), worst residual (N,), module inputs
+    (N, t, width) and their cache."""
+
+    tokens: torch.Tensor
+    sentence: torch.Tensor
+    score: torch.Tensor
+    inputs: torch.Tensor
+    kv: KV
+    unsure: list[tuple[int, int]] = field(default_factory=list)
+
+    def take(self, rows: torch.Tensor) -> Beam:
+        return Beam(
+            self.tokens[rows],
+            self.sentence[rows],
+            self.score[rows],
+            self.inputs[rows],
+            select(self.kv, rows),
+            self.unsure,
+        )
+
+
+@dataclass
+class Fits:
+    """Per candidate of one position: prefix row, vocabulary index and residual."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+    residual: torch.Tensor
+
+
+class Grower:
+    """One position's step for all live prefixes (see the module docstring)."""
+
+    def __init__(self, screen: Screen, options: CausalOptions) -> None:
+        self.screen = screen
+        self.options = options
+        self.centre = screen.embeddings.mean(0)
+
+    def fits(self, beam: Beam, position: int) -> tuple[Fits, torch.Tensor, torch.Tensor]:
+        """Candidates that fit, and per row its best residual and token (vocabulary index)."""
+        opts, screen = self.options, self.screen
+        n, size = int(beam.tokens.shape[0]), int(screen.vocab.shape[0])
+        device = beam.score.device
+        checked = torch.zeros(n, size, dtype=torch.bool, device=device)
+        best = torch.full((n,), float("inf"), dtype=torch.float64, device=device)
+        best_index = torch.zeros(n, dtype=torch.long, device=device)
+        centres = self.centre.expand(n, -1).clone()
+        pending = torch.arange(n, device=device)
+        found: list[Fits] = []
+        count = min(opts.screen, size)
+        for _ in range(opts.rounds):
+            top = screen.rank(beam.kv, pending, position, centres[pending], checked[pending], count)
+            rows = pending.repeat_interleave(top.shape[1])
+            res = screen.residuals(beam.kv, rows, position, screen.vocab[top.flatten()])
+            res = res.reshape(top.shape)
+            checked[pending.unsqueeze(1), top] = True
+            low, arg = res.min(1)
+            better = low < best[pending]
+            best[pending] = torch.where(better, low, best[pending])
+            best_index[pending] = torch.where(
+                better, top.gather(1, arg[:, None])[:, 0], best_index[pending]
+            )
+            ok = (res <= opts.tol) & (res <= best[pending].unsqueeze(1) * opts.ratio)
+            r, c = ok.nonzero(as_tuple=True)
+            found.append(Fits(pending[r], top[r, c], res[r, c]))
+            pending = pending[~ok.any(1)]
+            if pending.numel() == 0 or count >= size:
+                break
+            centres[pending] = screen.embeddings[best_index[pending]]
+        merged = Fits(
+            *(torch.cat([getattr(f, k) for f in found]) for k in ("rows", "index", "residual"))
+        )
+        return merged, best, best_index
+
+    def step(self, beam: Beam, position: int) -> Beam:
+        """The beam one position longer (every row's sentence sees `position`)."""
+        fits, best, best_index = self.fits(beam, position)
+        keep_rows, keep_index, keep_score = [], [], []
+        for b in beam.sentence.unique().tolist():
+            mine = beam.sentence[fits.rows] == b
+            rows, index = fits.rows[mine], fits.index[mine]
+            score = torch.maximum(beam.score[rows], fits.residual[mine])
+            if rows.numel() == 0:  # nothing fits: its best token, recorded as unsure
+                own = (beam.sentence == b).nonzero()[:, 0]
+                row = own[best[own].argmin()]
+                rows, index = row[None], best_index[row][None]
+                score = torch.maximum(beam.score[rows], best[rows])
+                beam.unsure.append((b, position))
+            order = score.argsort()[: self.options.beam]
+            keep_rows.append(rows[order])
+            keep_index.append(index[order])
+            keep_score.append(score[order])
+        rows, index = torch.cat(keep_rows), torch.cat(keep_index)
+        ids = self.screen.vocab[index]
+        x, kv = self.screen.extend(beam.kv, rows, position, ids)
+        return Beam(
+            torch.cat([beam.tokens[rows], ids[:, None]], 1),
+            beam.sentence[rows],
+            torch.cat(keep_score),
+            torch.cat([beam.inputs[rows], x[:, None].to(beam.inputs.dtype)], 1),
+            kv,
+            beam.unsure,
+        )

@@ -1,0 +1,129 @@
+"""The whole batch: grow every sentence to its last visible position, then pick one prefix per
+sentence so that together their inputs span the row space (`choose`)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from gradaudit.attacks.causal.grow import Beam, Grower
+
+MAX_COMBINATIONS = 256  # beyond this many choices, `choose` improves one sentence at a time
+
+
+@dataclass
+class GrowthPlan:
+    """What the gradient sees: rows from `first_seen` on, none for the last `unseen_tail`
+    positions of a sentence (a causal LM's last token); `fixed` tokens the tokenizer puts at
+    known positions; a blind position is branched on when the vocabulary has at most
+    `branch_limit` tokens, else listed in `blind`."""
+
+    width: int
+    first_seen: int = 0
+    unseen_tail: int = 1
+    fixed: dict[int, int] = field(default_factory=dict)
+    branch_limit: int = 256
+    blind: list[tuple[int, int]] = field(default_factory=list)
+
+
+def concat_beams(beams: list[Beam]) -> Beam:
+    """Rows of several beams of the same length, stacked."""
+    from gradaudit.attacks.causal.prefix import concat
+
+    first = beams[0]
+    if len(beams) == 1:
+        return first
+    cat = [torch.cat([getattr(b, k) for b in beams]) for k in ("tokens", "sentence", "score")]
+    inputs = torch.cat([b.inputs for b in beams])
+    return Beam(*cat, inputs, concat([b.kv for b in beams]), first.unsure)
+
+
+def branch(grower: Grower, beam: Beam, position: int, ids: torch.Tensor, seen: bool) -> Beam:
+    """Every row with every token of `ids` at `position`, unchecked: a known token (`seen`:
+    its input is one of the gradient's rows) or one the gradient does not see."""
+    n = int(beam.tokens.shape[0])
+    rows = torch.arange(n, device=ids.device).repeat_interleave(len(ids))
+    ids = ids.repeat(n)
+    x, kv = grower.screen.extend(beam.kv, rows, position, ids)
+    x = (x if seen else torch.zeros_like(x))[:, None].to(beam.inputs.dtype)
+    return Beam(
+        torch.cat([beam.tokens[rows], ids[:, None]], 1),
+        beam.sentence[rows],
+        beam.score[rows],
+        torch.cat([beam.inputs[rows], x], 1),
+        kv,
+        beam.unsure,
+    )
+
+
+def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, Beam]:
+    """Per sentence, its prefixes up to its last position the gradient sees (`plan`)."""
+    device = grower.centre.device
+    b = len(lengths)
+    beam = Beam(
+        torch.zeros(b, 0, dtype=torch.long, device=device),
+        torch.arange(b, device=device),
+        torch.zeros(b, dtype=torch.float64, device=device),
+        torch.zeros(b, 0, plan.width, dtype=grower.centre.dtype, device=device),
+        grower.screen.runner.empty(),
+    )
+    done: dict[int, Beam] = {}
+    for position in range(max(lengths)):
+        ends = torch.tensor(lengths, device=device)[beam.sentence] - plan.unseen_tail
+        for s in set(beam.sentence[ends == position].tolist()):
+            done[s] = beam.take((beam.sentence == s).nonzero()[:, 0])
+        live = ends > position
+        if not live.any():
+            break
+        beam = beam.take(live.nonzero()[:, 0])
+        vocab = grower.screen.vocab
+        if position in plan.fixed:
+            ids = torch.tensor([plan.fixed[position]], device=device)
+            beam = branch(grower, beam, position, ids, position >= plan.first_seen)
+        elif position >= plan.first_seen:
+            beam = grower.step(beam, position)
+        elif len(vocab) <= plan.branch_limit:
+            beam = branch(grower, beam, position, vocab, False)
+        else:  # too many to branch on: a stand-in token, reported as not identified
+            plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
+            beam = branch(grower, beam, position, vocab[:1], False)
+    return done
+
+
+def uncovered(basis: torch.Tensor, inputs: list[torch.Tensor]) -> float:
+    """1 - |V Q|^2 / r: how much of the row space the chosen prefixes' inputs leave out."""
+    x = torch.cat(inputs).to(basis.dtype)
+    x = x[x.norm(dim=-1) > 0]
+    if x.shape[0] == 0 or basis.shape[0] == 0:
+        return 1.0
+    q = torch.linalg.svd(x, full_matrices=False)[2]
+    s = torch.linalg.svdvals(x)
+    q = q[s > s[0] * 1e-6]
+    return float(1 - (basis @ q.T).square().sum() / basis.shape[0])
+
+
+def choose(done: dict[int, Beam], basis: torch.Tensor) -> dict[int, int]:
+    """Per sentence, the row of its beam whose inputs, with the others' chosen ones, cover the
+    row space best (ties: the lower worst residual). A sentence repeated in the batch, or one
+    that is a prefix of a longer one, is told apart this way."""
+    sentences = sorted(done)
+    options = [list(range(done[s].tokens.shape[0])) for s in sentences]
+
+    def cost(pick: tuple[int, ...]) -> tuple[float, float]:
+        parts = [done[s].inputs[r] for s, r in zip(sentences, pick)]
+        worst = max(float(done[s].score[r]) for s, r in zip(sentences, pick))
+        return round(uncovered(basis, parts), 6), worst
+
+    total = 1
+    for o in options:
+        total *= len(o)
+    if total <= MAX_COMBINATIONS:
+        best = min(itertools.product(*options), key=cost)
+    else:
+        best = tuple(0 for _ in sentences)
+        for _ in range(2):
+            for i, o in enumerate(options):
+                best = min((best[:i] + (r,) + best[i + 1 :] for r in o), key=cost)
+    return dict(zip(sentences, best))
