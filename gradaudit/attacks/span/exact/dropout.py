@@ -22,7 +22,7 @@ from gradaudit.attacks.span.exact.masks import (
 from gradaudit.attacks.span.exact.screening import layer0_inputs
 from gradaudit.model.families import ModelLayout
 
-REPEAT_DRAWS = 8  # random-cost fits per mask sought of a token several sentences hold
+REPEAT_DRAWS = 32  # random-cost fits per mask sought of a token several sentences hold
 PLAUSIBLE = 0.02  # ranking residual below which a candidate gets the exact (MILP) check
 
 
@@ -144,7 +144,7 @@ def other_masks(
         if fit.residual[k] < MASK_EXACT and not any(bool((fit.kept[k] == m).all()) for m in masks):
             masks.append(fit.kept[k])
     while len(masks) <= wanted:
-        more = exact_masks(row[None], orthogonal, most, tuple(masks), time_limit=5.0)
+        more = exact_masks(row[None], orthogonal, most, tuple(masks), time_limit=20.0)
         if more is None:
             break
         masks.append(more[0])

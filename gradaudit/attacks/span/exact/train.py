@@ -178,9 +178,33 @@ def solve_train(
     signals = torch.linalg.lstsq(rows.T, target.T, driver="gelsd").solution
     fit = float((target - signals.T @ rows).norm() / target.norm())
     details["explained_residual"] = fit
-    ids, assignment = place_rows(model, module, batch, target, slots, found, rows, signals, ids)
+    ids, assignment = place_rows(
+        model, module, batch, target, slots, found, rows, signals, ids, content
+    )
     details.update(assignment)
     return ids.cpu(), details
+
+
+def token_groups(
+    slots: list[Slot], found: FoundRows, ids: torch.Tensor, content: torch.Tensor
+) -> tuple[list[Slot], list[torch.Tensor]]:
+    """The slots split by what their sentences hold: each known special token's sentences get
+    that token's found rows, the sentences with text there the other rows (so the annealing
+    never moves a [SEP] into text). Per group: its sentences and its pool of row indices."""
+    groups, pools = [], []
+    for j, slot in enumerate(slots):
+        here = [i for i, s in enumerate(found.slots) if s == j]
+        holders: dict[int, list[int]] = {}
+        for b in slot.sentences:
+            holders.setdefault(-1 if content[b, slot.column] else int(ids[b, slot.column]), [])
+            holders[-1 if content[b, slot.column] else int(ids[b, slot.column])].append(b)
+        for token, sentences in holders.items():
+            pool = [i for i in here if (found.tokens[i] == token) == (token >= 0)]
+            if token < 0:
+                pool = [i for i in pool if found.tokens[i] not in holders]
+            groups.append(Slot(slot.column, slot.position, slot.segment, tuple(sentences)))
+            pools.append(torch.tensor(pool or [-1], dtype=torch.long))
+    return groups, pools
 
 
 def place_rows(
@@ -193,15 +217,12 @@ def place_rows(
     rows: torch.Tensor,
     signals: torch.Tensor,
     ids: torch.Tensor,
+    content: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Each found input given to a sentence holding its slot: by the membership annealing
     for query and key modules (scored on the found inputs and their signals), else in the
     order found. Returns the token ids and how the assignment was decided."""
-    pools = [
-        torch.tensor([i for i, s in enumerate(found.slots) if s == j], dtype=torch.long)
-        for j in range(len(slots))
-    ]
-    pools = [p if len(p) else torch.tensor([-1]) for p in pools]
+    slots, pools = token_groups(slots, found, ids.cpu(), content.cpu())
     index = torch.full_like(batch["input_ids"], -1).cpu()
     for slot, pool in zip(slots, pools):
         for i, b in enumerate(slot.sentences):
@@ -235,17 +256,24 @@ def place_rows(
 def polish(
     membership: RowMembership, index: torch.Tensor, slots: list[Slot], best: float
 ) -> tuple[torch.Tensor, float]:
-    """Swap two sentences' rows at one slot while that lowers the membership score (the
-    annealing can end one swap away from the truth)."""
+    """Swap two sentences' rows at one slot, or at every slot they share from one on (the
+    annealing can leave two sentences' beginnings exchanged), while that lowers the membership
+    score."""
     improved = True
     while improved and best > 1e-6:
         improved = False
         for slot in slots:
             for x, b in enumerate(slot.sentences):
                 for c in slot.sentences[x + 1 :]:
-                    trial = index.clone()
-                    trial[[b, c], slot.column] = index[[c, b], slot.column]
-                    own, _, shared = membership.score(membership.signals(trial))
-                    if sum(own) + shared < best:
-                        index, best, improved = trial, sum(own) + shared, True
+                    for columns in ([slot.column], tail(slots, slot.column, b, c)):
+                        trial = index.clone()
+                        trial[b, columns], trial[c, columns] = index[c, columns], index[b, columns]
+                        own, _, shared = membership.score(membership.signals(trial))
+                        if sum(own) + shared < best:
+                            index, best, improved = trial, sum(own) + shared, True
     return index, best
+
+
+def tail(slots: list[Slot], start: int, b: int, c: int) -> list[int]:
+    """Columns from `start` on where sentences `b` and `c` are in one group (both text)."""
+    return sorted({s.column for s in slots if s.column >= start and {b, c} <= set(s.sentences)})
