@@ -75,6 +75,8 @@ def _abandon(recorder: BatchRecorder, dispatch: Dispatcher | None, results: Resu
     if dispatch is not None:
         dispatch.abort(ABANDONED)
         results.settle(ABANDONED)
+        if results.write_error is not None:  # one more try: the disk may have room again
+            results.write()
 
 
 def _refuse_in_worker() -> None:

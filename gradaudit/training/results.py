@@ -147,15 +147,17 @@ class ResultStore:
                 self._results[result_key(result)] = result
 
     def settle(self, why: str) -> None:
-        """Record every audit still pending as not attacked (`why`), and rewrite the report."""
+        """Record every audit still pending as not attacked (`why`); rewrite the report if any."""
         with self._lock:
-            for key, result in self._results.items():
-                if is_pending(result.error):
-                    snapshot = result.info.get("snapshot")
-                    error = settle_error(why, snapshot, self._config.keep_snapshots)
-                    self._results[key] = dataclasses.replace(result, error=error)
-                    self._unseen.append(self._results[key])
-            self._write()
+            pending = [k for k, r in self._results.items() if is_pending(r.error)]
+            for key in pending:
+                result = self._results[key]
+                snapshot = result.info.get("snapshot")
+                error = settle_error(why, snapshot, self._config.keep_snapshots)
+                self._results[key] = dataclasses.replace(result, error=error)
+                self._unseen.append(self._results[key])
+            if pending:
+                self._write()
 
     def reload(self, steps: Iterable[int], lost: Callable[[int, str], AuditResult]) -> None:
         """Read back the audits of `steps` from an earlier run's report.
