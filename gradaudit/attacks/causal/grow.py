@@ -60,8 +60,23 @@ class Grower:
         self.options = options
         self.centre = screen.embeddings.mean(0)
 
+    def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
+        """`fits` at position 0: every row is the empty prefix, so the whole vocabulary is
+        checked exactly once (the first token's input is far from linear in its embedding)."""
+        screen, opts = self.screen, self.options
+        n, size = int(beam.tokens.shape[0]), int(screen.vocab.shape[0])
+        one = torch.zeros(size, dtype=torch.long, device=beam.score.device)
+        res = screen.residuals(beam.kv, one, 0, screen.vocab)
+        best, arg = res.min(0)
+        index = ((res <= opts.tol) & (res <= best * opts.ratio)).nonzero()[:, 0]
+        rows = torch.arange(n, device=one.device)
+        fits = Fits(rows.repeat_interleave(len(index)), index.repeat(n), res[index].repeat(n))
+        return fits, best.expand(n), arg.expand(n)
+
     def fits(self, beam: Beam, position: int) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """Candidates that fit, and per row its best residual and token (vocabulary index)."""
+        if position == 0:
+            return self.first(beam)
         opts, screen = self.options, self.screen
         n, size = int(beam.tokens.shape[0]), int(screen.vocab.shape[0])
         device = beam.score.device
@@ -72,8 +87,12 @@ class Grower:
         pending = torch.arange(n, device=device)
         found: list[Fits] = []
         count = min(opts.screen, size)
+        always = min(opts.frequent, size)
         for _ in range(opts.rounds):
-            top = screen.rank(beam.kv, pending, position, centres[pending], checked[pending], count)
+            top = screen.rank(
+                beam.kv, pending, position, centres[pending], checked[pending], count, always
+            )
+            always = 0
             rows = pending.repeat_interleave(top.shape[1])
             res = screen.residuals(beam.kv, rows, position, screen.vocab[top.flatten()])
             res = res.reshape(top.shape)

@@ -15,12 +15,16 @@ class CausalOptions:
 
     `screen` tokens per prefix are checked exactly after the first-order screen, `rounds`
     times at most (each round linearises again at the best token checked so far); `beam`
-    prefixes per sentence survive a position; a token fits when its input's residual against
-    the row space is below `tol` and within `ratio` of the best fit at that prefix.
+    prefixes per sentence survive a position; the `frequent` lowest ids (a BPE's commonest
+    tokens, which first order ranks poorly) are checked exactly in the first round too; a
+    token fits when its input's residual against the row space is below `tol` and within
+    `ratio` of the best fit at that prefix. Position 0 (no prefix) is checked exactly on the
+    whole vocabulary, once for all sentences.
     """
 
     min_gap: float = 50.0  # spectrum: the rank gap (see gradients.spectrum)
     screen: int = 64
+    frequent: int = 1024  # lowest-id tokens also checked exactly in the first round
     rounds: int = 4
     sketch: int = 128  # random directions of the screen's Jacobian sketch (more: exact)
     beam: int = 8

