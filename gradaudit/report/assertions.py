@@ -2,10 +2,10 @@
 
 Both take one `AuditResult`, several, or an audit directory holding `report.json`, and judge
 the worst case over all of them: the highest score any audit reached. An audit that did not
-run, or whose attack attacked nothing (`not_attacked`, e.g. span on a saturated gradient),
-fails both: its scores prove nothing. Under pytest the
-helpers' own frames are hidden from tracebacks (`__tracebackhide__`), so a failure shows the
-test's line and this module's message, and no stored text through frame locals.
+run, or whose attack attacked nothing (`AuditResult.unattacked_reason`, e.g. span on a
+saturated gradient), fails both: its scores prove nothing. Under pytest the helpers' own
+frames are hidden from tracebacks (`__tracebackhide__`), so a failure shows the test's line
+and this module's message, and no stored text through frame locals.
 """
 
 from __future__ import annotations
@@ -42,19 +42,6 @@ def load_audits(target: Audits) -> list[AuditResult]:
     return audits
 
 
-def not_attacked(audit: AuditResult) -> str | None:
-    """Why `audit`'s attack attacked nothing, or None when it ran.
-
-    The span attack reports a gradient it cannot use (saturated, rank-limited, all zero) as
-    `info["mode"] == "none"` with `info["why"]`, and scores a blank reconstruction: those
-    scores are not a measurement of leakage.
-    """
-    info = audit.info or {}
-    if info.get("attacked") is False or info.get("mode") == "none":
-        return str(info.get("why") or "the attack found nothing it could attack")
-    return None
-
-
 def _thresholds(prefix: str, values: dict[str, float | None]) -> dict[str, float]:
     out = {}
     for metric, value in values.items():
@@ -73,8 +60,8 @@ def _check_ran(function: str, audits: list[AuditResult]) -> None:
     for i, audit in enumerate(audits):
         unscored = any(getattr(audit, m) is None for m in METRICS)
         why = audit.error or ("no scores" if unscored else None)
-        if why is None and not_attacked(audit) is not None:
-            why = f"not attacked: {not_attacked(audit)}"
+        if why is None and audit.unattacked_reason is not None:
+            why = f"not attacked: {audit.unattacked_reason}"
         if why is not None:
             raise AssertionError(
                 f"gradaudit.{function}: audit {i + 1} of {len(audits)} did not run "

@@ -75,7 +75,7 @@ def audit_snapshot(
         info["train_mode"] = snapshot.meta["train_mode"]
     if snapshot.meta.get("contrast"):
         info["contrast"] = True  # a saved dp_contrast snapshot was never released: no verdict
-    return AuditResult(
+    result = AuditResult(
         batch_size=snapshot.batch_size,
         references=references,
         reconstructions=rec.texts,
@@ -93,6 +93,32 @@ def audit_snapshot(
         sentences=[asdict(s) for s in scores.sentences],
         metric_config=scores.config,
         info=info,
+    )
+    return _without_scores_if_unattacked(result)
+
+
+def _without_scores_if_unattacked(result: AuditResult) -> AuditResult:
+    """An audit whose attack attacked nothing keeps its references but no scores.
+
+    A blank guess scores ROUGE 0, which would read as "does not leak": it is reported as not
+    attacked instead (an error), and no summary or assertion counts it as a measurement.
+    """
+    why = result.unattacked_reason
+    if why is None:
+        return result
+    return AuditResult.failure(
+        result.modules,
+        result.attack,
+        result.batch_size,
+        f"not attacked: {why}; its scores would say nothing about leakage: use "
+        "attack='auto', which hands such gradients to gradmatch",
+        references=result.references,
+        seconds=result.seconds,
+        options=result.options,
+        gradient=result.gradient,
+        step=result.step,
+        metric_config=result.metric_config,
+        info=result.info,
     )
 
 

@@ -47,6 +47,19 @@ class AuditResult:
         """
         return bool(self.info.get("contrast"))
 
+    @property
+    def unattacked_reason(self) -> str | None:
+        """Why the attack attacked nothing, or None when it ran.
+
+        An attack that cannot use a gradient (span on a saturated, rank-limited or zero
+        gradient) says so as `info["mode"] == "none"` with `info["why"]`, or
+        `info["attacked"] is False`: its blank guess is not a measurement of leakage.
+        """
+        info = self.info or {}
+        if info.get("attacked") is False or info.get("mode") == "none":
+            return str(info.get("why") or "the attack found nothing it could attack")
+        return None
+
     def redact(self) -> AuditResult:
         """A copy without text: scores, lengths and counts only."""
         return AuditResult(

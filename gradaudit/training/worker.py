@@ -21,7 +21,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.gradients.snapshot import GradientSnapshot
-from gradaudit.report.assertions import not_attacked
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
@@ -89,14 +88,6 @@ def run_job(
         return job.result(config.attack, f"{type(error).__name__}: {error}")
     result.info = {**result.info, **job.info}
     result.epsilon = job.epsilon
-    why = not_attacked(result)
-    if why is not None:  # its scores are those of a blank guess: they must not read as safe
-        failed = job.result(
-            config.attack,
-            f"not attacked: {why}; its scores would say nothing about leakage: use "
-            "attack='auto', which hands such gradients to gradmatch",
-        )
-        result = AuditResult(**{**failed.to_dict(), "info": {**result.info, **failed.info}})
     if job.release and not config.keep_snapshots:
         shutil.rmtree(job.directory, ignore_errors=True)
     return result
