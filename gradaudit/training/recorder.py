@@ -31,6 +31,7 @@ class BatchRecorder:
 
     def __init__(self, model: nn.Module, config: AuditConfig, modules: list[str]) -> None:
         self._config = config
+        self._model = model
         self._forward_params = list(inspect.signature(model.forward).parameters)
         self.step = 0  # optimizer steps taken
         self.audited_steps: list[int] = []
@@ -76,7 +77,7 @@ class BatchRecorder:
         try:
             inputs = {**dict(zip(self._forward_params, args)), **kwargs}
             tensors = {k: inputs[k] for k in BATCH_KEYS if torch.is_tensor(inputs.get(k))}
-            check_batch(tensors)
+            tensors = check_batch(tensors, self._model)  # a causal LM's labels are its ids
             if self.sampled(self.step + 1):
                 self._batches.append(
                     {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
