@@ -155,3 +155,9 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id  # a decoder finds each row's end
     model.eval()
     return model, tokenizer
+
+
+def rebuild(model_class: type[nn.Module], config: Any) -> nn.Module:
+    """A model of `model_class` built from `config`, with fresh weights: an attack loads each
+    snapshot's weights into it (so no copy of the training model, or its hooks, is needed)."""
+    return model_class(config)

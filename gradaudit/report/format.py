@@ -29,3 +29,17 @@ def dp_lines(report: dict[str, Any]) -> list[str]:
     if epsilon is not None:
         return [f"ε = {number(epsilon)}; no statement of its assumptions was recorded."]
     return ["None stated: no differential-privacy accounting was recorded for this run."]
+
+
+def kept_snapshots_note(report: dict[str, Any]) -> str | None:
+    """A warning when snapshots were kept on disk: they hold the batches' text in clear,
+    whatever the report's redaction; None when none were kept."""
+    keep_all = bool((report.get("config") or {}).get("keep_snapshots"))
+    kept = [a for a in report["audits"] if keep_all or "snapshot is kept" in (a["error"] or "")]
+    if not kept:
+        return None
+    return (
+        f"{len(kept)} audit(s) left their gradient snapshot on disk (keep_snapshots, or kept for "
+        "a retry): each holds its batch's token ids, which decode to the training text, even "
+        "when this report is redacted. Delete the snapshots folder when you are done with it."
+    )

@@ -10,7 +10,7 @@ from html import escape
 from typing import Any
 
 from gradaudit.model.families import COMPONENTS, locate_name, modules_label
-from gradaudit.report.format import dp_lines, number, score
+from gradaudit.report.format import dp_lines, kept_snapshots_note, number, score
 from gradaudit.report.schema import has_text, report_epsilon, summarized_audits, worst_case
 from gradaudit.scoring.metrics import SCORE_KEYS, strip_special, words
 
@@ -206,6 +206,10 @@ def _reconstructions(report: dict[str, Any]) -> str:
     parts = ['<section id="reconstructions"><h2>Reconstructions</h2>']
     if report["redacted"]:
         parts.append('<p class="note">Text redacted: scores, lengths and counts only.</p>')
+    if (note := kept_snapshots_note(report)) is not None:
+        parts.append(
+            f'<p class="note"><b>Kept snapshots hold training text.</b> {escape(note)}</p>'
+        )
     else:
         parts.append(
             '<p class="scores">Each reference beside its matched reconstruction; '

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from gradaudit.model.families import modules_label
-from gradaudit.report.format import dp_lines, number, score
+from gradaudit.report.format import dp_lines, kept_snapshots_note, number, score
 from gradaudit.report.schema import has_text, report_epsilon, summarized_audits, worst_case
 
 
@@ -58,6 +58,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Reconstructions", ""]
     if report["redacted"]:
         lines.append("Text redacted: scores, lengths and counts only.")
+    if (note := kept_snapshots_note(report)) is not None:
+        lines += [f"**Kept snapshots hold training text.** {note}", ""]
     for i, a in enumerate(report["audits"]):
         if not has_text(a):
             continue

@@ -109,7 +109,7 @@ class BackgroundAttacker:
             try:
                 result = self._attack(job)
             except Exception as error:  # noqa: BLE001 - recorded, never raised
-                result = job.result(self._config.attack, f"{type(error).__name__}: {error}")
+                result = self._failed(job, f"{type(error).__name__}: {error}")
             if result is not None:
                 self._on_result(result)
         if self._worker is not None:
@@ -180,13 +180,13 @@ class BackgroundAttacker:
         if status == "interrupted":
             return self._not_attacked(job, value)
         if status == "timeout":
-            return job.result(
-                self._config.attack,
+            return self._failed(
+                job,
                 f"attack timed out after {self._config.attack_timeout_s:g} s: raise "
                 "attack_timeout_s or lower budget",
             )
-        return job.result(
-            self._config.attack,
+        return self._failed(
+            job,
             f"attack worker died (exit code {value}; -9 is usually the out-of-memory killer): "
             "lower budget or audit fewer modules",
         )
@@ -194,8 +194,7 @@ class BackgroundAttacker:
     def _not_attacked(self, job: Job, why: str) -> AuditResult | None:
         if self._aborted is not None:
             return None  # pending: settled by the auditor
-        return job.result(
-            self._config.attack,
-            f"not attacked: {why}; the snapshot is kept, attack it with "
-            f"`gradaudit attack {job.directory} --model ...`",
-        )
+        return self._failed(job, f"not attacked: {why}")
+
+    def _failed(self, job: Job, why: str) -> AuditResult:
+        return job.failed(self._config.attack, why, self._config.keep_snapshots)

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.io import describe_os_error, private_dir
+from gradaudit.model.loading import rebuild
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.attacker import BackgroundAttacker
 from gradaudit.training.config import AuditConfig
@@ -154,9 +155,10 @@ class Dispatcher:
 
     def _attack_inline(self, job: Job) -> AuditResult:
         with preserve_rng():
-            if self._attack_model is None:  # weights come from the snapshot; no hooks on it
+            if self._attack_model is None:
                 try:
-                    self._attack_model = type(self._model)(self._model.config)
+                    self._attack_model = rebuild(type(self._model), self._model.config)
                 except Exception as error:  # noqa: BLE001 - recorded, never raised
-                    return job.result(self._config.attack, f"cannot rebuild the model: {error}")
+                    why = f"cannot rebuild the model: {error}"
+                    return job.failed(self._config.attack, why, self._config.keep_snapshots)
             return run_job(self._attack_model, self._tokenizer, self._config, job)

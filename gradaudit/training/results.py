@@ -44,18 +44,23 @@ def is_pending(error: str | None) -> bool:
     return error is not None and error.startswith("pending:")
 
 
-def settle_error(why: str, snapshot: str | None, keep: bool) -> str:
-    """The error of an audit that will never be attacked; its snapshot is deleted unless
-    `keep` (it holds the batch's text)."""
+def snapshot_fate(snapshot: str | None, keep: bool) -> str:
+    """Delete `snapshot` (it holds the batch's text) unless `keep`; what became of it, as the
+    tail of an audit's error ("" without a snapshot)."""
     if not snapshot:
-        return f"not attacked: {why}"
+        return ""
     if keep:
         return (
-            f"not attacked: {why}; its snapshot is kept (keep_snapshots): attack it with "
+            f"; its snapshot is kept (keep_snapshots): attack it with "
             f"`gradaudit attack {snapshot} --model ...`"
         )
     shutil.rmtree(snapshot, ignore_errors=True)
-    return f"not attacked: {why}; its snapshot was deleted (keep_snapshots=True keeps it)"
+    return "; its snapshot was deleted (keep_snapshots=True keeps it)"
+
+
+def settle_error(why: str, snapshot: str | None, keep: bool) -> str:
+    """The error of an audit that will never be attacked; its snapshot deleted unless `keep`."""
+    return f"not attacked: {why}{snapshot_fate(snapshot, keep)}"
 
 
 def settle_report(output_dir: str | Path, why: str, keep: bool) -> None:

@@ -21,10 +21,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.gradients.snapshot import GradientSnapshot
+from gradaudit.model.loading import rebuild
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
-from gradaudit.training.results import settle_report
+from gradaudit.training.results import settle_report, snapshot_fate
 
 POLL_S = 0.2
 WORKER_NAME = "gradaudit-attack-worker"
@@ -59,6 +60,13 @@ class Job:
             info={**self.info, "snapshot": self.directory},
         )
 
+    def failed(self, attack: str, why: str, keep: bool) -> AuditResult:
+        """The result of an attack that failed: the step's last job deletes the snapshot,
+        which holds the batch's text, unless `keep` (keep_snapshots)."""
+        return self.result(
+            attack, why + snapshot_fate(self.directory if self.release else None, keep)
+        )
+
 
 def run_job(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: AuditConfig, job: Job
@@ -79,13 +87,14 @@ def run_job(
             **config.attack_options,
         )
     except (torch.OutOfMemoryError, MemoryError) as error:
-        return job.result(
+        return job.failed(
             config.attack,
             f"out of memory on {config.device}: {error}; lower budget, audit fewer modules or "
             "set device to one with more memory",
+            config.keep_snapshots,
         )
     except Exception as error:  # noqa: BLE001 - every attack failure is recorded, never raised
-        return job.result(config.attack, f"{type(error).__name__}: {error}")
+        return job.failed(config.attack, f"{type(error).__name__}: {error}", config.keep_snapshots)
     result.info = {**result.info, **job.info}
     result.epsilon = job.epsilon
     if job.release and not config.keep_snapshots:
@@ -125,7 +134,7 @@ def worker_main(model_class, model_config, tokenizer, config: AuditConfig, jobs,
     import torch
 
     torch.set_num_threads(config.worker_threads)
-    model = model_class(model_config)  # weights come from each snapshot
+    model = rebuild(model_class, model_config)
     results.put(READY)
     while (job := jobs.get()) is not None:
         results.put(run_job(model, tokenizer, config, job).to_dict())

@@ -271,3 +271,14 @@ def test_an_audit_with_an_unknown_field_is_a_clear_error_not_a_type_error():
     audit = {**dp_report()["audits"][0], "added_later": 1}
     with pytest.raises(GradAuditError, match="added_later.*upgrade gradaudit"):
         AuditResult.from_dict(audit)
+
+
+def test_kept_snapshots_are_named_as_holding_training_text_even_when_redacted(tmp_path):
+    report = dp_report(redact=True)
+    report["config"] = {**report["config"], "keep_snapshots": True}
+    write_report(tmp_path, report)
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / name).read_text()
+        assert "Kept snapshots hold training text" in text and "even when this report is" in text
+    write_report(tmp_path / "none", dp_report(redact=True))
+    assert "Kept snapshots" not in (tmp_path / "none" / "report.md").read_text()

@@ -160,7 +160,19 @@ def test_failing_attack_is_recorded_and_training_goes_on(tokenizer, tmp_path):
     assert [a["step"] for a in audits] == [1, 3]
     assert all("RuntimeError: the attack broke" in a["error"] for a in audits)
     assert all(a["rouge1"] is None for a in audits)
-    assert all(Path(a["info"]["snapshot"]).is_dir() for a in audits)  # kept to retry
+    # A failed attack deletes its snapshot (it holds the batch's text) unless keep_snapshots.
+    assert not any(Path(a["info"]["snapshot"]).exists() for a in audits)
+    assert all("its snapshot was deleted" in a["error"] for a in audits)
+
+
+def test_keep_snapshots_keeps_a_failed_attacks_snapshot_for_a_retry(tokenizer, tmp_path):
+    register_attack("raising", RaisingAttack)
+    model = make_tiny_model(tokenizer.vocab_size).train()
+    config = tiny_config(tmp_path, steps=[1], attack="raising", keep_snapshots=True)
+    train(model, tokenizer, config, steps=1)
+    (audit,) = read_audits(tmp_path)
+    assert Path(audit["info"]["snapshot"]).is_dir()
+    assert "its snapshot is kept" in audit["error"] and "gradaudit attack" in audit["error"]
 
 
 def test_background_worker_matches_inline_and_times_out(tokenizer, tmp_path):
