@@ -12,7 +12,7 @@ from gradaudit.cli.common import (
     add_attack_arguments,
     add_model_argument,
     parse_options,
-    print_report_paths,
+    print_report,
     print_result,
 )
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "world_size": shard.world,
     }
     report = build_report(results, config=config, redact=args.redact)
-    print_report_paths(write_report(args.out, report))
+    print_report(report, write_report(args.out, report))
     failed = [r for r in results if r.error is not None]
     for result in failed:
         print(f"gradaudit: {result.info.get('snapshot', '')}: {result.error}", file=sys.stderr)

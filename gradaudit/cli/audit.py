@@ -11,7 +11,7 @@ from gradaudit.cli.common import (
     add_attack_arguments,
     add_model_argument,
     parse_options,
-    print_report_paths,
+    print_report,
     print_result,
     progress_disabled,
 )
@@ -94,9 +94,8 @@ def run(args: argparse.Namespace) -> int:
             print_result(result, redact=args.redact)
     config = {"command": "audit", **{k: v for k, v in vars(args).items() if k != "func"}}
     config["out"] = str(args.out)
-    print_report_paths(
-        write_report(args.out, build_report(results, config=config, redact=args.redact))
-    )
+    report = build_report(results, config=config, redact=args.redact)
+    print_report(report, write_report(args.out, report))
     return _check_thresholds(results, dict(args.fail_above))
 
 

@@ -115,6 +115,15 @@ def print_result(result: AuditResult, redact: bool = False) -> None:
     )
 
 
+def print_report(report: dict[str, Any], path: Path) -> None:
+    """The verdict, one line per module set, then where the report was written."""
+    from gradaudit.report.verdict import verdicts
+
+    for verdict in verdicts(report):
+        print(verdict)
+    print_report_paths(path)
+
+
 def print_report_paths(path: Path) -> None:
     """Where the report was written."""
     print(f"report: {path.with_suffix('.html')} (also report.json, report.md)")

@@ -12,6 +12,7 @@ from typing import Any
 from gradaudit.model.families import COMPONENTS, locate_name, modules_label
 from gradaudit.report.format import dp_lines, kept_snapshots_note, number, score
 from gradaudit.report.schema import has_text, report_epsilon, summarized_audits, worst_case
+from gradaudit.report.verdict import levels_line, verdicts
 from gradaudit.scoring.metrics import SCORE_KEYS, strip_special, words
 
 OPEN_AUDITS = 3  # reconstructions shown expanded; the others are one click away
@@ -24,6 +25,7 @@ h3 { font-size: 16px; margin: 22px 0 8px; }
 .meta { color: #666; font-size: 13px; margin: 0 0 18px; }
 .verdict { border: 2px solid #8a8fa0; background: #f6f7fa; border-radius: 8px; padding: 14px 18px; }
 .verdict .headline { font-size: 18px; margin: 0 0 10px; }
+.verdicts { font-size: 17px; margin: 0 0 6px; padding-left: 20px; } .verdicts li { margin: 4px 0; }
 table { border-collapse: collapse; margin: 6px 0; font-size: 14px; }
 th, td { border: 1px solid #d5d5d5; padding: 4px 9px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -84,8 +86,14 @@ def _verdict(report: dict[str, Any]) -> str:
         for key, s in report["summary"].items()
     ]
     head = ["modules", "audits", "errors", "ROUGE-1", "ROUGE-2", "token recall", "exact"]
+    lines = "".join(
+        f'<li><strong class="level">{escape(v.level)}</strong> — {escape(v.modules)}: '
+        f"{escape(v.sentence)}</li>"
+        for v in verdicts(report)
+    )
     return (
         '<section id="verdict" class="verdict">'
+        f'<ul class="verdicts">{lines}</ul><p class="scores">{escape(levels_line())}</p>'
         '<p class="headline"><strong>Worst case over '
         f"{summarized_audits(report)} audit(s):</strong> "
         f"ROUGE-1 {score(worst['rouge1'])} · ROUGE-2 {score(worst['rouge2'])} · "

@@ -8,6 +8,7 @@ from typing import Any
 from gradaudit.model.families import modules_label
 from gradaudit.report.format import dp_lines, kept_snapshots_note, number, score
 from gradaudit.report.schema import has_text, report_epsilon, summarized_audits, worst_case
+from gradaudit.report.verdict import levels_line, verdicts
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -16,6 +17,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     epsilon = report_epsilon(report)
     lines = [
         "# gradaudit leakage report",
+        "",
+        *(f"- **{v.level}** — {v.modules}: {v.sentence}" for v in verdicts(report)),
+        "",
+        levels_line(),
         "",
         f"**Worst case:** ROUGE-1 {score(worst['rouge1'])}, ROUGE-2 "
         f"{score(worst['rouge2'])}, token recall {score(worst['token_recall'])}"

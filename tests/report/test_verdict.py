@@ -1,0 +1,47 @@
+"""The verdict in words: its level per module set, and what a low score does not prove."""
+
+from __future__ import annotations
+
+from _audits import EXACT, LOW, audit_of
+
+from gradaudit.report import build_report, write_report
+from gradaudit.report.verdict import verdicts
+
+
+def _report(*audits):
+    return build_report(list(audits), config={})
+
+
+def test_a_batch_rebuilt_word_for_word_is_high_and_counted():
+    (verdict,) = verdicts(_report(audit_of(EXACT), audit_of(EXACT)))
+    assert verdict.level == "HIGH"
+    assert "2 of 2 audited batch(es) rebuilt word for word" in verdict.sentence
+
+
+def test_a_low_score_says_it_is_a_lower_bound_and_what_the_spectrum_allows():
+    audit = audit_of(LOW)
+    audit.info = {
+        "spectra": {audit.modules[0]: {"rank": 9, "width": 384}},
+        "labels": {audit.modules[0]: "span"},
+        "tokens": 9,
+    }
+    (verdict,) = verdicts(_report(audit))
+    assert verdict.level == "LOW" and "not proof of safety" in verdict.sentence
+    assert "rank 9 for 9 tokens" in verdict.sentence and "stronger attack" in verdict.sentence
+
+
+def test_audits_that_did_not_run_are_not_measured_never_low():
+    audit = audit_of(LOW)
+    audit.rouge1 = audit.rouge2 = audit.exact = audit.token_recall = audit.rougeL = None
+    audit.error = "not attacked: saturated"
+    (verdict,) = verdicts(_report(audit))
+    assert verdict.level == "NOT MEASURED" and "saturated" in verdict.sentence
+
+
+def test_every_format_opens_with_the_verdict_and_states_the_levels(tmp_path):
+    write_report(tmp_path, _report(audit_of(EXACT)))
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.splitlines()[2].startswith("- **HIGH** — ")
+    assert "Levels: HIGH:" in markdown
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("HIGH</strong>") < html.index("Worst case over")
