@@ -28,7 +28,12 @@ def dp_lines(report: dict[str, Any]) -> list[str]:
         return [privacy.get("statement") or f"ε = {number(epsilon)}."]
     if epsilon is not None:
         return [f"ε = {number(epsilon)}; no statement of its assumptions was recorded."]
-    return ["None stated: no differential-privacy accounting was recorded for this run."]
+    return [
+        "None stated: no differential-privacy accounting was recorded for this run. To get it, "
+        "train with Opacus and pass privacy_engine= (and dataset_size=) to the Auditor or "
+        "GradAuditCallback; `gradaudit dpsweep` shows leakage against σ and ε before a run "
+        "goes private."
+    ]
 
 
 def kept_snapshots_note(report: dict[str, Any]) -> str | None:

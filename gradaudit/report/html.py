@@ -156,8 +156,9 @@ def plots(report: dict[str, Any]) -> list[tuple[str, bytes, str]]:
         for title, key in (("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2")):
             panels[title].setdefault(label, []).append((a["step"] if by_step else i, a[key]))
     out.append(
-        ("ROUGE per audited step and module", line_panels(panels, xlabel=xlabel),
-         f"ROUGE-1 and ROUGE-2 F of the reconstruction per {xlabel}, one line per module set.")
+        ("ROUGE per audited step and module", line_panels(panels, xlabel=xlabel, join=False),
+         f"ROUGE-1 and ROUGE-2 F of each audited batch by {xlabel}, one marker per module set; "
+         "batches are independent, so the points are not joined.")
     )  # fmt: skip
     epsilons = sorted({(a["step"], a["epsilon"]) for a in report["audits"]
                        if a["step"] is not None and a["epsilon"] is not None})  # fmt: skip

@@ -55,11 +55,13 @@ def line_panels(
     *,
     xlabel: str,
     ylim: tuple[float, float] | None = (0.0, 1.0),
+    join: bool = True,
 ) -> bytes:
     """Side-by-side panels (title -> series label -> (x, y) points), one legend below them.
 
     x values are integers (steps or audit numbers); `ylim` widens a little so points on the
-    bounds stay visible.
+    bounds stay visible. `join=False` draws markers only, for points that are independent
+    measurements (e.g. scores of different batches), where a line would suggest a trend.
     """
     fig, axes = plt.subplots(
         1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False, sharey=ylim is not None
@@ -68,8 +70,9 @@ def line_panels(
         for k, (label, points) in enumerate(series.items()):
             xs, ys = zip(*sorted(points)) if points else ((), ())
             # Distinct markers and dashes keep coinciding series visible under each other.
-            ax.plot(xs, ys, label=label, marker="osD^v<>p*h"[k % 10], markersize=6 - k % 3,
-                    linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85)  # fmt: skip
+            style = ("-", "--", ":", "-.")[k % 4] if join else "none"
+            ax.plot(xs, ys, label=label, marker="osD^v<>p*h"[k % 10], markersize=7 - k % 3,
+                    linestyle=style, alpha=0.85)  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         xs_all = sorted({x for points in series.values() for x, _ in points})
