@@ -12,10 +12,27 @@ from gradaudit.report.verdict import levels_line, verdicts
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """A human-readable summary of a report dict."""
+    """A human-readable summary of a report dict: verdict first, then the evidence."""
+    lines = [
+        *_head(report),
+        *_summary_table(report),
+        *_audit_table(report),
+        *_reconstructions(report),
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(report["config"], indent=2),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _head(report: dict[str, Any]) -> list[str]:
+    """The verdict, the worst case, and what the scores assume."""
     worst = worst_case(report)
     epsilon = report_epsilon(report)
-    lines = [
+    return [
         "# gradaudit leakage report",
         "",
         *(f"- **{v.level}** — {v.modules}: {v.sentence}" for v in verdicts(report)),
@@ -33,6 +50,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Differential privacy: " + " ".join(dp_lines(report)),
         "",
+    ]
+
+
+def _summary_table(report: dict[str, Any]) -> list[str]:
+    lines = [
         "## Worst case per module",
         "",
         "| modules | audits | errors | ROUGE-1 | ROUGE-2 | token recall | exact |",
@@ -44,7 +66,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{score(s['rouge1'])} | {score(s['rouge2'])} | "
             f"{score(s['token_recall'])} | {score(s['exact'])} |"
         )
-    lines += [
+    return lines
+
+
+def _audit_table(report: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Audits",
         "",
@@ -60,7 +86,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{score(a['rougeL'])} | {score(a['token_recall'])} | "
             f"{number(a['epsilon'])} | {a['seconds']:.1f} | {a['error'] or ''} |"
         )
-    lines += ["", "## Reconstructions", ""]
+    return lines
+
+
+def _reconstructions(report: dict[str, Any]) -> list[str]:
+    lines = ["", "## Reconstructions", ""]
     if report["redacted"]:
         lines.append("Text redacted: scores, lengths and counts only.")
     if (note := kept_snapshots_note(report)) is not None:
@@ -74,5 +104,4 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"  - reference:      `{a['references'][s['reference']]}`",
                 f"  - reconstruction: `{a['reconstructions'][s['reconstruction']]}`",
             ]
-    lines += ["", "## Configuration", "", "```json", json.dumps(report["config"], indent=2), "```"]
-    return "\n".join(lines) + "\n"
+    return lines
