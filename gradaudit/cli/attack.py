@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     def show(directory: Path, result) -> None:
         if not args.quiet and result.error is None:
             tqdm.write(f"{directory}:")
-            print_result(result, redact=args.redact)
+            print_result(result, show_text=args.show_text and not args.redact)
 
     results = audit_snapshots(
         model,

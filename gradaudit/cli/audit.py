@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
         if not args.quiet:
             tqdm.write(f"batch {i}:")
-            print_result(result, redact=args.redact)
+            print_result(result, show_text=args.show_text and not args.redact)
     config = {"command": "audit", **{k: v for k, v in vars(args).items() if k != "func"}}
     config["out"] = str(args.out)
     report = build_report(results, config=config, redact=args.redact)

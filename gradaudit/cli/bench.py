@@ -9,9 +9,9 @@ from tqdm.auto import tqdm
 
 from gradaudit.cli.common import (
     add_budget_argument,
+    add_list_argument,
     add_model_argument,
     add_run_arguments,
-    csv_list,
 )
 from gradaudit.errors import GradAuditError
 
@@ -24,14 +24,18 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overhead", action="store_true", help="training step time with and without the auditor"
     )
-    parser.add_argument("--datasets", help="comma list of cola,sst2,rotten_tomatoes")
-    parser.add_argument(
+    add_list_argument(parser, "--datasets", "data sets of the grid: cola sst2 rotten_tomatoes")
+    add_list_argument(
+        parser,
         "--components",
-        help="comma list of query,...,ffn_out,layer,full (a decoder's grid: its components)",
+        "components: query ... ffn_out layer full (a decoder's grid: its components)",
     )
-    parser.add_argument("--layers", help="e.g. 0-5, 0,2 or all (a decoder's: 0,1,5,15,28)")
-    parser.add_argument("--attacks", help="comma list, e.g. gradmatch,span,auto")
-    parser.add_argument("--batch-sizes", help="comma list, e.g. 1,4,8")
+    parser.add_argument(
+        "--layers",
+        help="one layer spec, as in module specs: 0-5, 0,2 or all (decoder: 0,1,5,15,28)",
+    )
+    add_list_argument(parser, "--attacks", "attacks compared in one run, e.g. gradmatch span auto")
+    add_list_argument(parser, "--batch-sizes", "batch sizes, e.g. 1 4 8")
     parser.add_argument("--sentences", type=int, help="sentences per cell")
     parser.add_argument(
         "--train-mode",
@@ -79,11 +83,11 @@ def _grid(args: argparse.Namespace, model):
     grid = BenchGrid.for_model(model, quick=args.quick)
     for name in ("datasets", "components", "attacks"):
         if getattr(args, name):
-            setattr(grid, name, csv_list(getattr(args, name)))
+            setattr(grid, name, getattr(args, name))
     if args.layers:
         grid.layers = parse_layers(args.layers, num_layers)
     if args.batch_sizes:
-        grid.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
+        grid.batch_sizes = [_positive(b, "--batch-sizes") for b in args.batch_sizes]
     if args.sentences:
         grid.sentences = args.sentences
     grid.budgets.update(dict(args.attack_budget))
@@ -109,3 +113,9 @@ def run_overhead(model, tokenizer, args: argparse.Namespace) -> int:
     )
     print(f"wrote {atomic_write_json(Path(args.out) / 'overhead.json', result)}")
     return 0
+
+
+def _positive(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise GradAuditError(f"{flag} takes whole numbers of at least 1, got {text!r}")
+    return int(text)

@@ -28,9 +28,22 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def csv_list(text: str) -> list[str]:
-    """The non-empty items of a comma list."""
-    return [part.strip() for part in text.split(",") if part.strip()]
+def add_list_argument(
+    parser: argparse.ArgumentParser, flag: str, help: str, default: list[str] | None = None
+) -> None:
+    """A list flag, written as every list is on this command line: space-separated values
+    (`--attacks span gradmatch`); comma-separated ones (`--attacks span,gradmatch`) work too."""
+    parser.add_argument(
+        flag, nargs="+", action=_ListAction, default=default, metavar="VALUE", help=help
+    )
+
+
+class _ListAction(argparse.Action):
+    """Stores the values given, each split at commas."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = [part.strip() for value in values for part in value.split(",") if part.strip()]
+        setattr(namespace, self.dest, items)
 
 
 def add_budget_argument(parser: argparse.ArgumentParser) -> None:
@@ -97,16 +110,22 @@ def add_attack_arguments(
     add_run_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory for the report")
     parser.add_argument("--redact", action="store_true", help="keep scores only, no text")
+    parser.add_argument(
+        "--show-text",
+        action="store_true",
+        help="print each reconstruction beside its training sentence (not with --redact)",
+    )
 
 
-def print_result(result: AuditResult, redact: bool = False) -> None:
-    """Per-sentence ROUGE, each reconstruction beside its reference, then the batch scores.
-
-    With `redact`, no text is printed: scores only.
-    """
+def print_result(result: AuditResult, show_text: bool = False) -> None:
+    """Per-sentence ROUGE (each reconstruction beside its reference with `show_text`: they
+    are training text), then the batch scores; for an audit without scores, its error."""
+    if result.error is not None:
+        tqdm.write(f"  {result.error}")
+        return
     for s in result.sentences:
         tqdm.write(f"  R1 {s['rouge1']:.2f} R2 {s['rouge2']:.2f}")
-        if not redact:
+        if show_text:
             tqdm.write(f"    reference:      {result.references[s['reference']]}")
             tqdm.write(f"    reconstruction: {result.reconstructions[s['reconstruction']]}")
     tqdm.write(

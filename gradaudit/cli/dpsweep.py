@@ -9,9 +9,9 @@ from tqdm.auto import tqdm
 
 from gradaudit.cli.common import (
     add_budget_argument,
+    add_list_argument,
     add_model_argument,
     add_run_arguments,
-    csv_list,
 )
 
 
@@ -22,7 +22,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     add_model_argument(dp, default="minilm")
     dp.add_argument("--data", required=True, help="TSV/CSV/JSONL path or glue/sst2, ...")
     dp.add_argument("--modules", nargs="+", required=True, help="module specs, e.g. query@0")
-    dp.add_argument("--sigmas", default="0,0.01,0.1,0.5,1", help="noise multipliers σ")
+    add_list_argument(
+        dp, "--sigmas", "noise multipliers σ", default=["0", "0.01", "0.1", "0.5", "1"]
+    )
     dp.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm C")
     dp.add_argument("--sample-rate", type=float, default=0.01, help="Poisson sampling rate q")
     dp.add_argument("--steps", type=int, default=1000, help="DP-SGD steps T behind ε")
@@ -30,7 +32,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     dp.add_argument(
         "--accountant", default="rdp", choices=["rdp", "prv"], help="Opacus accountant behind ε"
     )
-    dp.add_argument("--attacks", default="auto,gradmatch", help="comma list of attacks")
+    add_list_argument(dp, "--attacks", "attacks compared in one run", default=["auto", "gradmatch"])
     add_budget_argument(dp)
     dp.add_argument("--batch-size", type=int, default=1, help="sentences per attacked batch")
     dp.add_argument("--batches", type=int, default=2, help="attacked batches per σ")
@@ -66,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
 
     settings = SweepSettings(
         modules=args.modules,
-        sigmas=parse_floats(args.sigmas),
+        sigmas=parse_floats(",".join(args.sigmas)),
         clip=args.clip,
         sample_rate=args.sample_rate,
         steps=args.steps,
         delta=args.delta,
         accountant=args.accountant,
-        attacks=csv_list(args.attacks),
+        attacks=args.attacks,
         budgets=dict(args.attack_budget),
         batch_size=args.batch_size,
         batches=args.batches,

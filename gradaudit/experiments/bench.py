@@ -178,8 +178,10 @@ def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any
             device=device,
             budget=row["budget"],
         )
-    except GradAuditError as error:  # e.g. a saturated span, recorded as that cell's outcome
+    except GradAuditError as error:  # e.g. a module the attack refuses: that cell's outcome
         return {"error": str(error)}
+    if result.error is not None:  # e.g. span on a saturated gradient: not attacked, no scores
+        return {"error": result.error}
     return {
         **{key: getattr(result, key) for key in SCORE_KEYS},
         "seconds": result.seconds,

@@ -38,7 +38,7 @@ from gradaudit.privacy import (
     privacy_statement,
     private_snapshot,
 )
-from gradaudit.report.format import number
+from gradaudit.report.format import number, score
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.result import THREAT_MODEL, AuditResult
 
@@ -97,11 +97,12 @@ class SweepRow:
     sigma: float
     epsilon: float
     attack: str
-    rouge1: float
-    rouge2: float
-    token_recall: float
+    rouge1: float | None  # None when no batch could be attacked at this σ (see unattacked)
+    rouge2: float | None
+    token_recall: float | None
     accuracy: float | None = None
     utility_epsilon: float | None = None
+    unattacked: int = 0  # batches the attack could not use (e.g. span on a saturated gradient)
 
 
 @dataclass
@@ -316,7 +317,8 @@ def _attack_released(
                 result.epsilon = statements[str(sigma)]["epsilon"]
                 result.info["dp"] = snapshot.meta["dp"]
                 audits.append(result)
-                say(f"batch {b} σ={sigma} {attack}: ROUGE-1 {result.rouge1:.3f}")
+                outcome = result.error or f"ROUGE-1 {score(result.rouge1)}"
+                say(f"batch {b} σ={sigma} {attack}: {outcome}")
     return audits
 
 
@@ -329,31 +331,45 @@ def _row(
 ) -> SweepRow:
     """The mean scores of `attack` at `sigma`, next to ε and the utility run's figures."""
     group = [a for a in audits if a.attack == attack and a.info["dp"]["noise_multiplier"] == sigma]
+    scored = [a for a in group if a.error is None]
     acc, spent = utility or (None, None)
+
+    def mean(key: str) -> float | None:
+        return sum(getattr(a, key) for a in scored) / len(scored) if scored else None
+
     return SweepRow(
         sigma=sigma,
         epsilon=epsilon,
         attack=attack,
-        rouge1=sum(a.rouge1 for a in group) / len(group),
-        rouge2=sum(a.rouge2 for a in group) / len(group),
-        token_recall=sum(a.token_recall for a in group) / len(group),
+        rouge1=mean("rouge1"),
+        rouge2=mean("rouge2"),
+        token_recall=mean("token_recall"),
         accuracy=acc,
         utility_epsilon=spent,
+        unattacked=len(group) - len(scored),
     )
 
 
 def render_table(result: SweepResult) -> str:
     """The sweep as a markdown table: σ, ε, attack, ROUGE-1/2, token recall, accuracy."""
     lines = [
-        "| σ | ε | attack | ROUGE-1 | ROUGE-2 | token recall | accuracy | ε (utility run) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| σ | ε | attack | ROUGE-1 | ROUGE-2 | token recall | not attacked | accuracy "
+        "| ε (utility run) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result.rows:
         lines.append(
-            f"| {r.sigma:g} | {number(r.epsilon)} | {r.attack} | {r.rouge1:.3f} | {r.rouge2:.3f} | "
-            f"{r.token_recall:.3f} | {number(r.accuracy)} | {number(r.utility_epsilon)} |"
+            f"| {r.sigma:g} | {number(r.epsilon)} | {r.attack} | {score(r.rouge1)} | "
+            f"{score(r.rouge2)} | {score(r.token_recall)} | {r.unattacked} | "
+            f"{number(r.accuracy)} | {number(r.utility_epsilon)} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [_UNATTACKED])
+
+
+_UNATTACKED = (
+    "Scores are means over the batches the attack could use; 'not attacked' counts the others "
+    "(e.g. span on a gradient the noise saturated), whose blank guesses are not measurements."
+)
 
 
 def plot(result: SweepResult) -> bytes:
@@ -371,7 +387,7 @@ def plot(result: SweepResult) -> bytes:
         own = sorted((r for r in rows if r.attack == attack), key=lambda r: r.sigma)
         eps = [r.epsilon if math.isfinite(r.epsilon) else inf_at for r in own]
         for key, style in (("rouge1", "-o"), ("rouge2", "--s")):
-            values = [getattr(r, key) for r in own]
+            values = [math.nan if getattr(r, key) is None else getattr(r, key) for r in own]
             label = f"{attack} {key.upper().replace('ROUGE', 'ROUGE-')}"
             axes[0].plot([r.sigma for r in own], values, style, label=label)
             axes[1].plot(eps, values, style, label=label)

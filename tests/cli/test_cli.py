@@ -34,6 +34,7 @@ def test_audit_prints_reconstructions_and_writes_private_reports(
     code = main([
         "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
         "--attack", "gradmatch", "--budget", "0.01", "--limit", "2", "--out", str(out),
+        "--show-text",
     ])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -179,6 +180,7 @@ def test_audit_with_redact_prints_scores_but_no_training_text(
     code = main([
         "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
         "--attack", "span", "--limit", "1", "--out", str(tmp_path / "out"), "--redact",
+        "--show-text",
     ])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -214,3 +216,31 @@ def test_audit_of_a_causal_lm_uses_each_text_as_its_own_label(data_file, tmp_pat
     assert code == 0
     audit = json.loads((out / "report.json").read_text())["audits"][0]
     assert audit["error"] is None and audit["references"][0].startswith("the movie was good")
+
+
+def test_audit_prints_no_training_text_unless_asked(model_dir, data_file, tmp_path, capsys):
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
+        "--attack", "span", "--limit", "1", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "R1 1.00" in printed and "movie" not in printed
+
+
+@pytest.mark.parametrize("attacks", [["span", "auto"], ["span,auto"]])
+def test_lists_are_space_separated_and_commas_still_work(attacks):
+    from gradaudit.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "--attacks", *attacks, "--batch-sizes", "1", "4"])
+    assert args.attacks == ["span", "auto"] and args.batch_sizes == ["1", "4"]
+
+
+def test_audit_prints_why_a_module_was_not_attacked(model_dir, data_file, tmp_path, capsys):
+    code = main([
+        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@1",
+        "--attack", "span", "--batch-size", "2", "--limit", "1", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "not attacked:" in printed and "NOT MEASURED — query@1" in printed

@@ -25,7 +25,10 @@ def test_large_sigma_lowers_the_attacks_rouge(tokenizer):
     )
     rows = run_dpsweep(model, tokenizer, _examples(4), settings).rows
     assert rows[0].sigma == 0.0 and rows[0].epsilon == math.inf
-    assert rows[0].rouge1 > 0.9 and rows[1].rouge1 < rows[0].rouge1 - 0.5
+    assert rows[0].rouge1 > 0.9 and rows[0].unattacked == 0
+    # At σ = 10 the noise saturates the gradient: span cannot use it, and says so instead of
+    # scoring a blank guess (which would read as "no leakage").
+    assert rows[1].rouge1 is None and rows[1].unattacked == 1
 
 
 def test_bad_sweep_settings_fail_before_any_compute():
