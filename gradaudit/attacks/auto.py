@@ -1,9 +1,9 @@
-"""The `auto` attack: `span` where the gradient spectrum allows it, `gradmatch` elsewhere.
+"""The `auto` attack: a span attack where the gradient spectrum allows it, `gradmatch` elsewhere.
 
-Span runs when some observed module is labelled `exact` (layer-0 query/key/value) or `span`
-(any other linear module with a rank below the width: deep mode). Every other snapshot
-(saturated, rank-limited or zero gradients) goes to gradmatch. `info["auto"]` records what ran
-and why.
+A span attack runs when some observed module is labelled `exact` (layer-0 query/key/value) or
+`span` (any other linear module with a rank below the width): `causal` on a decoder, whose
+inputs grow position by position, `span` on an encoder. Every other snapshot (saturated,
+rank-limited or zero gradients) goes to gradmatch. `info["auto"]` records what ran and why.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class AutoOptions:
 
 
 class AutoAttack(Attack):
-    """Pick span or gradmatch per snapshot from the spectra of its gradients."""
+    """Pick span (encoders), causal (decoders) or gradmatch per snapshot from its spectra."""
 
     name = "auto"
     Options = AutoOptions
@@ -52,7 +52,10 @@ class AutoAttack(Attack):
         lay = layout(model)
         labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
         usable = sorted(m for m, lab in labels.items() if lab in ("exact", "span"))
-        if usable:
+        if usable and lay.family.decoder:  # a decoder's inputs grow position by position
+            chosen = get_attack("causal", min_gap=self.options.min_gap)
+            why = f"{', '.join(usable)}: rank below the width (causal span, a decoder)"
+        elif usable:
             opts = self.options
             chosen = get_attack("span", min_gap=opts.min_gap, progress=opts.progress)
             mode = "exact" if any(labels[m] == "exact" for m in usable) else "deep"

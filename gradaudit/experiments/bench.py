@@ -38,7 +38,7 @@ DATASET_FILES = {
 BENCH_COMPONENTS = (*COMPONENTS, "layer", "full")
 # A decoder's grid (SmolLM2 has 30 layers): depths from the first to the second-to-last.
 DECODER_LAYERS = (0, 1, 5, 15, 28)
-DECODER_ATTACKS = ("gradmatch",)  # the attacks that support decoder families
+DECODER_ATTACKS = ("gradmatch", "causal")  # the attacks that support decoder families
 
 
 @dataclass

@@ -122,3 +122,15 @@ def test_smollm2_every_token_but_the_last_from_one_layer_2_module_in_under_a_min
 def test_smollm2_the_whole_sentence_from_one_layer_2_module(smollm2_run):
     _, rec, _ = smollm2_run
     assert rec.texts == [SMOL_TEXT]
+
+
+def test_auto_hands_a_decoder_with_a_usable_span_to_the_causal_attack():
+    from _decoders import decoder_tokenizer, tiny_llama
+
+    from gradaudit import audit_batch
+
+    result = audit_batch(
+        tiny_llama(), decoder_tokenizer(), ["the movie was very good"], None, "ffn_in@1", "auto"
+    )
+    assert result.info["auto"]["ran"] == "causal"
+    assert result.rouge1 == 1.0

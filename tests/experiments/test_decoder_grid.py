@@ -35,7 +35,7 @@ def test_the_decoder_grid_is_its_components_at_the_decoder_depths():
     assert grid.components == ["query", "key", "value", "attn_output", "ffn_gate", "ffn_in",
                                "ffn_out"]  # fmt: skip
     assert grid.layers == [0, 1] and grid.batch_sizes == [1, 4, 8, 16]
-    assert grid.attacks == ["gradmatch"]
+    assert grid.attacks == ["gradmatch", "causal"]
     quick = BenchGrid.for_model(tiny_gpt2(), quick=True)
     assert quick.components == ["qkv", "ffn_in"] and quick.layers == [1]
     encoder = BenchGrid.for_model(make_tiny_model(40))
