@@ -27,6 +27,14 @@ def data_file(tmp_path):
     return path
 
 
+def audit(model, data_file, out, *extra: str, modules: str = "query@0") -> int:
+    """`gradaudit audit` on one module of `model`'s data, writing to `out`; its exit code."""
+    return main([
+        "audit", "--model", str(model), "--data", str(data_file), "--modules", modules,
+        "--out", str(out), *extra,
+    ])  # fmt: skip
+
+
 def test_audit_prints_reconstructions_and_writes_private_reports(
     model_dir, data_file, tmp_path, capsys
 ):
@@ -50,11 +58,10 @@ def test_audit_prints_reconstructions_and_writes_private_reports(
 
 def test_audit_in_train_mode_records_the_mode_in_the_report(model_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    code = main([
-        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
-        "--attack", "gradmatch", "--budget", "0.01", "--limit", "1", "--out", str(out),
+    code = audit(
+        model_dir, data_file, out, "--attack", "gradmatch", "--budget", "0.01", "--limit", "1",
         "--train-mode", "--quiet",
-    ])  # fmt: skip
+    )  # fmt: skip
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["train_mode"] is True
@@ -128,13 +135,10 @@ def test_unknown_attack_option_fails_before_any_work(model_dir, data_file, tmp_p
 def test_fail_above_exits_1_naming_the_score_only_when_a_limit_is_exceeded(
     model_dir, data_file, tmp_path, capsys
 ):
-    common = [
-        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
-        "--attack", "span", "--limit", "1", "--quiet",
-    ]  # fmt: skip
-    assert main([*common, "--out", str(tmp_path / "a"), "--fail-above", "rouge1=0.5"]) == 1
+    common = ["--attack", "span", "--limit", "1", "--quiet"]
+    assert audit(model_dir, data_file, tmp_path / "a", *common, "--fail-above", "rouge1=0.5") == 1
     assert "rouge1" in capsys.readouterr().err  # span rebuilds this sentence: ROUGE-1 1.0
-    assert main([*common, "--out", str(tmp_path / "b"), "--fail-above", "rouge1=1"]) == 0
+    assert audit(model_dir, data_file, tmp_path / "b", *common, "--fail-above", "rouge1=1") == 0
     assert (tmp_path / "a" / "report.json").is_file()  # the report is written either way
 
 
@@ -148,19 +152,13 @@ def test_fail_above_exits_1_naming_the_score_only_when_a_limit_is_exceeded(
 def test_bad_numbers_are_one_line_errors_before_the_model_loads(
     data_file, tmp_path, capsys, argv, message
 ):
-    code = main([
-        "audit", "--model", str(tmp_path / "no-model"), "--data", str(data_file),
-        "--modules", "query@0", "--out", str(tmp_path / "out"), *argv,
-    ])  # fmt: skip
+    code = audit(tmp_path / "no-model", data_file, tmp_path / "out", *argv)
     assert code == 2
     assert message in capsys.readouterr().err
 
 
 def test_an_unknown_model_is_a_one_line_error(data_file, tmp_path, capsys):
-    code = main([
-        "audit", "--model", str(tmp_path / "no-model"), "--data", str(data_file),
-        "--modules", "query@0", "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    code = audit(tmp_path / "no-model", data_file, tmp_path / "out")
     assert code == 2
     assert "cannot load model" in capsys.readouterr().err
 
@@ -177,11 +175,10 @@ def test_version_and_help_show_the_version_and_defaults(capsys):
 def test_audit_with_redact_prints_scores_but_no_training_text(
     model_dir, data_file, tmp_path, capsys
 ):
-    code = main([
-        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
-        "--attack", "span", "--limit", "1", "--out", str(tmp_path / "out"), "--redact",
+    code = audit(
+        model_dir, data_file, tmp_path / "out", "--attack", "span", "--limit", "1", "--redact",
         "--show-text",
-    ])  # fmt: skip
+    )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "R1 " in printed and "ROUGE-1" in printed
@@ -208,21 +205,17 @@ def test_audit_of_a_causal_lm_uses_each_text_as_its_own_label(data_file, tmp_pat
     tiny_llama().save_pretrained(folder)
     decoder_tokenizer().save_pretrained(folder)
     out = tmp_path / "out"
-    code = main([
-        "audit", "--model", str(folder), "--data", str(data_file), "--modules", "query@1",
-        "--attack", "gradmatch", "--budget", "0.01", "--limit", "1", "--out", str(out),
-        "--quiet",
-    ])  # fmt: skip
+    code = audit(
+        folder, data_file, out, "--attack", "gradmatch", "--budget", "0.01", "--limit", "1",
+        "--quiet", modules="query@1",
+    )  # fmt: skip
     assert code == 0
-    audit = json.loads((out / "report.json").read_text())["audits"][0]
-    assert audit["error"] is None and audit["references"][0].startswith("the movie was good")
+    first = json.loads((out / "report.json").read_text())["audits"][0]
+    assert first["error"] is None and first["references"][0].startswith("the movie was good")
 
 
 def test_audit_prints_no_training_text_unless_asked(model_dir, data_file, tmp_path, capsys):
-    code = main([
-        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@0",
-        "--attack", "span", "--limit", "1", "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    code = audit(model_dir, data_file, tmp_path / "out", "--attack", "span", "--limit", "1")
     assert code == 0
     printed = capsys.readouterr().out
     assert "R1 1.00" in printed and "movie" not in printed
@@ -237,10 +230,10 @@ def test_lists_are_space_separated_and_commas_still_work(attacks):
 
 
 def test_audit_prints_why_a_module_was_not_attacked(model_dir, data_file, tmp_path, capsys):
-    code = main([
-        "audit", "--model", str(model_dir), "--data", str(data_file), "--modules", "query@1",
-        "--attack", "span", "--batch-size", "2", "--limit", "1", "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    code = audit(
+        model_dir, data_file, tmp_path / "out", "--attack", "span", "--batch-size", "2",
+        "--limit", "1", modules="query@1",
+    )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "not attacked:" in printed and "NOT MEASURED — query@1" in printed
