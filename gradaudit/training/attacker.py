@@ -160,9 +160,10 @@ class BackgroundAttacker:
             )
         else:
             self._broken = (
-                f"the attack worker died while starting (exit code {value}): guard your "
-                "training script with `if __name__ == '__main__':` (the worker is spawned "
-                "and re-imports it)"
+                f"the attack worker died while starting (exit code {value}; its traceback is "
+                "on standard error): if it ran your training script again, guard the script "
+                "with `if __name__ == '__main__':` (the worker is spawned and re-imports it), "
+                "else set background=False to attack inline"
             )
         return self._broken
 

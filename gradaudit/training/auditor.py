@@ -34,6 +34,7 @@ from gradaudit.model.selection import select_modules
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
 from gradaudit.training.dispatch import Dispatcher
+from gradaudit.training.mainguard import unguarded_main_line, unguarded_message
 from gradaudit.training.recorder import BatchRecorder, Gather
 from gradaudit.training.results import ResultStore, check_writable, deliver, is_pending
 from gradaudit.training.sources import GradientSource, gradient_source
@@ -52,6 +53,10 @@ def _check_settings(
             f"attack {config.attack!r} needs the tokenizer: pass tokenizer=, or set "
             "attack=None to only save snapshots"
         )
+    if is_main_process and config.background and config.attack is not None:
+        unguarded = unguarded_main_line()  # the spawned worker would run the training again
+        if unguarded is not None:
+            raise GradAuditError(unguarded_message(unguarded))
     if is_main_process:
         check_writable(config.output_dir)
     why = config.selects_nothing(last_step)
@@ -173,6 +178,7 @@ class Auditor:
         on_result: Callable[[AuditResult], None] | None = None,
     ) -> None:
         _refuse_in_worker()
+        config = config.for_run(last_step)  # an unset output_dir and default sampling filled
         # An Opacus DPOptimizer releases clipped, noised gradients: capture those, not `.grad`
         # after backward (the paper's code attacks the latter).
         self._source = gradient_source(

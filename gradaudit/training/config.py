@@ -17,7 +17,9 @@ import torch
 
 from gradaudit.errors import GradAuditError
 
-DEFAULT_EVERY_N_STEPS = 100
+DEFAULT_EVERY_N_STEPS = 100  # sampling when no rule is given and the run's length is unknown
+DEFAULT_MAX_AUDITS = 8
+DEFAULT_OUTPUT_DIR = "gradaudit-out"
 # How an audit runs, not what it audits: left out of the configuration a report embeds.
 RUNTIME_FIELDS = (
     "background", "attack_timeout_s", "close_timeout_s", "start_timeout_s", "worker_threads",
@@ -28,14 +30,24 @@ RUNTIME_FIELDS = (
 class AuditConfig:
     """Settings of in-training audits; loadable from a dict, YAML or JSON file.
 
+    The defaults are meant for a user who sets nothing: `attack="auto"` (span where the
+    gradient's spectrum allows it, gradmatch elsewhere), the layer-0 query (where a batch
+    leaks most: exact span mode on encoders), `max_audits=8` audits spread evenly over the
+    run, one worker thread, each attack stopped after `attack_timeout_s=900`, and `close()`
+    waiting at most `close_timeout_s=1800` for the attacks still running when training ends.
+
     A step (1-based optimizer step number) is audited when it is at least `first_step`,
     fewer than `max_audits` audits were taken, and it is in `steps`, or falls on
     `first_step + k * every_n_steps`, or wins a draw of `probability` (a generator seeded
     by `seed` and the step, so every rank and every resumed run draws the same). With none
-    of the three rules given, every `DEFAULT_EVERY_N_STEPS` steps are audited.
+    of the three rules given, the `max_audits` audits are spread evenly over the run when
+    its length is known (`for_run`), else taken every `DEFAULT_EVERY_N_STEPS` steps.
+    `output_dir` None: `<TrainingArguments.output_dir>/gradaudit` under the Trainer
+    callback, `DEFAULT_OUTPUT_DIR` elsewhere.
     The background worker must be ready (its model built) within `start_timeout_s`, each of
-    its attacks may take `attack_timeout_s`; `close()` waits for pending ones at most
-    `close_timeout_s` in all (None: until each finished or timed out, so still bounded); the
+    its attacks may take `attack_timeout_s` (a timeout is recorded as that audit's error);
+    `close()` waits for pending ones at most `close_timeout_s` in all (None: until each
+    finished or timed out, so still bounded; those left are recorded as not attacked); the
     worker uses `worker_threads` CPU threads, leaving the others to training.
     `attack=None` captures and saves snapshots without attacking them (attack them later
     with `gradaudit attack OUTPUT_DIR/snapshots`).
@@ -53,16 +65,16 @@ class AuditConfig:
     probability: float | None = None
     steps: list[int] | None = None
     first_step: int = 1
-    max_audits: int | None = None
-    attack: str | None = "gradmatch"
+    max_audits: int | None = DEFAULT_MAX_AUDITS
+    attack: str | None = "auto"
     attack_options: dict[str, Any] = field(default_factory=dict)
     budget: float = 1.0
     seed: int = 0
     device: str = "auto"
-    output_dir: str = "gradaudit-out"
+    output_dir: str | None = None
     background: bool = True
-    attack_timeout_s: float = 3600.0
-    close_timeout_s: float | None = None
+    attack_timeout_s: float = 900.0
+    close_timeout_s: float | None = 1800.0
     start_timeout_s: float = 600.0
     worker_threads: int = 1
     keep_snapshots: bool = False
@@ -80,8 +92,6 @@ class AuditConfig:
         self.modules = list(self.modules)
         if not self.modules:
             raise GradAuditError("modules is empty: give at least one module spec, e.g. query@0")
-        if self.every_n_steps is None and self.probability is None and self.steps is None:
-            self.every_n_steps = DEFAULT_EVERY_N_STEPS
         if self.steps is not None:
             self.steps = sorted({int(s) for s in self.steps})
         _check_ranges(self)
@@ -97,7 +107,8 @@ class AuditConfig:
             return False
         if self.steps is not None and step in self.steps:
             return True
-        if self.every_n_steps is not None and (step - self.first_step) % self.every_n_steps == 0:
+        every = self._interval()
+        if every is not None and (step - self.first_step) % every == 0:
             return True
         # A generator of its own per step: no global RNG, same draw on every rank and resume.
         if not self.probability:
@@ -108,18 +119,45 @@ class AuditConfig:
         """Why no step up to `last_step` (or ever) can be audited, or None when some can."""
         if self.max_audits == 0:
             return "max_audits is 0"
-        if self.steps is not None and self.every_n_steps is None and not self.probability:
+        if self.steps is not None and self._interval() is None and not self.probability:
             steps = [s for s in self.steps if s >= self.first_step]
             if last_step is not None:
                 steps = [s for s in steps if s <= last_step]
             if not steps:
                 return f"no step in {self.steps} lies in [{self.first_step}, {last_step or 'end'}]"
             return None
-        if self.every_n_steps is None and not self.probability:
+        if self._interval() is None and not self.probability:
             return "probability is 0 and neither steps nor every_n_steps is set"
         if last_step is not None and last_step < self.first_step:
             return f"training ends at step {last_step}, before first_step {self.first_step}"
         return None
+
+    @property
+    def default_sampling(self) -> bool:
+        """Whether no sampling rule (steps, every_n_steps, probability) was given."""
+        return self.every_n_steps is None and self.probability is None and self.steps is None
+
+    def _interval(self) -> int | None:
+        return DEFAULT_EVERY_N_STEPS if self.default_sampling else self.every_n_steps
+
+    def for_run(
+        self, last_step: int | None = None, output_dir: str | Path = DEFAULT_OUTPUT_DIR
+    ) -> AuditConfig:
+        """This config as a run of `last_step` steps uses it (a copy, or itself unchanged).
+
+        `output_dir` fills an unset one. Without a sampling rule, the `max_audits` audits are
+        spread evenly from `first_step` to `last_step` (every `DEFAULT_EVERY_N_STEPS` steps
+        when the run's length or the cap is unknown).
+        """
+        changes: dict[str, Any] = {}
+        if self.output_dir is None:
+            changes["output_dir"] = str(output_dir)
+        if self.default_sampling:
+            every = DEFAULT_EVERY_N_STEPS
+            if last_step and self.max_audits and last_step >= self.first_step:
+                every = max(1, (last_step - self.first_step + 1) // self.max_audits)
+            changes["every_n_steps"] = every
+        return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
         """Every field (what `from_dict` reads back)."""
@@ -132,13 +170,7 @@ class AuditConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditConfig:
         """Build from a mapping, refusing unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise GradAuditError(
-                f"unknown AuditConfig key(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
+        _check_keys(data)
         return cls(**dict(data))
 
     @classmethod
@@ -153,21 +185,38 @@ class AuditConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> AuditConfig:
         """Read a `.yaml`/`.yml` or `.json` file holding one mapping."""
-        path = Path(path)
-        if not path.is_file():
-            raise GradAuditError(f"audit config {path} does not exist: pass a YAML or JSON file")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+        return cls.from_dict(read_settings(path))
 
-            data = yaml.safe_load(text)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            raise GradAuditError(f"audit config {path} is neither .yaml/.yml nor .json: rename it")
-        if not isinstance(data, Mapping):
-            raise GradAuditError(f"audit config {path} does not hold a mapping of settings")
-        return cls.from_dict(data)
+
+def _check_keys(data: Mapping[str, Any], where: str = "") -> None:
+    known = {f.name for f in dataclasses.fields(AuditConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GradAuditError(
+            f"unknown AuditConfig key(s) {', '.join(unknown)}{where}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a `.yaml`/`.yml` or `.json` file holds (one mapping, keys checked), only
+    those: what they leave out is for other sources or the defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradAuditError(f"audit config {path} does not exist: pass a YAML or JSON file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        raise GradAuditError(f"audit config {path} is neither .yaml/.yml nor .json: rename it")
+    if not isinstance(data, Mapping):
+        raise GradAuditError(f"audit config {path} does not hold a mapping of settings")
+    _check_keys(data, f" in {path}")
+    return dict(data)
 
 
 # Field kinds, checked before any value is used: a wrong type is one clear error, not a
@@ -214,7 +263,8 @@ def _check_types(config: AuditConfig) -> None:
     for step in config.steps or []:
         _check_kind("each of steps", step, "whole")
     _check_kind("device", config.device, "text")
-    _check_kind("output_dir", config.output_dir, "text")
+    if config.output_dir is not None:
+        _check_kind("output_dir", config.output_dir, "text")
     if config.attack is not None:
         _check_kind("attack", config.attack, "text")
     if not isinstance(config.attack_options, Mapping):

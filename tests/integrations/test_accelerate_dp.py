@@ -46,7 +46,7 @@ def prepared_private_loop(tokenizer, accelerator: Accelerator):
 
 def dp_config(out: Path) -> AuditConfig:
     return AuditConfig(
-        modules=["query@0"], every_n_steps=1, attack=None, background=False,
+        modules=["query@0"], every_n_steps=1, max_audits=None, attack=None, background=False,
         keep_snapshots=True, output_dir=str(out),
     )  # fmt: skip
 

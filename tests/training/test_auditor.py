@@ -73,7 +73,8 @@ def test_config_round_trips_through_yaml_and_json(tmp_path):
 
 
 def test_sampling_rules():
-    assert AuditConfig().every_n_steps == 100  # no rule given: the default cadence
+    default = AuditConfig()  # no rule given: the default cadence, unless the run's length is known
+    assert default.every_n_steps is None and default.for_run().every_n_steps == 100
     every = AuditConfig(every_n_steps=5, first_step=3, attack=None)
     assert [s for s in range(1, 20) if every.is_sampled(s)] == [3, 8, 13, 18]
     listed = AuditConfig(steps=[2, 9], attack=None)

@@ -17,7 +17,7 @@ from gradaudit.training.worker import snapshot_dir
 def test_auditor_captures_the_released_gradient_and_the_engines_epsilon(tmp_path):
     model, private, optimizer, loader, engine = private_training(sigma=1.0)
     config = AuditConfig(
-        modules=["query@0"], every_n_steps=1, attack=None, background=False,
+        modules=["query@0"], every_n_steps=1, max_audits=None, attack=None, background=False,
         keep_snapshots=True, output_dir=str(tmp_path), dp_delta=0.1,
     )  # fmt: skip
     auditor = Auditor(private, config, optimizer=optimizer, privacy_engine=engine)
