@@ -7,6 +7,7 @@ tests start as a process of its own (written to tmp_path by `write_child`).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -84,8 +85,9 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 
 class Announce(TrainerCallback):
-    """Prints each finished step, "closing" before the auditor closes; at `fail_at`, once
-    `marker` exists (the worker hangs building its model), raises."""
+    """Prints each finished step, "closing" after the last one (the auditor, which runs
+    first of the Trainer's callbacks, closes next); at `fail_at`, once `marker` exists (the
+    worker hangs building its model), raises."""
 
     def __init__(self, fail_at: int | None = None, marker: Path | None = None) -> None:
         self.fail_at = fail_at
@@ -98,9 +100,8 @@ class Announce(TrainerCallback):
         print(f"step {state.global_step}", flush=True)
         if failing:
             raise RuntimeError(f"callback failed at step {state.global_step}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        print("closing", flush=True)
+        if state.global_step == state.max_steps:
+            print("closing", flush=True)
 
 
 def run_child(out: str, mode: str) -> None:
@@ -109,7 +110,11 @@ def run_child(out: str, mode: str) -> None:
     "block": the attack of step 1 blocks in the worker, so close() waits (for a kill).
     "hang": the worker hangs building its model, so close() waits (for a Ctrl-C).
     "raise": the worker hangs building its model, and a callback raises at step 7.
+    A "-zero-arg" suffix hands the Trainer the callback class, the settings coming from
+    GRADAUDIT_CONFIG and GRADAUDIT_OUTPUT_DIR, as transformers users add callbacks.
     """
+    zero_arg = mode.endswith("-zero-arg")
+    mode = mode.removesuffix("-zero-arg")
     import torch
     from _tiny import TinyTexts
     from conftest import make_tiny_tokenizer
@@ -141,7 +146,14 @@ def run_child(out: str, mode: str) -> None:
         processing_class=tokenizer,
         callbacks=[Announce(fail_at=7 if mode == "raise" else None, marker=marker)],
     )
-    trainer.add_callback(GradAuditCallback(config))
+    if zero_arg:
+        settings = {k: v for k, v in config.to_dict().items() if k != "output_dir"}
+        (out / "gradaudit.json").write_text(json.dumps(settings))
+        os.environ["GRADAUDIT_CONFIG"] = str(out / "gradaudit.json")
+        os.environ["GRADAUDIT_OUTPUT_DIR"] = str(out / "audit")
+        trainer.add_callback(GradAuditCallback)
+    else:
+        trainer.add_callback(GradAuditCallback(config))
     trainer.train()
 
 

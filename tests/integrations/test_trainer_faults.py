@@ -126,13 +126,14 @@ def test_killed_training_leaves_no_worker_and_its_resumed_run_keeps_its_audits(
     assert snapshots_left(out) == []
 
 
-@pytest.mark.parametrize("mode", ["raise", "hang"])
+@pytest.mark.parametrize("mode", ["raise", "hang", "raise-zero-arg"])
 def test_training_that_raises_or_is_interrupted_still_reports_and_stops_the_worker(
     child, tmp_path, mode
 ):
     """Defects 1 and 3: a callback raising at step 7, or Ctrl-C while close() waits for a
     worker that hangs building its model: the exit handler kills the worker, records every
-    audit and deletes their snapshots."""
+    audit and deletes their snapshots. The same with the callback class handed to the
+    Trainer, its settings from the environment (issue 27)."""
     run = child(mode)
     if mode == "hang":
         run.wait_for("closing")
@@ -142,12 +143,11 @@ def test_training_that_raises_or_is_interrupted_still_reports_and_stops_the_work
         run.wait_for("step 7")
     start = time.monotonic()
     # Python dies of SIGINT after an uncaught KeyboardInterrupt (its exit handlers ran first)
-    assert run.process.wait(timeout=60) == (1 if mode == "raise" else -signal.SIGINT)
+    raised = mode.startswith("raise")
+    assert run.process.wait(timeout=60) == (1 if raised else -signal.SIGINT)
     assert time.monotonic() - start < 10
     last = run.log.read_text().strip().splitlines()[-1]  # training's own exception, and only it
-    assert last == (
-        "RuntimeError: callback failed at step 7" if mode == "raise" else "KeyboardInterrupt"
-    )
+    assert last == ("RuntimeError: callback failed at step 7" if raised else "KeyboardInterrupt")
     assert not alive(run.worker_pid())
     audits = read_audits(tmp_path / "audit")
     assert [a["step"] for a in audits] == [1, 4, 7]
