@@ -109,14 +109,21 @@ def test_dropout_it_cannot_model_is_said_and_not_trusted(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_mode_batch_of_four_on_minilm(minilm, sst2_path, one_torch_thread):
+@pytest.mark.parametrize(
+    ("component", "assignment"), [("query", "membership"), ("key", "first-token masks")]
+)
+def test_train_mode_batch_of_four_on_minilm(
+    minilm, sst2_path, one_torch_thread, component, assignment
+):
     from gradaudit.experiments.data import load_examples
 
     model, tokenizer = minilm
     examples = load_examples(str(sst2_path))
-    truth, result = run(model, tokenizer, examples.texts[:4], seed=7)
+    truth, result = run(model, tokenizer, examples.texts[:4], component, seed=7)
     assert sorted(result.token_ids) == sorted(truth)
     assert result.info["inputs_found"] == result.info["inputs_expected"] == 74
+    assert result.info["explained_residual"] < 1e-5
+    assert result.info["assignment"] == assignment
     assert result.info["membership_score"] < 1e-6
 
 

@@ -24,10 +24,12 @@ TOLERANCE = 1e-5  # of |u|, per constraint: how far off the span the programmes 
 
 @dataclass(frozen=True)
 class MaskFit:
-    """Per candidate: the relative residual of its masked input and the mask (1 kept)."""
+    """Per candidate: the relative residual of its masked input and the mask (1 kept); with an
+    anchor (key modules), the anchor's mask each candidate implies."""
 
     residual: torch.Tensor  # n
     kept: torch.Tensor  # n x width, bool
+    anchor_kept: torch.Tensor | None = None  # n x width, bool
 
 
 def most_dropped(width: int, rate: float) -> int:
@@ -42,19 +44,6 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 def span_projection(basis: torch.Tensor) -> Projection:
     """Orthogonal projection of rows onto the row space `basis`."""
     return lambda x: (x @ basis.T) @ basis
-
-
-def pair_projection(basis: torch.Tensor) -> Projection:
-    """Orthogonal projection of rows `(a, b)` (2 x width each) onto `a - b` in the row space:
-    a key gradient spans only differences of a sentence's inputs."""
-    width = basis.shape[1]
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        a, b = x[..., :width], x[..., width:]
-        off = (a - b) - ((a - b) @ basis.T) @ basis
-        return torch.cat([a - off / 2, b + off / 2], -1)
-
-    return project
 
 
 def masked_residual(
@@ -101,6 +90,47 @@ def fit_masks(
     return MaskFit(masked_residual(u, kept, project, most), kept)
 
 
+def decode_masks(
+    inputs: torch.Tensor,
+    basis: torch.Tensor,
+    most: int,
+    anchor: torch.Tensor | None = None,
+    costs: torch.Tensor | None = None,
+) -> MaskFit:
+    """Each row's mask (and, with `anchor`, the anchor's) by sparse-error decoding.
+
+    A true row `u` (scaled by 1 / (1 - p)) differs from a vector of the span `W` in few
+    coordinates: its dropped ones (error `u_i`). For a key module `W` is the span plus the
+    unmasked anchor `a` (the first token's input): the row minus its sentence's masked anchor is
+    in the span, so the error is also `-a_i` where the anchor was dropped, `u_i - a_i` where
+    both were. ADMM on `min sum(costs * |e|)` with `u - e` in `W` (soft thresholding and a
+    projection, batched), then each coordinate's error snapped to the nearest of those values;
+    the residual is that of the masked row (minus the masked anchor) against the span.
+    """
+    span = basis if anchor is None else torch.linalg.qr(torch.cat([basis, anchor[None]]).T).Q.T
+    u = inputs
+    weight = u.abs().mean(-1, keepdim=True) * (1 if costs is None else costs)
+    z = (u @ span.T) @ span
+    w = torch.zeros_like(u)
+    for _ in range(ADMM_STEPS):
+        e = u - z + w
+        e = e.sign() * (e.abs() - weight).clamp_min(0)
+        z = ((u - e + w) @ span.T) @ span
+        w = w + u - e - z
+    e = u - z
+    zero = torch.zeros_like(u)
+    if anchor is None:
+        kept = (e - zero).abs() <= (e - u).abs()
+        return MaskFit(masked_residual(u, kept, span_projection(basis), most), kept)
+    a = anchor.expand_as(u)
+    state = (e[None] - torch.stack([zero, u, -a, u - a])).abs().argmin(0)
+    kept, anchor_kept = (state == 0) | (state == 2), (state == 0) | (state == 1)
+    x = u * kept - a * anchor_kept
+    residual = (x - (x @ basis.T) @ basis).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
+    too_many = ((~kept).sum(-1) > most) | ((~anchor_kept).sum(-1) > most)
+    return MaskFit(residual.masked_fill(too_many, float("inf")), kept, anchor_kept)
+
+
 def complement(basis: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis (k x width) of the row space's orthogonal complement."""
     return torch.linalg.svd(basis, full_matrices=True).Vh[basis.shape[0] :]
@@ -140,9 +170,9 @@ def exact_masks(
     """The 0/1 masks (k x width, 1 kept) with the fewest drops, at most `most` each, that put
     `sum_i (-1)^i rows[i] * masks[i]` in the span (within rounding), the first mask other than
     those in `exclude`; None if there are none (or none found within `time_limit` seconds).
-    One row: is this input in the span; two: is the difference of two inputs (a key gradient
-    holds only those). A MILP: the box relaxation (`lp_mask`) is fractional when the span is
-    wide (B >= 8) or when two tokens share the input."""
+    One row: is this input in the span; two: is their difference (too slow to be used: 10-60 s
+    and more for a key module's first and last token). A MILP: the box relaxation (`lp_mask`)
+    is fractional when the span is wide (B >= 8) or when two tokens share the input."""
     k, width = rows.shape
     parts = [_constraint(row * (-1) ** i, orthogonal) for i, row in enumerate(rows)]
     a = np.hstack([p[0] for p in parts])
