@@ -153,7 +153,9 @@ class GradAuditCallback(TrainerCallback, ExportableState):
         """Find the Trainer's callback handler and run first in it, so audits finished at
         train end reach the other callbacks before they close (moving an entry from where
         the handler's loop stands to the front skips and repeats no callback)."""
-        handler = getattr(self.trainer, "callback_handler", None) or _calling_handler(self)
+        handler = getattr(self.trainer, "callback_handler", None)
+        if handler is None or not any(c is self for c in handler.callbacks):
+            handler = _calling_handler(self)
         self._handler = handler
         if handler is None:
             warnings.warn(

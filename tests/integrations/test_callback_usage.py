@@ -13,6 +13,7 @@ from _tiny import TinyTexts, read_audits
 from conftest import make_tiny_model
 from gradaudit.integrations.trainer import GradAuditCallback
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
 
 from gradaudit import AuditConfig, GradAuditError
 
@@ -189,3 +190,13 @@ def test_without_sampling_settings_eight_audits_are_spread_over_the_run(
     run.train()
     audits = read_audits(tmp_path / "trainer" / "gradaudit")
     assert [a["step"] for a in audits] == [1, 3, 5, 7, 9, 11, 13, 15]
+
+
+def test_called_outside_a_trainer_it_says_where_the_scores_go(tokenizer, tmp_path, clean_env):
+    callback = GradAuditCallback({"attack": None, "output_dir": str(tmp_path / "audit")})
+    args = TrainingArguments(str(tmp_path / "t"), use_cpu=True, report_to=[])
+    model = make_tiny_model(tokenizer.vocab_size)
+    with pytest.warns(RuntimeWarning, match="not called by a Trainer's callback handler"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    callback.on_train_end(args, TrainerState(), TrainerControl())
+    assert (tmp_path / "audit" / "report.json").is_file()
