@@ -132,7 +132,11 @@ def worker_main(model_class, model_config, tokenizer, config: AuditConfig, jobs,
     """Entry point of the spawned process: build the model once, attack jobs until None."""
     _exit_with_parent(config)
     import torch
+    from tqdm import tqdm
 
+    # tqdm's default lock is a named semaphore: a worker killed at a timeout would leave it
+    # for the resource tracker to warn about when training exits. One process: a thread lock.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(config.worker_threads)
     model = rebuild(model_class, model_config)
     results.put(READY)
