@@ -29,9 +29,9 @@ demo: $(STAMP)
 	$(PY) -m gradaudit demo
 
 test: $(STAMP)
-	$(PY) -m ruff check gradaudit integrations tests examples
+	$(PY) -m ruff check --no-cache gradaudit integrations tests examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check gradaudit integrations tests examples
+	$(PY) -m ruff check --no-cache gradaudit integrations tests examples
 	$(PY) -m ruff format --check gradaudit integrations tests examples

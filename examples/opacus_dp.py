@@ -13,6 +13,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradaudit import audit_snapshot, load_model, select_modules
+from gradaudit.experiments.data import load_examples
+from gradaudit.experiments.dpsweep import frozen_embeddings_copy
 from gradaudit.privacy import (
     check_dp_parameters,
     default_delta,
@@ -21,12 +27,6 @@ from gradaudit.privacy import (
     engine_statement,
     watch_released_gradients,
 )
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
-
-from gradaudit import audit_snapshot, load_model, select_modules
-from gradaudit.experiments.data import load_examples
-from gradaudit.experiments.dpsweep import frozen_embeddings_copy
 
 
 def main() -> None:

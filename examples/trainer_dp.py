@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from gradaudit.integrations.trainer import GradAuditCallback
-from gradaudit.privacy import check_dp_parameters, is_empty_batch, prepare_empty_step
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -25,6 +24,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from gradaudit import AuditConfig, load_model
 from gradaudit.experiments.data import load_examples
 from gradaudit.experiments.dpsweep import frozen_embeddings_copy
+from gradaudit.privacy import check_dp_parameters, is_empty_batch, prepare_empty_step
 
 
 class DPTrainer(Trainer):
