@@ -131,6 +131,7 @@ class Attack(ABC):
                 clone, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
             )
         result.seconds = time.perf_counter() - start
+        result.info["device"] = str(device)  # where the attack actually ran
         return result
 
     @abstractmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"batch {i}:")
             print_result(result, show_text=args.show_text and not args.redact)
     config = {"command": "audit", **{k: v for k, v in vars(args).items() if k != "func"}}
-    config["out"] = str(args.out)
+    config["out"] = str(args.out.resolve())
+    if Path(args.data).is_file():  # a local file (not a hub name): where it really is
+        config["data"] = str(Path(args.data).resolve())
     report = build_report(results, config=config, redact=args.redact)
     print_report(report, write_report(args.out, report))
     return _check_thresholds(results, dict(args.fail_above))

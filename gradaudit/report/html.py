@@ -194,7 +194,7 @@ def plots(report: dict[str, Any]) -> list[tuple[str, bytes, str]]:
 
 def _audit_table(report: dict[str, Any]) -> str:
     head = ["#", "step", "modules", "attack", "gradient", "B", "ROUGE-1", "ROUGE-2", "ROUGE-L",
-            "token recall", "exact", "ε", "seconds", "error"]  # fmt: skip
+            "token recall", "exact", "ε", "seconds", "device", "error"]  # fmt: skip
     rows = []
     for i, a in enumerate(report["audits"]):
         rows.append(
@@ -206,9 +206,23 @@ def _audit_table(report: dict[str, Any]) -> str:
             + "".join(_score_cell(a[k]) for k in SCORE_KEYS)
             + f'<td class="num">{number(a["epsilon"])}</td>'
             f'<td class="num">{a["seconds"]:.1f}</td>'
+            f"<td>{escape(str((a.get('info') or {}).get('device', '-')))}</td>"
             f'<td class="err">{escape(a["error"] or "")}</td></tr>'
         )
-    return f'<section id="audits"><h2>Audits</h2>{_table(head, rows)}</section>'
+    return (
+        f'<section id="audits"><h2>Audits</h2>{_table(head, rows)}'
+        f'<p class="scores">{escape(COLUMNS)}</p></section>'
+    )
+
+
+COLUMNS = (
+    "step: the training step audited (- outside training); gradient: what was attacked (raw, "
+    "clipped by max_grad_norm, or noised as DP-SGD releases it); B: sentences in the batch; "
+    "ROUGE-1/2/L: F-measure of the reconstruction against the batch (1 = every word, in "
+    "order); token recall: share of tokens recovered at their own position; exact: share of "
+    "sentences rebuilt word for word; ε: privacy spent up to that step; seconds: the attack's "
+    "time on the device named; error: why an audit has no scores."
+)
 
 
 def _reconstructions(report: dict[str, Any]) -> str:

@@ -65,6 +65,8 @@ def test_audit_in_train_mode_records_the_mode_in_the_report(model_dir, data_file
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["train_mode"] is True
+    assert report["config"]["data"] == str(data_file.resolve())
+    assert report["audits"][0]["info"]["device"] == "cpu"
     assert report["audits"][0]["info"]["train_mode"] is True
 
 

@@ -45,3 +45,11 @@ def test_every_format_opens_with_the_verdict_and_states_the_levels(tmp_path):
     assert "Levels: HIGH:" in markdown
     html = (tmp_path / "report.html").read_text()
     assert html.index("HIGH</strong>") < html.index("Worst case over")
+
+
+def test_the_audit_table_explains_its_columns_and_names_the_device(tmp_path):
+    audit = audit_of(EXACT)
+    audit.info = {"device": "cpu"}
+    write_report(tmp_path, _report(audit))
+    html = (tmp_path / "report.html").read_text()
+    assert "<td>cpu</td>" in html and "token recall: share of tokens recovered" in html
