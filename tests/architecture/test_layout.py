@@ -209,3 +209,16 @@ def test_the_checks_find_a_planted_cycle_and_framework_import(tmp_path: Path):
     modules = module_files({"pkg": package})
     assert cycles(import_graph(modules)) == [["pkg.a", "pkg.sub.b"]]
     assert framework_imports(modules) == ["pkg.c: transformers.TrainerCallback"]
+
+
+def test_every_package_folder_is_listed_for_installation():
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = {
+        ".".join(["gradaudit", *path.parent.relative_to(PACKAGES["gradaudit"]).parts])
+        for path in PACKAGES["gradaudit"].rglob("__init__.py")
+    }
+    assert sorted(listed) == sorted(folders | {"gradaudit.integrations"})
