@@ -36,11 +36,15 @@ def dp_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+# How an audit's error says its snapshot stayed on disk (written by the training package).
+SNAPSHOT_KEPT = "its snapshot is kept"
+
+
 def kept_snapshots_note(report: dict[str, Any]) -> str | None:
     """A warning when snapshots were kept on disk: they hold the batches' text in clear,
     whatever the report's redaction; None when none were kept."""
     keep_all = bool((report.get("config") or {}).get("keep_snapshots"))
-    kept = [a for a in report["audits"] if keep_all or "snapshot is kept" in (a["error"] or "")]
+    kept = [a for a in report["audits"] if keep_all or SNAPSHOT_KEPT in (a["error"] or "")]
     if not kept:
         return None
     return (

@@ -21,6 +21,7 @@ from typing import Any
 from gradaudit.errors import GradAuditError
 from gradaudit.io import describe_os_error, private_dir
 from gradaudit.report import build_report, read_report, write_report
+from gradaudit.report.format import SNAPSHOT_KEPT
 from gradaudit.scoring.metrics import SCORE_KEYS
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
@@ -51,7 +52,7 @@ def snapshot_fate(snapshot: str | None, keep: bool) -> str:
         return ""
     if keep:
         return (
-            f"; its snapshot is kept (keep_snapshots): attack it with "
+            f"; {SNAPSHOT_KEPT} (keep_snapshots): attack it with "
             f"`gradaudit attack {snapshot} --model ...`"
         )
     shutil.rmtree(snapshot, ignore_errors=True)
