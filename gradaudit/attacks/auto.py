@@ -3,7 +3,10 @@
 A span attack runs when some observed module is labelled `exact` (layer-0 query/key/value) or
 `span` (any other linear module with a rank below the width): `causal` on a decoder, whose
 inputs grow position by position, `span` on an encoder. Every other snapshot (saturated,
-rank-limited or zero gradients) goes to gradmatch. `info["auto"]` records what ran and why.
+rank-limited) goes to gradmatch, and so does a decoder's `partial` one (a LoRA lora_A with
+fewer rows r than tokens), which an encoder's span attack uses through its reverse test; an
+all-zero gradient is not attacked. `info["auto"]` records what ran and why, and
+`info["regime"]` the regime (span exact, span partial, gradient matching).
 """
 
 from __future__ import annotations
@@ -52,18 +55,21 @@ class AutoAttack(Attack):
         lay = layout(model)
         labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
         usable = sorted(m for m, lab in labels.items() if lab in ("exact", "span"))
+        partial = sorted(m for m, lab in labels.items() if lab == "partial")
         if usable and lay.family.decoder:  # a decoder's inputs grow position by position
             chosen = get_attack("causal", min_gap=self.options.min_gap)
             why = f"{', '.join(usable)}: rank below the width (causal span, a decoder)"
-        elif usable:
+        elif usable or partial and not lay.family.decoder:
             opts = self.options
             chosen = get_attack("span", min_gap=opts.min_gap, progress=opts.progress)
             mode = "exact" if any(labels[m] == "exact" for m in usable) else "deep"
-            why = f"{', '.join(usable)}: rank below the width ({mode} span)"
+            why = f"{', '.join(usable + partial)}: rank below the width ({mode} span)"
+            if partial:
+                why += f"; {', '.join(partial)} partial: the inputs must span its row space"
         else:
             chosen = get_attack("gradmatch")
             why = (
-                "no module has a usable span (labels: "
+                "no module has a span every input lies in (labels: "
                 + ", ".join(f"{m}={lab}" for m, lab in labels.items())
                 + ")"
             )

@@ -18,7 +18,12 @@ from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import eager_attention
 from gradaudit.model.linear import uniform_copy
+from gradaudit.model.lora import zero_gradient_reason
 
+# What an attack ran on, in the words results' `info["regime"]` use: the span test with every
+# input in the row space, with an r-dimensional slice of it (LoRA's lora_A, r < tokens), or
+# gradient matching.
+SPAN_EXACT, SPAN_PARTIAL, GRADIENT_MATCHING = "span exact", "span partial", "gradient matching"
 _UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
 
 
@@ -71,6 +76,38 @@ def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[list[int]]) -> li
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
 
 
+def blank_ids(snapshot: GradientSnapshot, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The batch's ids with every text token replaced by [UNK]: what the adversary knows."""
+    ids = snapshot.batch["input_ids"].clone()
+    unk = tokenizer.unk_token_id
+    ids[content_mask(snapshot, tokenizer)] = unk if unk is not None else 0
+    return ids
+
+
+def from_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    snapshot: GradientSnapshot,
+    ids: torch.Tensor,
+    attack: str,
+    options: dict[str, Any],
+    info: dict[str, Any],
+) -> Reconstruction:
+    """A reconstruction of padded ids `ids` (B, L), each sentence cut to its known length."""
+    token_ids = [ids[b, :n].tolist() for b, n in enumerate(sentence_lengths(snapshot))]
+    return Reconstruction(token_ids, decode(tokenizer, token_ids), attack, options, info=info)
+
+
+ZERO_GRADIENT = "all-zero gradient: nothing to recover (the batch contributed no gradient)"
+
+
+def zero_gradient(model: nn.Module, snapshot: GradientSnapshot) -> str:
+    """Why there is nothing to attack when every observed weight gradient is zero ("" when
+    one is not), naming LoRA's zero-initialised lora_B where that is the cause."""
+    if any(torch.any(snapshot.weight_gradient(m)) for m in snapshot.modules):
+        return ""
+    return zero_gradient_reason(model, list(snapshot.modules)) or ZERO_GRADIENT
+
+
 def attack_model(model: nn.Module, snapshot: GradientSnapshot, device: torch.device) -> nn.Module:
     """A private eval-mode copy of `model` on `device`, with the snapshot's weights if it has them.
 
@@ -116,7 +153,10 @@ class Attack(ABC):
         device: str | torch.device | None = None,
         budget: float = 1.0,
     ) -> Reconstruction:
-        """Reconstruct the batch behind `snapshot` from its gradients (white-box threat model)."""
+        """Reconstruct the batch behind `snapshot` from its gradients (white-box threat model).
+
+        An all-zero gradient is not attacked (`info["mode"] == "none"`, `info["why"]`).
+        """
         if budget <= 0:
             raise GradAuditError(f"budget must be positive, got {budget}")
         for module in snapshot.modules:
@@ -125,11 +165,17 @@ class Attack(ABC):
         start = time.perf_counter()
         clone = attack_model(model, snapshot, device)
         snapshot = snapshot.as_linear(uniform_copy(clone))  # GPT-2's Conv1D as nn.Linear
-        with eager_attention(clone), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            result = self._reconstruct(
-                clone, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
-            )
+        nothing = zero_gradient(clone, snapshot)
+        if nothing:  # any guess would be unconstrained: reported as not attacked
+            info = {"mode": "none", "why": nothing, "zero_gradient": True}
+            ids = blank_ids(snapshot, tokenizer)
+            result = from_ids(tokenizer, snapshot, ids, self.name, self.options_dict(), info)
+        else:
+            with eager_attention(clone), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                result = self._reconstruct(
+                    clone, snapshot, tokenizer=tokenizer, seed=seed, device=device, budget=budget
+                )
         result.seconds = time.perf_counter() - start
         result.info["device"] = str(device)  # where the attack actually ran
         return result

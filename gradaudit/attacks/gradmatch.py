@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, content_mask, decode
+from gradaudit.attacks.base import (
+    GRADIENT_MATCHING,
+    Attack,
+    Reconstruction,
+    candidate_token_ids,
+    content_mask,
+    decode,
+)
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import layout
@@ -243,6 +250,7 @@ class GradMatchAttack(Attack):
             options=self.options_dict(),
             loss_trace=trace_values,
             info={
+                "regime": GRADIENT_MATCHING,
                 "steps": steps,
                 "init_candidates": n_candidates,
                 "init_permutations": n_permutations,

@@ -45,7 +45,8 @@ class Spectrum:
     singular_values: torch.Tensor
     rank: int
     rank_above_rounding: int
-    width: int
+    width: int  # the input width (columns)
+    rows: int  # the output width: rank <= rows, e.g. a LoRA lora_A's r
     clean: bool
     gap: float
     floor: float
@@ -60,6 +61,7 @@ class Spectrum:
             "rank": self.rank,
             "rank_above_rounding": self.rank_above_rounding,
             "width": self.width,
+            "rows": self.rows,
             "status": self.status,
             "clean": self.clean,
             "gap": self.gap,
@@ -120,7 +122,7 @@ def spectrum(
             f"{name}: the gradient holds NaN or inf, so it has no usable span: fix the training "
             "step (loss scaling, learning rate) before auditing it"
         )
-    width = int(grad.shape[1])
+    rows, width = (int(n) for n in grad.shape)
     _, s, vh = torch.linalg.svd(grad.to(torch.float64), full_matrices=False)
     top = float(s[0])
     precision = _precision(grad, precision)
@@ -128,7 +130,7 @@ def spectrum(
     floor = torch.finfo(precision).eps * top
     above = int((s > floor).sum())
     if above == 0:
-        return Spectrum(s.cpu(), 0, 0, width, True, 0.0, floor, vh[:0], "zero", kind)
+        return Spectrum(s.cpu(), 0, 0, width, rows, True, 0.0, floor, vh[:0], "zero", kind)
     # Gap after each value above the floor; past the last value of the list there is none.
     following = torch.cat([s[1:], s.new_tensor([s[-1]])])[:above]
     ratios = s[:above] / following.clamp_min(floor * 1e-6)
@@ -143,21 +145,29 @@ def spectrum(
         rank = above
     clear = int((ratios >= min_gap).nonzero().max()) + 1 if clean else rank
     rounded = precision in LOW_PRECISIONS and not (clean or noisy)  # no gap above rounding
-    status = "saturated" if rank >= min(grad.shape) or rounded else "ok"
-    return Spectrum(s.cpu(), rank, clear, width, clean, gap, floor, vh[:rank], status, kind)
+    # Full row rank is information only in a clean gradient (see `label`'s `partial`); under
+    # noise it cannot be told from the noise.
+    full = rank >= width or noisy and rank >= rows
+    status = "saturated" if full or rounded else "ok"
+    return Spectrum(s.cpu(), rank, clear, width, rows, clean, gap, floor, vh[:rank], status, kind)
 
 
-LABELS = ("exact", "span", "rank-limited", "saturated", "zero")
+LABELS = ("exact", "span", "partial", "rank-limited", "saturated", "zero")
 
 
 def label(spec: Spectrum, tokens: int, per_token_input: bool) -> str:
     """What a module's gradient can leak (see LABELS).
 
-    `rank-limited`: rank at most a quarter of the batch's tokens (e.g. only [CLS] reaches the
-    loss through it); `exact`: a usable span over a per-token input (layer-0 query/key/value).
+    `partial`: more tokens than the gradient has rows (a LoRA lora_A with r < tokens), so its
+    full-rank row space is an r-dimensional slice of the inputs' span: the inputs must span it,
+    but a single input need not lie in it. `rank-limited`: rank at most a quarter of the
+    batch's tokens (e.g. only [CLS] reaches the loss through it); `exact`: a usable span over a
+    per-token input (layer-0 query/key/value); `span`: a usable span past layer 0.
     """
     if spec.status != "ok":
         return spec.status
+    if spec.rank >= spec.rows and tokens > spec.rows:
+        return "partial"
     if spec.rank <= max(1, tokens // 4):
         return "rank-limited"
     return "exact" if per_token_input else "span"

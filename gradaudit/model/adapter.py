@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gradaudit.errors import GradAuditError
+from gradaudit.model.lora import split_part
 
 if TYPE_CHECKING:
     from gradaudit.model.families import Family
@@ -49,13 +50,14 @@ class ModelLayout:
         return f"{self.prefix}{self.family.layers}.{layer}."
 
     def locate(self, module_name: str) -> tuple[str, int] | None:
-        """(component, layer) of a module name, or None when it is not a known component."""
+        """(component, layer) of a module name (a LoRA part: of the module it wraps), or None
+        when it is not a known component."""
         from gradaudit.model.families import locate_name
 
         found = locate_name(module_name, (self.family,))
         if found is None or found[1] >= self.num_layers:
             return None
-        return found if self.component_name(*found) == module_name else None
+        return found if self.component_name(*found) == split_part(module_name)[0] else None
 
     @property
     def bert_embeddings(self) -> bool:

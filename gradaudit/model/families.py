@@ -16,6 +16,7 @@ from torch import nn
 
 from gradaudit.errors import GradAuditError
 from gradaudit.model.adapter import ModelLayout
+from gradaudit.model.lora import inner_model, split_part
 
 # Every component name any family defines, in the order reports list them. A family maps the
 # ones it has; BERT's six keep their meaning everywhere (`ffn_in` widens, `ffn_out` narrows).
@@ -117,7 +118,9 @@ def known_families() -> str:
 def locate_name(
     module_name: str, families: Iterable[Family] | None = None
 ) -> tuple[str, int] | None:
-    """(component, layer) read from a module name alone (no model), or None when unknown."""
+    """(component, layer) read from a module name alone (no model), or None when unknown; a
+    LoRA part (`...query.lora_A.default`) is located at the module it wraps."""
+    module_name = split_part(module_name)[0]
     for family in FAMILIES if families is None else families:
         for component, relative in family.components.items():
             layers, tail = re.escape(family.layers), re.escape(relative)
@@ -152,7 +155,8 @@ def modules_label(module_names: Iterable[str]) -> str:
 
 
 def _base_prefix(model: nn.Module) -> str:
-    base = getattr(model, "base_model", model)
+    inner = inner_model(model)  # seen through PEFT's wrappers
+    base = getattr(inner, "base_model", inner)
     for name, module in model.named_modules():
         if module is base:
             return f"{name}." if name else ""
@@ -185,7 +189,7 @@ def is_causal_lm(model: nn.Module) -> bool:
     names: set[str] = set()
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update([value] if isinstance(value, str) else value)
-    return any(cls.__name__ in names for cls in type(model).__mro__)
+    return any(cls.__name__ in names for cls in type(inner_model(model)).__mro__)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,14 @@ from torch import nn
 from gradaudit.errors import GradAuditError
 from gradaudit.model.families import COMPONENTS, layout
 from gradaudit.model.linear import LINEAR_NAMES, is_linear
+from gradaudit.model.lora import (
+    BOTH_PARTS,
+    LORA_PARTS,
+    check_supported,
+    is_lora_wrapper,
+    part_names,
+    split_part,
+)
 
 PRESET_COMPONENTS = (*COMPONENTS, "layer", "all")
 
@@ -41,6 +49,22 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 
 
 def _preset(model: nn.Module, spec: str) -> list[str]:
+    preset, _, part = spec.partition(":")
+    if part and part not in (*LORA_PARTS, BOTH_PARTS):
+        raise GradAuditError(
+            f"unknown adapter part {part!r} in {spec!r}: use {', '.join(LORA_PARTS)} or "
+            f"{BOTH_PARTS} (both), e.g. query@2:lora_A"
+        )
+    names = _component_names(model, preset)
+    if not part:
+        return names
+    if preset.startswith(("layer@", "all@")):  # the adapter parts among the layer's modules
+        wanted = LORA_PARTS if part == BOTH_PARTS else (part,)
+        return [n for n in names if split_part(n)[1] in wanted]
+    return [p for n in names for p in part_names(model, n, part, spec)]
+
+
+def _component_names(model: nn.Module, spec: str) -> list[str]:
     component, _, layers_text = spec.partition("@")
     if component not in PRESET_COMPONENTS:
         raise GradAuditError(
@@ -54,9 +78,13 @@ def _preset(model: nn.Module, spec: str) -> list[str]:
     for layer in parse_layers(layers_text, lay.num_layers):
         if component in ("layer", "all"):
             prefix = lay.layer_prefix(layer)
-            names.extend(
-                n for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)
-            )
+            linear = [
+                (n, m) for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)
+            ]
+            # The trainable ones (with adapters, a frozen base has no gradient); if none is,
+            # all of them, which `_check_linear` refuses by name.
+            trainable = [n for n, m in linear if m.weight.requires_grad]
+            names.extend(trainable or [n for n, _ in linear])
         else:
             names.append(lay.component_name(component, layer))
     return names
@@ -64,6 +92,15 @@ def _preset(model: nn.Module, spec: str) -> list[str]:
 
 def _check_linear(model: nn.Module, name: str, spec: str) -> None:
     module = model.get_submodule(name)
+    if is_lora_wrapper(module):
+        if "@" in spec:
+            instead = f"{spec}:lora_A, {spec}:lora_B or {spec}:lora (both)"
+        else:
+            instead = f"{name}.lora_A.* or {name}.lora_B.*"
+        raise GradAuditError(
+            f"{spec!r} matches {name!r}, which a LoRA adapter wraps: its base weight is frozen, "
+            f"so the gradient shared is the adapter's; select {instead}"
+        )
     if not is_linear(module):
         raise GradAuditError(
             f"{spec!r} matches {name!r}, a {type(module).__name__}, not {LINEAR_NAMES}: "
@@ -82,8 +119,11 @@ def select_modules(model: nn.Module, specs: str | Iterable[str]) -> list[str]:
 
     A spec is a preset `COMPONENT@LAYERS` (e.g. `query@2`, `ffn_out@0-2`, `layer@last`,
     `all@all`; the components a family has are in its adapter, see `families`) or an
-    `fnmatch` glob over `model.named_modules()` names.
+    `fnmatch` glob over `model.named_modules()` names. On a LoRA model (PEFT), a preset's
+    suffix `:lora_A`, `:lora_B` or `:lora` (both) picks the adapter parts of the modules it
+    names (`query@2:lora_A`); globs reach them by their names (`*.query.lora_A.default`).
     """
+    check_supported(model)
     if isinstance(specs, str):
         specs = [specs]
     all_names = [n for n, _ in model.named_modules() if n]

@@ -106,12 +106,15 @@ def _without_scores_if_unattacked(result: AuditResult) -> AuditResult:
     why = result.unattacked_reason
     if why is None:
         return result
+    hint = "; its scores would say nothing about leakage: use attack='auto', which hands such "
+    hint += "gradients to gradmatch"
+    if result.info.get("zero_gradient"):  # no attack can use a zero gradient
+        hint = ""
     return AuditResult.failure(
         result.modules,
         result.attack,
         result.batch_size,
-        f"not attacked: {why}; its scores would say nothing about leakage: use "
-        "attack='auto', which hands such gradients to gradmatch",
+        f"not attacked: {why}{hint}",
         references=result.references,
         seconds=result.seconds,
         options=result.options,

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.attacks.base import Attack, Reconstruction, content_mask, decode
+from gradaudit.attacks.base import (
+    SPAN_EXACT,
+    SPAN_PARTIAL,
+    Attack,
+    Reconstruction,
+    blank_ids,
+    from_ids,
+)
 from gradaudit.attacks.registry import get_attack
 from gradaudit.attacks.span.deep.solve import solve_deep
 from gradaudit.attacks.span.exact.dropout import embedding_dropout
@@ -27,6 +34,9 @@ from gradaudit.attacks.span.options import SpanOptions
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum, label, spectrum
 from gradaudit.model.families import ModelLayout, layout
+from gradaudit.model.lora import combined_dropout, lora_part
+
+USABLE = ("exact", "span", "partial")  # the labels whose row space constrains the inputs
 
 
 def module_spectra(
@@ -43,8 +53,6 @@ def module_spectra(
 def unusable_reason(labels: dict[str, str]) -> str:
     """Why no module's gradient can be attacked, from the modules' spectrum labels ("" if one
     can)."""
-    if set(labels.values()) == {"zero"}:
-        return "all-zero gradient: nothing to recover (the batch contributed no gradient)"
     if set(labels.values()) <= {"saturated", "zero"}:
         return "saturated: the gradient has full rank, so its span constrains nothing"
     limited = [m for m, lab in labels.items() if lab == "rank-limited"]
@@ -55,6 +63,28 @@ def unusable_reason(labels: dict[str, str]) -> str:
             "cannot leak the other tokens"
         )
     return ""
+
+
+def regime_of(usable: dict[str, Spectrum], labels: dict[str, str], tokens: int) -> dict[str, str]:
+    """`regime` (span exact or span partial) of a span attack on the `usable` modules, and
+    `regime_why`."""
+    partial = sorted(m for m in usable if labels[m] == "partial")
+    if not partial:
+        return {
+            "regime": SPAN_EXACT,
+            "regime_why": (
+                f"no more tokens ({tokens}) than each gradient's rows: its row space is the "
+                "span of the inputs, so every input lies in it"
+            ),
+        }
+    ranks = ", ".join(f"{m} rank {usable[m].rank}" for m in partial)
+    return {
+        "regime": SPAN_PARTIAL,
+        "regime_why": (
+            f"{ranks} = its rows < tokens ({tokens}): an r-dimensional slice of the inputs' span, "
+            "so only the reverse test holds (the inputs must span it)"
+        ),
+    }
 
 
 def dropout_on(model: nn.Module, snapshot: GradientSnapshot, rate: float) -> bool:
@@ -103,12 +133,10 @@ class SpanAttack(Attack):
             "spectra": {m: s.summary() for m, s in spectra.items()},
             "tokens": tokens,
         }
-        content = content_mask(snapshot, tokenizer)
-        ids = snapshot.batch["input_ids"].clone()
-        ids[content] = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+        ids = blank_ids(snapshot, tokenizer)
         labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
         info["labels"] = labels
-        usable = {m: spectra[m] for m, lab in labels.items() if lab in ("exact", "span")}
+        usable = {m: spectra[m] for m, lab in labels.items() if lab in USABLE}
         why = unusable_reason(labels)
         if not usable:
             if why.startswith("saturated") and opts.saturated == "gradmatch":
@@ -119,11 +147,13 @@ class SpanAttack(Attack):
                 return result
             info.update(mode="none", why=why, **saturation(model, snapshot, lay, spectra, labels))
             return self._result(tokenizer, snapshot, ids, info)
+        info.update(regime_of(usable, labels, tokens))
         exact = [m for m in usable if labels[m] == "exact"]
         if exact:
             module = min(exact, key=lambda m: usable[m].rank)
             spec = usable[module]
             rate, cannot = embedding_dropout(lay)
+            rate = combined_dropout(rate, lora_part(model, module))
             train = dropout_on(model, snapshot, rate)
             if train and cannot:
                 info["dropout"] = f"cannot model this model's dropout: {cannot}; deep mode instead"
@@ -152,12 +182,4 @@ class SpanAttack(Attack):
         ids: torch.Tensor,
         info: dict[str, Any],
     ) -> Reconstruction:
-        lengths = snapshot.batch["attention_mask"].sum(1).tolist()
-        token_ids = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
-        return Reconstruction(
-            token_ids=token_ids,
-            texts=decode(tokenizer, token_ids),
-            attack="span",
-            options=self.options_dict(),
-            info=info,
-        )
+        return from_ids(tokenizer, snapshot, ids, self.name, self.options_dict(), info)

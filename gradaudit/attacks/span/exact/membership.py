@@ -16,6 +16,7 @@ from torch import nn
 
 from gradaudit.attacks.span.exact.screening import Slot, layer0_inputs
 from gradaudit.model.families import ModelLayout, layout
+from gradaudit.model.lora import split_part
 
 PARTNERS = {"query": "key", "key": "query"}  # whose outputs a module's signals combine
 MEMBERSHIP_EXACT = 1e-6  # a membership score this low is taken as the truth (~1e-12)
@@ -78,11 +79,12 @@ class Membership:
         batch: dict[str, torch.Tensor],
         target: torch.Tensor,
     ) -> Membership | None:
-        """The test for `module` when it is a layer's query or key projection, else None."""
+        """The test for `module` when it is a layer's query or key projection, else None (also
+        for a LoRA part: its signals are `B^T delta`, which mixes the heads)."""
         lay = layout(model)
         name = next(n for n, m in model.named_modules() if m is module)
         where = lay.locate(name)
-        if where is None or where[0] not in PARTNERS:
+        if where is None or where[0] not in PARTNERS or split_part(name)[1] is not None:
             return None
         partner = model.get_submodule(lay.component_name(PARTNERS[where[0]], where[1]))
         weight = partner.weight.detach().to(target.device, torch.float64)
