@@ -42,6 +42,15 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="capture gradients in training mode, dropout on, as fine-tuning does",
     )
+    add_list_argument(
+        parser,
+        "--lora",
+        "LoRA ranks, e.g. 8 16 64 256: adds cells on lora_A of a LoRA model of each rank "
+        "(adapters on the grid's components, trained a few steps first; needs peft)",
+    )
+    parser.add_argument(
+        "--lora-only", action="store_true", help="with --lora: leave out the cells without LoRA"
+    )
     add_budget_argument(parser)
     add_run_arguments(parser)
     parser.add_argument(
@@ -92,6 +101,10 @@ def _grid(args: argparse.Namespace, model):
         grid.sentences = args.sentences
     grid.budgets.update(dict(args.attack_budget))
     grid.train_mode = args.train_mode
+    grid.lora_ranks = [_positive(r, "--lora") for r in args.lora or []]
+    if args.lora_only and not grid.lora_ranks:
+        raise GradAuditError("--lora-only needs --lora R [R ...]: the LoRA ranks to audit")
+    grid.full_model = not args.lora_only
     return grid
 
 

@@ -10,7 +10,7 @@ import math
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ BENCH_COMPONENTS = (*COMPONENTS, "layer", "full")
 # A decoder's grid (SmolLM2 has 30 layers): depths from the first to the second-to-last.
 DECODER_LAYERS = (0, 1, 5, 15, 28)
 DECODER_ATTACKS = ("gradmatch", "causal")  # the attacks that support decoder families
+# What makes a cell: its rows (one per batch) are averaged over these.
+CELL_KEYS = ("dataset", "component", "layer", "batch_size", "lora_rank", "attack")
+LORA_HELD_OUT = 40  # a data set's last sentences, which LoRA models train on and no cell audits
 
 
 @dataclass
@@ -46,7 +49,8 @@ class BenchGrid:
     """Which cells to run; `budgets` maps attack name -> budget (default 1.0).
 
     With `train_mode`, every gradient is captured in training mode (dropout masks seeded by
-    the run's seed and the batch index), as fine-tuning produces it.
+    the run's seed and the batch index), as fine-tuning produces it. Each of `lora_ranks` adds
+    the grid's cells on the lora_A gradients of a LoRA model of that rank.
     """
 
     datasets: list[str] = field(default_factory=lambda: list(DATASET_FILES))
@@ -57,6 +61,10 @@ class BenchGrid:
     sentences: int = 8
     budgets: dict[str, float] = field(default_factory=dict)
     train_mode: bool = False  # dropout on while capturing, as fine-tuning runs
+    # LoRA ranks: cells on lora_A of a LoRA-wrapped copy (adapters on the grid's components,
+    # trained a few steps, see experiments.lora); `full_model`: also the cells without LoRA.
+    lora_ranks: list[int] = field(default_factory=list)
+    full_model: bool = True
 
     @classmethod
     def quick(cls) -> BenchGrid:
@@ -103,8 +111,24 @@ class BenchGrid:
         return out
 
 
-def module_spec(component: str, layer: int | None) -> str:
-    return "all@all" if component == "full" else f"{component}@{layer}"
+def module_spec(component: str, layer: int | None, lora_rank: int | None = None) -> str:
+    """The module spec of a cell: its lora_A parts when the cell is a LoRA one."""
+    spec = "all@all" if component == "full" else f"{component}@{layer}"
+    return spec if lora_rank is None else f"{spec}:lora_A"
+
+
+def _models(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, grid: BenchGrid, held_out, seed: int
+) -> list[tuple[int | None, nn.Module]]:
+    """(LoRA rank or None, model) of every model the grid audits on one data set; the LoRA
+    copies train on `held_out` (texts, labels), sentences no cell audits."""
+    from gradaudit.experiments.lora import lora_model
+
+    targets = [c for c in grid.components if c not in ("layer", "full")]
+    models: list[tuple[int | None, nn.Module]] = [(None, model)] if grid.full_model else []
+    for rank in grid.lora_ranks:
+        models.append((rank, lora_model(model, tokenizer, rank, targets, *held_out, seed=seed)))
+    return models
 
 
 def run_bench(
@@ -131,27 +155,17 @@ def run_bench(
     started = time.perf_counter()
     for dataset in grid.datasets:
         examples = load_examples(str(Path(data_dir) / DATASET_FILES[dataset]))
-        for batch_size in grid.batch_sizes:
-            batches = examples.batches(batch_size, math.ceil(grid.sentences / batch_size))
-            for component, layer in grid.cells(num_layers):
-                modules = select_modules(model, module_spec(component, layer))
-                for index, (texts, labels) in enumerate(batches):
-                    batch = make_batch(model, tokenizer, texts, labels_for(model, labels))
-                    snapshot = capture(
-                        model, batch, modules, train_mode=grid.train_mode, seed=seed + index
-                    )
-                    for attack in grid.attacks:
-                        row = {
-                            "dataset": dataset, "component": component, "layer": layer,
-                            "batch_size": batch_size, "batch": index, "attack": attack,
-                            "budget": grid.budgets.get(attack, 1.0),
-                            "train_mode": grid.train_mode,
-                        }  # fmt: skip
-                        rows.append(
-                            {**row, **_attack_cell(model, tokenizer, snapshot, row, seed, device)}
-                        )
+        held_out = (examples.texts[-LORA_HELD_OUT:], examples.labels[-LORA_HELD_OUT:])
+        for lora_rank, audited in _models(model, tokenizer, grid, held_out, seed):
+            for batch_size in grid.batch_sizes:
+                batches = examples.batches(batch_size, math.ceil(grid.sentences / batch_size))
+                for component, layer in grid.cells(num_layers):
+                    where = {"dataset": dataset, "component": component, "layer": layer}
+                    where.update(batch_size=batch_size, lora_rank=lora_rank)
+                    for row in _cell_rows(audited, tokenizer, batches, where, grid, seed, device):
+                        rows.append(row)
                         if progress is not None:
-                            progress(_row_line(rows[-1]))
+                            progress(_row_line(row))
     return {
         "grid": asdict(grid),
         "environment": {
@@ -165,6 +179,27 @@ def run_bench(
         "rows": rows,
         "cells": summarize_cells(rows),
     }
+
+
+def _cell_rows(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batches: list[tuple[list[str], list[int]]],
+    where: dict[str, Any],
+    grid: BenchGrid,
+    seed: int,
+    device: str | None,
+) -> Iterator[dict[str, Any]]:
+    """One row per batch and attack of the cell `where`: each batch captured once."""
+    spec = module_spec(where["component"], where["layer"], where["lora_rank"])
+    modules = select_modules(model, spec)
+    for index, (texts, labels) in enumerate(batches):
+        batch = make_batch(model, tokenizer, texts, labels_for(model, labels))
+        snapshot = capture(model, batch, modules, train_mode=grid.train_mode, seed=seed + index)
+        for attack in grid.attacks:
+            row = {**where, "batch": index, "attack": attack}
+            row.update(budget=grid.budgets.get(attack, 1.0), train_mode=grid.train_mode)
+            yield {**row, **_attack_cell(model, tokenizer, snapshot, row, seed, device)}
 
 
 def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any]:
@@ -186,12 +221,19 @@ def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any
         **{key: getattr(result, key) for key in SCORE_KEYS},
         "seconds": result.seconds,
         "error": None,
-        "ran": result.info.get("ran", result.attack),
+        "ran": result.info.get("auto", {}).get("ran", result.attack),
+        "regime": result.info.get("regime"),
     }
 
 
+def _cell_name(cell: dict[str, Any]) -> str:
+    """`query@0`, or `query@0:lora_A r=8` for a LoRA cell."""
+    spec = module_spec(cell["component"], cell["layer"], cell.get("lora_rank"))
+    return spec if cell.get("lora_rank") is None else f"{spec} r={cell['lora_rank']}"
+
+
 def _row_line(row: dict[str, Any]) -> str:
-    where = f"{row['dataset']} {module_spec(row['component'], row['layer'])} B={row['batch_size']}"
+    where = f"{row['dataset']} {_cell_name(row)} B={row['batch_size']}"
     if row.get("error"):
         return f"{where} {row['attack']}: error: {row['error']}"
     return (
@@ -204,51 +246,47 @@ def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean scores and seconds per batch for each (dataset, component, layer, B, attack)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        key = (row["dataset"], row["component"], row["layer"], row["batch_size"], row["attack"])
-        groups[key].append(row)
+        groups[tuple(row.get(k) for k in CELL_KEYS)].append(row)
     cells = []
-    for (dataset, component, layer, batch_size, attack), members in groups.items():
+    for key, members in groups.items():
         ok = [r for r in members if not r.get("error")]
-        cell = {
-            "dataset": dataset, "component": component, "layer": layer,
-            "batch_size": batch_size, "attack": attack, "batches": len(members),
-            "errors": len(members) - len(ok), "train_mode": members[0]["train_mode"],
-        }  # fmt: skip
-        for key in (*SCORE_KEYS, "seconds"):
-            cell[key] = sum(r[key] for r in ok) / len(ok) if ok else None
+        cell = dict(zip(CELL_KEYS, key))
+        cell.update(batches=len(members), errors=len(members) - len(ok))
+        cell.update(train_mode=members[0]["train_mode"])
+        cell["regimes"] = sorted({r["regime"] for r in ok if r.get("regime")})
+        for metric in (*SCORE_KEYS, "seconds"):
+            cell[metric] = sum(r[metric] for r in ok) / len(ok) if ok else None
         cells.append(cell)
     return cells
 
 
 def render_table(result: dict[str, Any]) -> str:
     """One line per cell and attack, with its speed against gradmatch where both ran."""
-    seconds = {
-        (c["dataset"], c["component"], c["layer"], c["batch_size"], c["attack"]): c["seconds"]
-        for c in result["cells"]
-    }
+    seconds = {tuple(c.get(k) for k in CELL_KEYS): c["seconds"] for c in result["cells"]}
     budgets = ", ".join(
         f"{a}={result['grid']['budgets'].get(a, 1.0):g}" for a in result["grid"]["attacks"]
     )
     mode = "train (dropout on)" if result["grid"].get("train_mode") else "eval (no dropout)"
     lines = [
         f"gradients captured in {mode} mode; budgets: {budgets} (speed-ups compare these budgets)",
-        f"{'dataset':<16}{'module':<12}{'B':>3}  {'attack':<10}{'R1':>7}{'R2':>7}"
-        f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}",
+        f"{'dataset':<16}{'module':<22}{'B':>3}  {'attack':<10}{'R1':>7}{'R2':>7}"
+        f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}  regime",
     ]
     for c in result["cells"]:
 
         def fmt(v, spec=".3f"):
             return "-" if v is None else format(v, spec)
 
-        base = seconds.get((c["dataset"], c["component"], c["layer"], c["batch_size"], "gradmatch"))
+        base = seconds.get(tuple(c.get(k) for k in CELL_KEYS[:-1]) + ("gradmatch",))
         ratio = ""
         if base and c["seconds"] and c["attack"] != "gradmatch":
             speedup = base / c["seconds"]
             ratio = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
         lines.append(
-            f"{c['dataset']:<16}{module_spec(c['component'], c['layer']):<12}{c['batch_size']:>3}  "
+            f"{c['dataset']:<16}{_cell_name(c):<22}{c['batch_size']:>3}  "
             f"{c['attack']:<10}{fmt(c['rouge1']):>7}{fmt(c['rouge2']):>7}"
-            f"{fmt(c['token_recall']):>8}{fmt(c['seconds'], '.1f'):>9}{ratio:>14}"
+            f"{fmt(c['token_recall']):>8}{fmt(c['seconds'], '.1f'):>9}{ratio:>14}  "
+            f"{', '.join(c.get('regimes') or [])}".rstrip()
         )
     return "\n".join(lines)
 
@@ -259,17 +297,15 @@ def write_bench(out: str | Path, result: dict[str, Any]) -> list[Path]:
 
     out = private_dir(out)
     written = [atomic_write_json(out / "bench.json", result)]
-    by_plot: dict[tuple[str, int, str], dict[tuple[int, str], list[float]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    by_plot: dict[tuple[str, int, int | None, str], dict[tuple[int, str], list[float]]]
+    by_plot = defaultdict(lambda: defaultdict(list))
     for c in result["cells"]:
         if c["layer"] is None or c["rouge1"] is None:
             continue
         for metric in ("rouge1", "rouge2"):
-            by_plot[(c["attack"], c["batch_size"], metric)][(c["layer"], c["component"])].append(
-                c[metric]
-            )
-    for (attack, batch_size, metric), values in by_plot.items():
+            plot = (c["attack"], c["batch_size"], c.get("lora_rank"), metric)
+            by_plot[plot][(c["layer"], c["component"])].append(c[metric])
+    for (attack, batch_size, lora_rank, metric), values in by_plot.items():
         layers = sorted({layer for layer, _ in values})
         components = [c for c in BENCH_COMPONENTS if any(comp == c for _, comp in values)]
         matrix = [
@@ -281,13 +317,15 @@ def write_bench(out: str | Path, result: dict[str, Any]) -> list[Path]:
             ]
             for layer in layers
         ]
-        path = out / f"heatmap_{attack}_B{batch_size}_{metric}.png"
+        lora = "" if lora_rank is None else f"_lora{lora_rank}"
+        path = out / f"heatmap_{attack}_B{batch_size}{lora}_{metric}.png"
+        lora_title = "" if lora_rank is None else f", lora_A of LoRA r={lora_rank}"
         heatmap_png(
             path,
             matrix,
             rows=[f"layer {layer}" for layer in layers],
             columns=components,
-            title=f"{attack}, B={batch_size}: {metric.upper()}",
+            title=f"{attack}, B={batch_size}{lora_title}: {metric.upper()}",
         )
         written.append(path)
     return written

@@ -40,9 +40,7 @@ def lora_model(
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
-        raise GradAuditError(
-            "LoRA experiments need peft: pip install 'gradaudit[peft]'"
-        ) from None
+        raise GradAuditError("LoRA experiments need peft: pip install 'gradaudit[peft]'") from None
     if rank < 1:
         raise GradAuditError(f"a LoRA rank must be at least 1, got {rank}")
     if not texts:
