@@ -19,10 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import Attack, Reconstruction
 from gradaudit.attacks.registry import get_attack
-from gradaudit.attacks.span.attack import module_spectra
-from gradaudit.attacks.span.exact.screening import exact_applicable
+from gradaudit.attacks.span.attack import module_labels, module_spectra
 from gradaudit.gradients.snapshot import GradientSnapshot
-from gradaudit.gradients.spectrum import label
 from gradaudit.model.families import layout
 
 
@@ -53,7 +51,7 @@ class AutoAttack(Attack):
         spectra = module_spectra(model, snapshot, self.options.min_gap, device)
         tokens = int(snapshot.batch["attention_mask"].sum())
         lay = layout(model)
-        labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
+        labels = module_labels(model, spectra, tokens, lay)
         usable = sorted(m for m, lab in labels.items() if lab in ("exact", "span"))
         partial = sorted(m for m, lab in labels.items() if lab == "partial")
         if usable and lay.family.decoder:  # a decoder's inputs grow position by position

@@ -131,8 +131,11 @@ def spectrum(
     above = int((s > floor).sum())
     if above == 0:
         return Spectrum(s.cpu(), 0, 0, width, rows, True, 0.0, floor, vh[:0], "zero", kind)
-    # Gap after each value above the floor; past the last value of the list there is none.
-    following = torch.cat([s[1:], s.new_tensor([s[-1]])])[:above]
+    # Gap after each value above the floor. Past the last value of a full-row-rank gradient
+    # (a LoRA lora_A with r < tokens) the rounding follows: without noise, that gap counts too,
+    # so a strong leading direction is not mistaken for the rank's end.
+    end = s[-1] if noisy else s.new_tensor(floor)
+    following = torch.cat([s[1:], end.reshape(1)])[:above]
     ratios = s[:above] / following.clamp_min(floor * 1e-6)
     k = int(ratios.argmax())
     gap = float(ratios[k])
@@ -155,18 +158,20 @@ def spectrum(
 LABELS = ("exact", "span", "partial", "rank-limited", "saturated", "zero")
 
 
-def label(spec: Spectrum, tokens: int, per_token_input: bool) -> str:
+def label(spec: Spectrum, tokens: int, per_token_input: bool, bound: int | None = None) -> str:
     """What a module's gradient can leak (see LABELS).
 
-    `partial`: more tokens than the gradient has rows (a LoRA lora_A with r < tokens), so its
-    full-rank row space is an r-dimensional slice of the inputs' span: the inputs must span it,
-    but a single input need not lie in it. `rank-limited`: rank at most a quarter of the
-    batch's tokens (e.g. only [CLS] reaches the loss through it); `exact`: a usable span over a
-    per-token input (layer-0 query/key/value); `span`: a usable span past layer 0.
+    `partial`: the rank reaches `bound` (the most it can be whatever the tokens: the rows, or
+    a LoRA lora_A's r) below the tokens, so the row space is a `bound`-dimensional slice of the
+    inputs' span: the inputs must span it, but a single input need not lie in it.
+    `rank-limited`: rank at most a quarter of the batch's tokens (e.g. only [CLS] reaches the
+    loss through it); `exact`: a usable span over a per-token input (layer-0 query/key/value);
+    `span`: a usable span past layer 0.
     """
     if spec.status != "ok":
         return spec.status
-    if spec.rank >= spec.rows and tokens > spec.rows:
+    bound = spec.rows if bound is None else bound
+    if spec.rank >= bound and tokens > bound:
         return "partial"
     if spec.rank <= max(1, tokens // 4):
         return "rank-limited"

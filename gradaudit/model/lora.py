@@ -121,6 +121,18 @@ def combined_dropout(rate: float, lora: LoraPart | None) -> float:
     return 1 - (1 - rate) * (1 - lora.dropout)
 
 
+def rank_bound(model: nn.Module, name: str, rows: int) -> int:
+    """The most rank module `name`'s weight gradient (with `rows` rows) can have whatever the
+    tokens: `rows`, or for a lora_A part the numerical rank of its lora_B, since its gradient
+    is `s B^T delta x^T` (early in training B's rank may still be below r)."""
+    part = lora_part(model, name)
+    if part is None or part.part != "lora_A":
+        return rows
+    b = model.get_submodule(f"{part.wrapped}.lora_B.{part.adapter}").weight.detach()
+    rounding = torch.finfo(b.dtype).eps * max(b.shape)  # B's own precision, not float64's
+    return min(rows, int(torch.linalg.matrix_rank(b.double(), rtol=rounding)))
+
+
 def zero_gradient_reason(model: nn.Module, modules: list[str]) -> str:
     """Why the observed adapter gradients are zero, when they are lora_A parts whose lora_B
     is still zero (PEFT's initialisation); "" otherwise."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from gradaudit.experiments.scan import ScanRow, scan, to_json, to_table
@@ -60,9 +62,39 @@ def test_scan_minilm_labels(minilm):
 def test_table_shows_weaker_directions_above_rounding_next_to_the_rank():
     # SST-2 dev sentences 0-3 at MiniLM's query@2 read this way: rank 71 at the largest gap,
     # 74 (the batch's tokens) counting the weaker directions that still clear the rounding.
-    row = ScanRow("layer.2.query", 71, 74, 74, 384, 0.007, True, "span")
-    same = ScanRow("layer.0.query", 70, 70, 74, 384, 0.007, True, "exact")
+    row = ScanRow("layer.2.query", 71, 74, 74, 384, 384, 0.007, True, "span")
+    same = ScanRow("layer.0.query", 70, 70, 74, 384, 384, 0.007, True, "exact")
     lines = to_table([row, same]).splitlines()
     assert " 71 (74) " in lines[1]
     assert "(" not in lines[2]
     assert json.loads(to_json([row]))[0]["rank_above_rounding"] == 74
+
+
+
+
+def _lora(model, rank: int, b_rank: int):
+    """`model` with LoRA of rank `rank` on query, each lora_B a seeded matrix of rank `b_rank`
+    (as training makes it: PEFT starts it at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, target_modules=["query"]))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:
+            left = torch.randn(param.shape[0], b_rank, generator=generator)
+            param.data = left @ torch.randn(b_rank, param.shape[1], generator=generator)
+    return wrapped
+
+
+def test_scan_labels_lora_a_by_its_regime_rank_against_r_and_the_tokens(tiny):
+    model, tokenizer = tiny
+    batch = make_batch(model, tokenizer, ["the movie was good", "a very boring plot"], [1, 0])
+    # With r above the tokens, lora_A's gradient has the rank of the wrapped query's own.
+    (plain,) = scan(model, batch, select_modules(model, "query@0"))
+    full = (plain.rank, 16, "exact")
+    cases = {(4, 4): (4, 4, "partial"), (16, 16): full, (16, 2): (2, 2, "partial")}
+    for (rank, b_rank), expected in cases.items():
+        wrapped = _lora(model, rank, b_rank)
+        (row,) = scan(wrapped, batch, select_modules(wrapped, "query@0:lora_A"))
+        assert row.tokens == 12 and (row.rank, row.bound, row.label) == expected
+    assert "slice of the inputs' span" in to_table([row])

@@ -34,7 +34,7 @@ from gradaudit.attacks.span.options import SpanOptions
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum, label, spectrum
 from gradaudit.model.families import ModelLayout, layout
-from gradaudit.model.lora import combined_dropout, lora_part
+from gradaudit.model.lora import combined_dropout, lora_part, rank_bound
 
 USABLE = ("exact", "span", "partial")  # the labels whose row space constrains the inputs
 
@@ -47,6 +47,16 @@ def module_spectra(
     return {
         m: spectrum(snapshot.weight_gradient(m).to(device), noisy=noisy, min_gap=min_gap, name=m)
         for m in snapshot.modules
+    }
+
+
+def module_labels(
+    model: nn.Module, spectra: dict[str, Spectrum], tokens: int, lay: ModelLayout
+) -> dict[str, str]:
+    """Each observed module's `spectrum.label`, with its rank bound (a lora_A's lora_B rank)."""
+    return {
+        m: label(s, tokens, exact_applicable(lay, m), rank_bound(model, m, s.rows))
+        for m, s in spectra.items()
     }
 
 
@@ -81,8 +91,8 @@ def regime_of(usable: dict[str, Spectrum], labels: dict[str, str], tokens: int) 
     return {
         "regime": SPAN_PARTIAL,
         "regime_why": (
-            f"{ranks} = its rows < tokens ({tokens}): an r-dimensional slice of the inputs' span, "
-            "so only the reverse test holds (the inputs must span it)"
+            f"{ranks}, its bound (rows, or lora_B's rank for lora_A), < tokens ({tokens}): a "
+            "slice of the inputs' span, so only the reverse test holds (the inputs must span it)"
         ),
     }
 
@@ -134,7 +144,7 @@ class SpanAttack(Attack):
             "tokens": tokens,
         }
         ids = blank_ids(snapshot, tokenizer)
-        labels = {m: label(s, tokens, exact_applicable(lay, m)) for m, s in spectra.items()}
+        labels = module_labels(model, spectra, tokens, lay)
         info["labels"] = labels
         usable = {m: spectra[m] for m, lab in labels.items() if lab in USABLE}
         why = unusable_reason(labels)
