@@ -33,10 +33,12 @@ def lora_model(
     *,
     steps: int = LORA_STEPS,
     seed: int = 0,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """A copy of `model` with LoRA adapters of rank `rank` on `components` (e.g. query,
-    value), trained `steps` AdamW steps in training mode on `texts` (batches of
-    `LORA_TRAIN_BATCH`, cycled), returned in eval mode. `model` is not changed."""
+    value) and `lora_dropout` `dropout` (PEFT's default 0), trained `steps` AdamW steps in
+    training mode on `texts` (batches of `LORA_TRAIN_BATCH`, cycled), returned in eval mode.
+    `model` is not changed."""
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
@@ -53,9 +55,8 @@ def lora_model(
             f"from {', '.join(family.components)}"
         )
     task = TaskType.CAUSAL_LM if is_causal_lm(model) else TaskType.SEQ_CLS
-    config = LoraConfig(
-        r=rank, target_modules=[family.components[c] for c in components], task_type=task
-    )
+    targets = [family.components[c] for c in components]
+    config = LoraConfig(r=rank, target_modules=targets, lora_dropout=dropout, task_type=task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         wrapped = get_peft_model(copy.deepcopy(model), config)

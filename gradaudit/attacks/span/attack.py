@@ -97,6 +97,23 @@ def regime_of(usable: dict[str, Spectrum], labels: dict[str, str], tokens: int) 
     }
 
 
+def lora_dropout_note(
+    model: nn.Module, snapshot: GradientSnapshot, modules: list[str], exact: bool
+) -> dict[str, str]:
+    """`{"lora_dropout": ...}`: whether the attack modelled the observed LoRA parts'
+    `lora_dropout`, when the gradient was taken with it on."""
+    parts = [lora_part(model, m) for m in modules]
+    rate = max((p.dropout for p in parts if p is not None), default=0.0)
+    if not dropout_on(model, snapshot, rate):
+        return {}
+    how = (
+        "modelled: composed with the embedding dropout in the exact test"
+        if exact
+        else "not modelled: deep mode scores inputs without dropout"
+    )
+    return {"lora_dropout": f"lora_dropout {rate:g} {how}"}
+
+
 def dropout_on(model: nn.Module, snapshot: GradientSnapshot, rate: float) -> bool:
     """Whether the gradient was taken with embedding dropout on: as its capture recorded it,
     else as the model's mode says now (a training loop's own gradient, e.g. the Auditor's)."""
@@ -176,6 +193,7 @@ class SpanAttack(Attack):
             else:
                 ids, details = solve_exact(model, snapshot, lay, module, spec, tokenizer, ids, opts)
                 info.update(mode="exact", module=module, **details)
+        info.update(lora_dropout_note(model, snapshot, list(usable), bool(exact)))
         if exact:
             info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
             info["why"] += f"{spec.rank} < width {spec.width}"
