@@ -6,6 +6,7 @@ GGUF file in it) or a hub name; everything goes to transformers' `from_pretraine
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from gradaudit.errors import GradAuditError
+from gradaudit.model.lora import check_supported, inner_model
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -157,7 +159,32 @@ def load_model(
     return model, tokenizer
 
 
-def rebuild(model_class: type[nn.Module], config: Any) -> nn.Module:
-    """A model of `model_class` built from `config`, with fresh weights: an attack loads each
-    snapshot's weights into it (so no copy of the training model, or its hooks, is needed)."""
-    return model_class(config)
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What builds a model again with fresh weights (in another process too: it pickles): its
+    class and config, and for a LoRA model (PEFT) the LoRA config of its active adapter."""
+
+    model_class: type[nn.Module]
+    config: Any
+    lora_config: Any = None
+    adapter: str = "default"
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelRecipe:
+        inner = inner_model(model)
+        if inner is model:
+            return cls(type(model), model.config)
+        check_supported(model)
+        adapter = model.active_adapter
+        return cls(type(inner), inner.config, copy.deepcopy(model.peft_config[adapter]), adapter)
+
+
+def rebuild(recipe: ModelRecipe) -> nn.Module:
+    """A model built from `recipe`, with fresh weights: an attack loads each snapshot's weights
+    into it (so no copy of the training model, or its hooks, is needed)."""
+    model = recipe.model_class(recipe.config)
+    if recipe.lora_config is None:
+        return model
+    from peft import get_peft_model  # present: the recipe came from a PEFT model
+
+    return get_peft_model(model, copy.deepcopy(recipe.lora_config), adapter_name=recipe.adapter)

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from gradaudit.model.loading import ModelRecipe
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
 from gradaudit.training.worker import POLL_S, READY, WORKER_NAME, Job, worker_main
@@ -75,7 +76,7 @@ class BackgroundAttacker:
         on_result: Callable[[AuditResult], None],
     ) -> None:
         self._context = multiprocessing.get_context("spawn")
-        self._args = (type(model), model.config, tokenizer, config)
+        self._args = (ModelRecipe.of(model), tokenizer, config)
         self._config = config
         self._on_result = on_result
         self._jobs: queue.Queue[Job | None] = queue.Queue()

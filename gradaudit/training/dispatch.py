@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.io import describe_os_error, private_dir
-from gradaudit.model.loading import rebuild
+from gradaudit.model.loading import ModelRecipe, rebuild
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.attacker import BackgroundAttacker
 from gradaudit.training.config import AuditConfig
@@ -157,7 +157,7 @@ class Dispatcher:
         with preserve_rng():
             if self._attack_model is None:
                 try:
-                    self._attack_model = rebuild(type(self._model), self._model.config)
+                    self._attack_model = rebuild(ModelRecipe.of(self._model))
                 except Exception as error:  # noqa: BLE001 - recorded, never raised
                     why = f"cannot rebuild the model: {error}"
                     return job.failed(self._config.attack, why, self._config.keep_snapshots)

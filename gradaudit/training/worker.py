@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.gradients.snapshot import GradientSnapshot
-from gradaudit.model.loading import rebuild
+from gradaudit.model.loading import ModelRecipe, rebuild
 from gradaudit.scoring.audit import audit_snapshot
 from gradaudit.scoring.result import AuditResult
 from gradaudit.training.config import AuditConfig
@@ -128,7 +128,7 @@ def _exit_with_parent(config: AuditConfig) -> None:
     threading.Thread(target=watch, name="gradaudit-parent-watch", daemon=True).start()
 
 
-def worker_main(model_class, model_config, tokenizer, config: AuditConfig, jobs, results) -> None:
+def worker_main(recipe: ModelRecipe, tokenizer, config: AuditConfig, jobs, results) -> None:
     """Entry point of the spawned process: build the model once, attack jobs until None."""
     _exit_with_parent(config)
     import torch
@@ -138,7 +138,7 @@ def worker_main(model_class, model_config, tokenizer, config: AuditConfig, jobs,
     # for the resource tracker to warn about when training exits. One process: a thread lock.
     tqdm.set_lock(threading.RLock())
     torch.set_num_threads(config.worker_threads)
-    model = rebuild(model_class, model_config)
+    model = rebuild(recipe)
     results.put(READY)
     while (job := jobs.get()) is not None:
         results.put(run_job(model, tokenizer, config, job).to_dict())
