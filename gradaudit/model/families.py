@@ -16,7 +16,7 @@ from torch import nn
 
 from gradaudit.errors import GradAuditError
 from gradaudit.model.adapter import ModelLayout
-from gradaudit.model.lora import inner_model, split_part
+from gradaudit.model.lora import LORA_PARTS, inner_model, split_part
 
 # Every component name any family defines, in the order reports list them. A family maps the
 # ones it has; BERT's six keep their meaning everywhere (`ffn_in` widens, `ffn_out` narrows).
@@ -141,17 +141,24 @@ def _layer_ranges(layers: list[int]) -> str:
 
 
 def modules_label(module_names: Iterable[str]) -> str:
-    """Short label of a module set, e.g. `query@0-2, ffn_in@4`; unknown names stay in full."""
-    layers: dict[str, list[int]] = {}
+    """Short label of a module set, e.g. `query@0-2, ffn_in@4, value@0:lora_A`; unknown names
+    stay in full."""
+    layers: dict[tuple[str, str], list[int]] = {}
     others: list[str] = []
     for name in module_names:
         found = locate_name(name)
         if found is None:
             others.append(name)
         else:
-            layers.setdefault(found[0], []).append(found[1])
-    parts = [f"{c}@{_layer_ranges(layers[c])}" for c in COMPONENTS if c in layers]
-    return ", ".join(parts + others)
+            part = split_part(name)[1]
+            layers.setdefault((found[0], f":{part}" if part else ""), []).append(found[1])
+    labels = [
+        f"{component}@{_layer_ranges(layers[component, part])}{part}"
+        for component in COMPONENTS
+        for part in ("", *(f":{p}" for p in LORA_PARTS))
+        if (component, part) in layers
+    ]
+    return ", ".join(labels + others)
 
 
 def _base_prefix(model: nn.Module) -> str:
