@@ -70,8 +70,6 @@ def test_table_shows_weaker_directions_above_rounding_next_to_the_rank():
     assert json.loads(to_json([row]))[0]["rank_above_rounding"] == 74
 
 
-
-
 def _lora(model, rank: int, b_rank: int):
     """`model` with LoRA of rank `rank` on query, each lora_B a seeded matrix of rank `b_rank`
     (as training makes it: PEFT starts it at zero)."""
