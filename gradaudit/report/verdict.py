@@ -25,6 +25,11 @@ LEVELS = {
 _SPAN_SAYS = {
     "exact": "its row space identifies each token at its position (layer-0 exact test)",
     "span": "its row space still spans the batch's inputs, so a stronger attack may rebuild it",
+    "partial": (
+        "its rank is capped below the tokens (a LoRA lora_A with r < tokens): its row space is a "
+        "slice of the inputs' span, which the inputs must still span, so a stronger attack may "
+        "rebuild them (partial)"
+    ),
     "rank-limited": "it has too few directions to hold the batch (rank-limited)",
     "saturated": "it has full rank, so its row space says nothing about the inputs (saturated)",
     "zero": "it is zero",

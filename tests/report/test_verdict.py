@@ -53,3 +53,17 @@ def test_the_audit_table_explains_its_columns_and_names_the_device(tmp_path):
     write_report(tmp_path, _report(audit))
     html = (tmp_path / "report.html").read_text()
     assert "<td>cpu</td>" in html and "token recall: share of tokens recovered" in html
+
+
+def test_low_verdict_on_a_partial_lora_gradient_says_a_stronger_attack_may_rebuild_it():
+    module = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default"
+    audit = {
+        "modules": [module], "error": None, "rouge1": 0.2, "rouge2": 0.0, "exact": 0.0,
+        "info": {
+            "tokens": 85, "labels": {module: "partial"},
+            "spectra": {module: {"rank": 8, "width": 384}},
+        },
+    }  # fmt: skip
+    (verdict,) = verdicts({"summary": {module: {}}, "audits": [audit]})
+    assert verdict.level == "LOW" and verdict.modules == "query@0:lora_A"
+    assert "rank 8 for 85 tokens" in verdict.sentence and "stronger attack may" in verdict.sentence
