@@ -58,3 +58,34 @@ def read_audits(out: Path) -> list[dict]:
 
 def final_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_trainer(tokenizer, out, config=None, *, max_steps, model=None, **args):
+    """A CPU Trainer over `model` (a new tiny BERT by default) on TinyTexts; with `config`,
+    GradAuditCallback audits it and logs through the trainer."""
+    from conftest import make_tiny_model
+    from gradaudit.integrations.trainer import GradAuditCallback
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    settings = {
+        "per_device_train_batch_size": 4,
+        "max_steps": max_steps,
+        "learning_rate": 1e-3,
+        "logging_steps": 100,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        **args,
+    }
+    trainer = Trainer(
+        model=model if model is not None else make_tiny_model(tokenizer.vocab_size),
+        args=TrainingArguments(str(out / "trainer"), **settings),
+        train_dataset=TinyTexts(tokenizer, 64),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+    if config is not None:
+        trainer.add_callback(GradAuditCallback(config, trainer=trainer))
+    return trainer

@@ -4,41 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import TinyTexts, final_weights, read_audits, tiny_config
-from conftest import make_tiny_model
+from _tiny import final_weights, make_trainer, read_audits, tiny_config
 from gradaudit.integrations.trainer import GradAuditCallback
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from gradaudit import GradAuditError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_trainer(tokenizer, out, config=None, *, max_steps, **args) -> Trainer:
-    """A CPU Trainer over a tiny BERT; with `config`, the callback logs through the trainer."""
-    settings = {
-        "per_device_train_batch_size": 4,
-        "max_steps": max_steps,
-        "learning_rate": 1e-3,
-        "logging_steps": 100,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        **args,
-    }
-    trainer = Trainer(
-        model=make_tiny_model(tokenizer.vocab_size),
-        args=TrainingArguments(str(out / "trainer"), **settings),
-        train_dataset=TinyTexts(tokenizer, 64),
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-    )
-    if config is not None:
-        trainer.add_callback(GradAuditCallback(config, trainer=trainer))
-    return trainer
 
 
 def test_sampled_steps_are_audited_with_accumulation_and_clipping(tokenizer, tmp_path):

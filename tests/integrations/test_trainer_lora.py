@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import TinyTexts, final_weights, read_audits, tiny_config
+from _tiny import final_weights, make_trainer, read_audits, tiny_config
 from conftest import make_tiny_model
-from gradaudit.integrations.trainer import GradAuditCallback
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -17,33 +15,12 @@ ZERO_B = "not attacked: nothing to recover from lora_A at this step"
 REGIMES = ("span exact", "span partial", "gradient matching")
 
 
-def make_trainer(tokenizer, out, config=None, *, max_steps) -> Trainer:
+def lora_trainer(tokenizer, out, config=None, *, max_steps: int):
     """A CPU Trainer over the tiny BERT with LoRA r = 16 on query and value (PEFT's own
     initialisation: lora_B = 0); with `config`, the callback audits it."""
     lora = LoraConfig(r=16, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS)
     model = get_peft_model(make_tiny_model(tokenizer.vocab_size), lora)  # seeded: same init
-    args = TrainingArguments(
-        str(out / "trainer"),
-        per_device_train_batch_size=4,
-        max_steps=max_steps,
-        learning_rate=1e-3,
-        logging_steps=100,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=TinyTexts(tokenizer, 64),
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-    )
-    if config is not None:
-        trainer.add_callback(GradAuditCallback(config, trainer=trainer))
-    return trainer
+    return make_trainer(tokenizer, out, config, max_steps=max_steps, model=model)
 
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:
@@ -52,7 +29,7 @@ def adapter_weights(model) -> dict[str, torch.Tensor]:
 
 def test_adapter_gradients_are_captured_and_attacked_once_B_has_moved(tokenizer, tmp_path):
     config = tiny_config(tmp_path / "audit", modules=["query@0:lora_A"], attack="auto")
-    trainer = make_trainer(tokenizer, tmp_path, config, max_steps=6)
+    trainer = lora_trainer(tokenizer, tmp_path, config, max_steps=6)
     trainer.train()
     first, later = read_audits(tmp_path / "audit")
     assert (first["step"], later["step"]) == (1, 6)
@@ -72,10 +49,10 @@ def test_adapter_gradients_are_captured_and_attacked_once_B_has_moved(tokenizer,
 
 def test_auditing_lora_does_not_change_the_adapter_weights(tokenizer, tmp_path):
     """Same seed, 12 steps with dropout: bit-identical adapters with and without the auditor."""
-    plain = make_trainer(tokenizer, tmp_path / "plain", max_steps=12)
+    plain = lora_trainer(tokenizer, tmp_path / "plain", max_steps=12)
     plain.train()
     config = tiny_config(tmp_path / "audit", modules=["query@0:lora_A"], attack="span")
-    audited = make_trainer(tokenizer, tmp_path / "audited", config, max_steps=12)
+    audited = lora_trainer(tokenizer, tmp_path / "audited", config, max_steps=12)
     audited.train()
     audits = read_audits(tmp_path / "audit")
     assert [a["step"] for a in audits] == [1, 6, 11]
