@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gradaudit.cli.common import (
+    add_adapter_argument,
     add_attack_arguments,
     add_model_argument,
     parse_options,
@@ -21,6 +22,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("attack", help="attack saved gradient snapshots")
     parser.add_argument("snapshots", help="a snapshot directory or a folder of them")
     add_model_argument(parser)
+    add_adapter_argument(parser)
     add_attack_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.snapshots)
     directories = find_snapshots(root)
     shard = Shard.from_environment()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, adapter=args.adapter)
 
     def show(directory: Path, result) -> None:
         if not args.quiet and result.error is None:

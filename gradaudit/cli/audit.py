@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gradaudit.cli.common import (
+    add_adapter_argument,
     add_attack_arguments,
     add_model_argument,
     parse_options,
@@ -21,6 +22,7 @@ from gradaudit.cli.common import (
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("audit", help="attack batches of a data set and write a report")
     add_model_argument(parser)
+    add_adapter_argument(parser)
     parser.add_argument("--data", required=True, help="TSV/CSV/JSONL path or glue/sst2, ...")
     parser.add_argument("--modules", nargs="+", required=True, help="module specs, e.g. query@0")
     parser.add_argument("--batch-size", type=int, default=1, help="sentences per attacked batch")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     get_attack(args.attack, **options)  # a bad attack, option or module fails before any work
     batches = load_examples(args.data).batches(args.batch_size, args.limit)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, adapter=args.adapter)
     modules = select_modules(model, args.modules)
     results = []
     for i, (texts, labels) in enumerate(

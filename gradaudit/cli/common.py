@@ -78,6 +78,16 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = No
     )
 
 
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    """`--adapter`: a LoRA adapter folder put on `--model` (select its parts as
+    `query@0:lora_A`)."""
+    parser.add_argument(
+        "--adapter",
+        help="a LoRA adapter folder (PEFT save_pretrained) to put on the model; select its "
+        "parts with specs such as query@0:lora_A",
+    )
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """`--seed`, `--device` and `--quiet`, as every attacking command takes them."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random draws")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradaudit.cli.common import add_model_argument
+from gradaudit.cli.common import add_adapter_argument, add_model_argument
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("scan", help="no attack: gradient rank and leak label per module")
     add_model_argument(parser)
+    add_adapter_argument(parser)
     parser.add_argument("--data", required=True, help="TSV/CSV/JSONL path or glue/sst2, ...")
     parser.add_argument(
         "--modules", nargs="+", default=["all@all"], help="module specs, e.g. query@0"
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from gradaudit.model.selection import select_modules
 
     texts, labels = load_examples(args.data).batches(args.batch_size, 1)[0]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, adapter=args.adapter)
     batch = make_batch(model, tokenizer, texts, labels_for(model, labels))
     rows = scan(model, batch, select_modules(model, args.modules))
     print(to_table(rows))

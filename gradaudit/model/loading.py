@@ -129,7 +129,12 @@ def _load_weights(source: str, kwargs: dict[str, Any], task: str, num_labels: in
 
 
 def load_model(
-    name_or_path: str, num_labels: int = 2, *, seed: int = 0, task: str | None = None
+    name_or_path: str,
+    num_labels: int = 2,
+    *,
+    seed: int = 0,
+    task: str | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a packaged model, a local folder or a hub name, in eval mode.
 
@@ -139,7 +144,8 @@ def load_model(
     `"sequence-classification"` (a head with `num_labels` outputs, new for a checkpoint without
     one; `seed` makes it reproducible) or `"causal-lm"` (the language-model head: each text is
     its own label). By default decoder families (Llama, Qwen2, Mistral, GPT-2) load as causal
-    LMs and encoders as classifiers.
+    LMs and encoders as classifiers. `adapter`: a LoRA adapter folder (PEFT's
+    `save_pretrained`) put on the model, trainable, as fine-tuning left it.
     """
     if task is not None and task not in TASKS:
         raise GradAuditError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
@@ -155,8 +161,28 @@ def load_model(
         quantizer.remove_quantization_config(model)
     if task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a decoder finds each row's end
+    if adapter is not None:
+        model = with_adapter(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def with_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
+    """`model` with the LoRA adapter saved in folder `adapter` (PEFT's `save_pretrained`),
+    its weights trainable so that their gradients can be captured."""
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise GradAuditError(
+            f"adapter {adapter}: no adapter_config.json there: pass the folder a PEFT model's "
+            "save_pretrained() wrote"
+        )
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise GradAuditError("a LoRA adapter needs peft: pip install 'gradaudit[peft]'") from None
+    wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    check_supported(wrapped)
+    return wrapped
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,42 @@ def test_audit_prints_why_a_module_was_not_attacked(model_dir, data_file, tmp_pa
     assert code == 0
     printed = capsys.readouterr().out
     assert "not attacked:" in printed and "NOT MEASURED — query@1" in printed
+
+
+@pytest.fixture
+def adapter_dir(model_dir, tmp_path, tiny_tokenizer):
+    """A LoRA adapter (r = 16 on query) trained a few steps, saved as PEFT saves it."""
+    from transformers import AutoModelForSequenceClassification
+
+    from gradaudit.experiments.lora import lora_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    texts, labels = ["the movie was good", "a boring plot"], [1, 0]
+    path = tmp_path / "adapter"
+    lora_model(model, tiny_tokenizer, 16, ["query"], texts, labels).save_pretrained(path)
+    return path
+
+
+def test_scan_and_audit_take_a_saved_lora_adapter(model_dir, adapter_dir, data_file, tmp_path):
+    code = main([
+        "scan", "--model", str(model_dir), "--adapter", str(adapter_dir), "--data",
+        str(data_file), "--modules", "query@0:lora_A", "--out", str(tmp_path / "scan"),
+    ])  # fmt: skip
+    assert code == 0
+    (row,) = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert row["module"].endswith("query.lora_A.default") and row["bound"] == 16
+    out = tmp_path / "audit"
+    assert audit(model_dir, data_file, out, "--adapter", str(adapter_dir), "--attack", "span",
+                 modules="query@0:lora_A") == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert all(a["modules"][0].endswith("query.lora_A.default") for a in report["audits"])
+    assert {a["info"]["regime"] for a in report["audits"] if a["error"] is None} == {"span exact"}
+
+
+def test_an_adapter_folder_without_a_peft_config_is_a_one_line_error(
+    model_dir, data_file, tmp_path, capsys
+):
+    code = audit(model_dir, data_file, tmp_path / "o", "--adapter", str(tmp_path))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "no adapter_config.json" in err and "\n" not in err
