@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from gradaudit.model.lora import inner_model
+
 # Per model layer: the cached (keys, values) of every prefix row, or None where never reached.
 KV = list[tuple[torch.Tensor, torch.Tensor] | None]
 
@@ -30,8 +32,8 @@ class PrefixRunner:
         self.model = model
         self.module = model.get_submodule(module)
         self.num_layers = num_layers
-        # transformers 5 renamed `past_key_values` to `cache`.
-        params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache`; a PEFT wrapper passes it on.
+        params = inspect.signature(inner_model(model).forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def empty(self) -> KV:
