@@ -200,7 +200,8 @@ class SpanAttack(Attack):
         else:
             ids, details = solve_deep(model, snapshot, lay, usable, tokenizer, seed, budget, opts)
             info.update(mode="deep", modules=sorted(usable), **details)
-            info["why"] = f"{', '.join(sorted(usable))}: rank below the width past layer 0"
+            info["why"] = f"{', '.join(sorted(usable))}: rank below the width; deep mode (the "
+            info["why"] += "model's own forward pass to each module)"
         return self._result(tokenizer, snapshot, ids, info)
 
     def _result(
