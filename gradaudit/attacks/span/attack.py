@@ -198,7 +198,10 @@ class SpanAttack(Attack):
             info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
             info["why"] += f"{spec.rank} < width {spec.width}"
         else:
-            ids, details = solve_deep(model, snapshot, lay, usable, tokenizer, seed, budget, opts)
+            partial = info["regime"] == SPAN_PARTIAL
+            ids, details = solve_deep(
+                model, snapshot, lay, usable, tokenizer, seed, budget, opts, partial
+            )
             info.update(mode="deep", modules=sorted(usable), **details)
             info["why"] = f"{', '.join(sorted(usable))}: rank below the width; deep mode (the "
             info["why"] += "model's own forward pass to each module)"

@@ -49,6 +49,9 @@ class SpanOptions:
     # best few at full precision: "auto" is bfloat16 where the device computes it natively
     # (where emulated it is slower), "none" scores all at full precision.
     rough_dtype: str = "auto"
+    # Partial regime (r below the tokens), unsolved: sweeps (at budget 1) of token swaps kept
+    # where the gradient's cosine improves (deep/polish.py); 0 turns it off.
+    polish_sweeps: int = 40
     gradient_check: bool = True
     saturated: str = "stop"
     progress: bool = False
@@ -63,7 +66,7 @@ class SpanOptions:
             if getattr(self, name) < 1:
                 raise GradAuditError(f"{name} must be at least 1")
         sizes = ("deep_steps", "deep_bag", "deep_linearised", "deep_screen", "deep_inserts")
-        for name in (*sizes, "deep_moves"):
+        for name in (*sizes, "deep_moves", "polish_sweeps"):
             if getattr(self, name) < 0:
                 raise GradAuditError(f"{name} must be at least 0")
         if self.rough_dtype not in ROUGH_CHOICES:

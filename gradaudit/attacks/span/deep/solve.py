@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import candidate_token_ids, content_mask
 from gradaudit.attacks.gradmatch import GradientMatcher, GradMatchOptions
-from gradaudit.attacks.span.deep.objective import DeepSettings, SpanObjective
+from gradaudit.attacks.span.deep.objective import SOLVED, DeepSettings, SpanObjective
+from gradaudit.attacks.span.deep.polish import polish_order
 from gradaudit.attacks.span.deep.search import deep_search
 from gradaudit.attacks.span.options import SpanOptions, rough_dtype
 from gradaudit.gradients.snapshot import GradientSnapshot
@@ -49,9 +50,11 @@ def solve_deep(
     seed: int,
     budget: float,
     options: SpanOptions,
+    partial: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The batch's ids (B, L) from the `usable` modules' spectra, and the details the result
-    reports (the search's, the rough dtype, and the gradient check's cosine)."""
+    reports (the search's, the rough dtype, the order polish's in the `partial` regime, and
+    the gradient check's cosine)."""
     device = next(iter(usable.values())).basis.device
     content = content_mask(snapshot, tokenizer)
     bases = {m: s.basis for m, s in usable.items()}
@@ -60,9 +63,16 @@ def solve_deep(
     settings = deep_settings(options, budget)
     ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
     details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
+    polish = partial and options.polish_sweeps > 0 and details["residual"] >= SOLVED
+    if not (polish or options.gradient_check):
+        return ids.cpu(), details
+    matcher = GradientMatcher(model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0))
+    if polish:
+        sweeps, per_pass = max(1, round(options.polish_sweeps * budget)), options.forward_batch
+        content = objective.content
+        ids, polished = polish_order(matcher, objective.embed, ids, content, sweeps, per_pass)
+        details.update(polished)
     if options.gradient_check:
-        check = GradMatchOptions(reg_weight=0)
-        matcher = GradientMatcher(model, snapshot, tokenizer, device, check)
         distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
         details["gradient_cosine"] = 1 - float(distance.detach())
     return ids.cpu(), details
