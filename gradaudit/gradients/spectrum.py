@@ -77,15 +77,19 @@ def _gavish_donoho(s: torch.Tensor, shape: tuple[int, int]) -> int:
 
 
 def gradient_precision(grad: torch.Tensor) -> torch.dtype:
-    """The precision `grad` was computed in: the narrowest of bfloat16 and float16 that holds
-    each of its (at least `_PRECISION_EVIDENCE` nonzero) values exactly, else its dtype."""
+    """The precision `grad` was computed in: the narrowest of bfloat16, float16 and float32
+    (below its own dtype) that holds each of its (at least `_PRECISION_EVIDENCE` nonzero)
+    values exactly, else its dtype. A float32 gradient stored as float64 has float32's
+    rounding, which a float64 floor would take for signal."""
     if not grad.is_floating_point() or grad.dtype in LOW_PRECISIONS:
         return grad.dtype
     values = grad[grad != 0]
     if values.numel() < _PRECISION_EVIDENCE:
         return grad.dtype
-    for dtype in LOW_PRECISIONS:
-        if torch.equal(values.to(dtype).to(grad.dtype), values):
+    own = torch.finfo(grad.dtype).eps
+    for dtype in (*LOW_PRECISIONS, torch.float32):
+        coarser = torch.finfo(dtype).eps > own
+        if coarser and torch.equal(values.to(dtype).to(grad.dtype), values):
             return dtype
     return grad.dtype
 
@@ -146,7 +150,11 @@ def spectrum(
         rank = max(1, min(above, _gavish_donoho(s, tuple(grad.shape))))
     else:
         rank = above
-    clear = int((ratios >= min_gap).nonzero().max()) + 1 if clean else rank
+    # Weaker directions past the rank's gap: interior gaps only (the gap to the rounding after
+    # a full spectrum's last value may set the rank, not count a noise bulk above it).
+    interior = ratios[: len(s) - 1]
+    weaker = (interior >= min_gap).nonzero()
+    clear = max(rank, int(weaker.max()) + 1 if len(weaker) else 0) if clean else rank
     rounded = precision in LOW_PRECISIONS and not (clean or noisy)  # no gap above rounding
     # Full row rank is information only in a clean gradient (see `label`'s `partial`); under
     # noise it cannot be told from the noise.
