@@ -61,6 +61,8 @@ def scan(
     total = sum(p.numel() for p in model.parameters())
     spectra = {m: spectrum(snapshot.weight_gradient(m), noisy=False, name=m) for m in modules}
     labels = module_labels(model, spectra, tokens, lay)
+    if not lay.bert_embeddings:  # exact mode needs BERT-style layer-0 embeddings
+        labels = {m: "span" if lab == "exact" else lab for m, lab in labels.items()}
     rows = []
     for name, spec in spectra.items():
         rows.append(

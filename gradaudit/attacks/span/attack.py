@@ -175,28 +175,10 @@ class SpanAttack(Attack):
             info.update(mode="none", why=why, **saturation(model, snapshot, lay, spectra, labels))
             return self._result(tokenizer, snapshot, ids, info)
         info.update(regime_of(usable, labels, tokens))
-        exact = [m for m in usable if labels[m] == "exact"]
-        if exact:
-            module = min(exact, key=lambda m: usable[m].rank)
-            spec = usable[module]
-            rate, cannot = embedding_dropout(lay)
-            rate = combined_dropout(rate, lora_part(model, module))
-            train = dropout_on(model, snapshot, rate)
-            if train and cannot:
-                info["dropout"] = f"cannot model this model's dropout: {cannot}; deep mode instead"
-                exact = []
-            elif train:
-                ids, details = solve_train(
-                    model, snapshot, lay, module, spec, tokenizer, ids, opts.chunk, rate
-                )
-                info.update(mode="exact", module=module, train_mode=True, **details)
-            else:
-                ids, details = solve_exact(model, snapshot, lay, module, spec, tokenizer, ids, opts)
-                info.update(mode="exact", module=module, **details)
-        info.update(lora_dropout_note(model, snapshot, list(usable), bool(exact)))
-        if exact:
-            info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
-            info["why"] += f"{spec.rank} < width {spec.width}"
+        found = self._exact(model, snapshot, lay, usable, labels, tokenizer, ids, info)
+        info.update(lora_dropout_note(model, snapshot, list(usable), found is not None))
+        if found is not None:
+            ids = found
         else:
             partial = info["regime"] == SPAN_PARTIAL
             ids, details = solve_deep(
@@ -206,6 +188,45 @@ class SpanAttack(Attack):
             info["why"] = f"{', '.join(sorted(usable))}: rank below the width; deep mode (the "
             info["why"] += "model's own forward pass to each module)"
         return self._result(tokenizer, snapshot, ids, info)
+
+    def _exact(
+        self,
+        model: nn.Module,
+        snapshot: GradientSnapshot,
+        lay: ModelLayout,
+        usable: dict[str, Spectrum],
+        labels: dict[str, str],
+        tokenizer: PreTrainedTokenizerBase,
+        ids: torch.Tensor,
+        info: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """Exact mode on the lowest-rank layer-0 module, recorded in `info`; None where it
+        cannot run (no such module, or dropout it cannot model)."""
+        exact = [m for m in usable if labels[m] == "exact"]
+        if not exact:
+            return None
+        module = min(exact, key=lambda m: usable[m].rank)
+        spec = usable[module]
+        rate, cannot = embedding_dropout(lay)
+        rate = combined_dropout(rate, lora_part(model, module))
+        train = dropout_on(model, snapshot, rate)
+        if train and cannot:
+            info["dropout"] = f"cannot model this model's dropout: {cannot}; deep mode instead"
+            return None
+        if train:
+            opts = self.options
+            ids, details = solve_train(
+                model, snapshot, lay, module, spec, tokenizer, ids, opts.chunk, rate
+            )
+            info.update(mode="exact", module=module, train_mode=True, **details)
+        else:
+            ids, details = solve_exact(
+                model, snapshot, lay, module, spec, tokenizer, ids, self.options
+            )
+            info.update(mode="exact", module=module, **details)
+        info["why"] = f"{module} takes a per-token input (layer 0) and its gradient has rank "
+        info["why"] += f"{spec.rank} < width {spec.width}"
+        return ids
 
     def _result(
         self,

@@ -30,12 +30,10 @@ class Slot:
 
 
 def exact_applicable(lay: ModelLayout, module: str) -> bool:
-    """True for layer-0 query/key/value of an absolute-position encoder with BERT-style
-    embeddings, or their LoRA lora_A (whose inputs are theirs; lora_B's are `A x`, which deep
-    mode handles)."""
+    """True for layer-0 query/key/value of an absolute-position encoder, or their LoRA lora_A
+    (whose inputs are theirs; lora_B's are `A x`, which deep mode handles)."""
     where = lay.locate(module)
-    position_type = getattr(lay.model.config, "position_embedding_type", "absolute")
-    absolute = lay.bert_embeddings and position_type == "absolute"
+    absolute = getattr(lay.model.config, "position_embedding_type", "absolute") == "absolute"
     per_token = where is not None and where[1] == 0 and where[0] in EXACT_COMPONENTS
     return absolute and per_token and split_part(module)[1] != "lora_B"
 
