@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.errors import GradAuditError
-from gradaudit.experiments.data import load_examples
+from gradaudit.experiments.data import Examples, load_examples
 from gradaudit.gradients.capture import capture
 from gradaudit.io import atomic_write_json, private_dir
 from gradaudit.model.batch import labels_for, make_batch
@@ -117,6 +117,18 @@ def module_spec(component: str, layer: int | None, lora_rank: int | None = None)
     return spec if lora_rank is None else f"{spec}:lora_A"
 
 
+def _held_out(examples: Examples, grid: BenchGrid) -> tuple[list[str], list[int]]:
+    """The last `LORA_HELD_OUT` sentences, which LoRA models train on; an error when a cell
+    would audit one of them."""
+    audited = max(b * math.ceil(grid.sentences / b) for b in grid.batch_sizes)
+    if grid.lora_ranks and len(examples) < audited + LORA_HELD_OUT:
+        raise GradAuditError(
+            f"{examples.source} has {len(examples)} sentences: LoRA cells need {LORA_HELD_OUT} "
+            f"to train the adapters on beyond the {audited} the cells audit; use a larger file"
+        )
+    return examples.texts[-LORA_HELD_OUT:], examples.labels[-LORA_HELD_OUT:]
+
+
 def _models(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, grid: BenchGrid, held_out, seed: int
 ) -> list[tuple[int | None, nn.Module]]:
@@ -155,7 +167,7 @@ def run_bench(
     started = time.perf_counter()
     for dataset in grid.datasets:
         examples = load_examples(str(Path(data_dir) / DATASET_FILES[dataset]))
-        held_out = (examples.texts[-LORA_HELD_OUT:], examples.labels[-LORA_HELD_OUT:])
+        held_out = _held_out(examples, grid)
         for lora_rank, audited in _models(model, tokenizer, grid, held_out, seed):
             for batch_size in grid.batch_sizes:
                 batches = examples.batches(batch_size, math.ceil(grid.sentences / batch_size))

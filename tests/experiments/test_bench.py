@@ -86,3 +86,36 @@ def test_bench_in_train_mode_says_so_in_every_row_cell_and_the_table(tiny_tokeni
     assert [c["train_mode"] for c in result["cells"]] == [True]
     assert "train (dropout on)" in render_table(result)
     assert not model.training  # the model's own mode is left as it was
+
+
+def test_lora_cells_audit_lora_a_of_each_rank_and_record_the_regime(tiny_tokenizer, tmp_path):
+    from _tiny import SENTENCES
+
+    rows = "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in SENTENCES * 6)
+    path = tmp_path / "data" / DATASET_FILES["sst2"]
+    path.parent.mkdir(parents=True)
+    path.write_text(rows)
+    grid = BenchGrid(
+        datasets=["sst2"], components=["query"], layers=[0], attacks=["gradmatch"],
+        batch_sizes=[1], sentences=1, lora_ranks=[16], full_model=False,
+        budgets={"gradmatch": 0.01},
+    )  # fmt: skip
+    model = make_tiny_model(tiny_tokenizer.vocab_size)
+    result = run_bench(model, tiny_tokenizer, tmp_path / "data", grid)
+    (row,) = result["rows"]
+    assert row["lora_rank"] == 16 and row["error"] is None
+    assert row["regime"] == "gradient matching"
+    (cell,) = result["cells"]
+    assert cell["regimes"] == [row["regime"]]
+    assert "query@0:lora_A r=16" in render_table(result)
+    names = [p.name for p in write_bench(tmp_path / "out", result)]
+    assert "heatmap_gradmatch_B1_lora16_rouge1.png" in names
+
+
+def test_lora_cells_refuse_a_file_too_small_to_hold_out_training_sentences(
+    tiny_tokenizer, data_dir
+):
+    grid = BenchGrid(datasets=["sst2"], components=["query"], layers=[0], lora_ranks=[8])
+    model = make_tiny_model(tiny_tokenizer.vocab_size)
+    with pytest.raises(GradAuditError, match="LoRA cells need 40"):
+        run_bench(model, tiny_tokenizer, data_dir, grid)
