@@ -24,7 +24,7 @@ from gradaudit.attacks.base import (
     Reconstruction,
     candidate_token_ids,
     content_mask,
-    decode,
+    from_ids,
 )
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
@@ -241,15 +241,13 @@ class GradMatchAttack(Attack):
         best_x, best_loss, trace, accepted = self._optimise(matcher, best_x, best_loss, steps, rng)
         trace_values = torch.stack(trace).tolist()
         ids = matcher.nearest_tokens(best_x, candidate_token_ids(tokenizer).to(device)).cpu()
-        lengths = snapshot.batch["attention_mask"].sum(1).tolist()
-        token_ids = [row[:n].tolist() for row, n in zip(ids, lengths)]
-        return Reconstruction(
-            token_ids=token_ids,
-            texts=decode(tokenizer, token_ids),
-            attack=self.name,
-            options=self.options_dict(),
-            loss_trace=trace_values,
-            info={
+        result = from_ids(
+            tokenizer,
+            snapshot,
+            ids,
+            self.name,
+            self.options_dict(),
+            {
                 "regime": GRADIENT_MATCHING,
                 "steps": steps,
                 "init_candidates": n_candidates,
@@ -260,6 +258,8 @@ class GradMatchAttack(Attack):
                 "moves_accepted": int(accepted),
             },
         )
+        result.loss_trace = trace_values
+        return result
 
     @staticmethod
     def _initialise(

@@ -63,13 +63,13 @@ def lora_model(
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(trainable, lr=LORA_LEARNING_RATE)
         wrapped.train()
+        device = next(wrapped.parameters()).device
         for step in range(steps):
             start = step * LORA_TRAIN_BATCH % len(texts)
             chunk = slice(start, start + LORA_TRAIN_BATCH)
             batch = make_batch(
                 wrapped, tokenizer, list(texts[chunk]), labels_for(wrapped, list(labels[chunk]))
             )
-            device = next(wrapped.parameters()).device
             loss = wrapped(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             optimiser.step()

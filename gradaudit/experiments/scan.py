@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from gradaudit.attacks.span.attack import module_labels
+from gradaudit.attacks.span.attack import module_bounds, module_labels
 from gradaudit.gradients.capture import capture
 from gradaudit.gradients.spectrum import spectrum
 from gradaudit.model.families import layout
 from gradaudit.model.linear import conv1d_names
-from gradaudit.model.lora import rank_bound
 
 # A line under the table for each label that needs words (LoRA's regimes among them).
 LABEL_NOTES = {
@@ -60,7 +59,8 @@ def scan(
     tokens = int(snapshot.batch["attention_mask"].sum())
     total = sum(p.numel() for p in model.parameters())
     spectra = {m: spectrum(snapshot.weight_gradient(m), noisy=False, name=m) for m in modules}
-    labels = module_labels(model, spectra, tokens, lay)
+    bounds = module_bounds(model, spectra)
+    labels = module_labels(model, spectra, tokens, lay, bounds)
     if not lay.bert_embeddings:  # exact mode needs BERT-style layer-0 embeddings
         labels = {m: "span" if lab == "exact" else lab for m, lab in labels.items()}
     rows = []
@@ -72,7 +72,7 @@ def scan(
                 rank_above_rounding=spec.rank_above_rounding,
                 tokens=tokens,
                 width=spec.width,
-                bound=rank_bound(model, name, spec.rows),
+                bound=bounds[name],
                 param_share=spec.rows * spec.width / total,
                 clean=spec.clean,
                 label=labels[name],

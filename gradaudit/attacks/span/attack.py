@@ -50,14 +50,22 @@ def module_spectra(
     }
 
 
+def module_bounds(model: nn.Module, spectra: dict[str, Spectrum]) -> dict[str, int]:
+    """Each observed module's rank bound: its rows, or a lora_A's lora_B rank."""
+    return {m: rank_bound(model, m, s.rows) for m, s in spectra.items()}
+
+
 def module_labels(
-    model: nn.Module, spectra: dict[str, Spectrum], tokens: int, lay: ModelLayout
+    model: nn.Module,
+    spectra: dict[str, Spectrum],
+    tokens: int,
+    lay: ModelLayout,
+    bounds: dict[str, int] | None = None,
 ) -> dict[str, str]:
-    """Each observed module's `spectrum.label`, with its rank bound (a lora_A's lora_B rank)."""
-    return {
-        m: label(s, tokens, exact_applicable(lay, m), rank_bound(model, m, s.rows))
-        for m, s in spectra.items()
-    }
+    """Each observed module's `spectrum.label`, with its rank bound (`module_bounds` unless
+    given)."""
+    bounds = module_bounds(model, spectra) if bounds is None else bounds
+    return {m: label(s, tokens, exact_applicable(lay, m), bounds[m]) for m, s in spectra.items()}
 
 
 def unusable_reason(labels: dict[str, str]) -> str:
