@@ -77,6 +77,12 @@ def _verdict(label: str, audits: list[dict[str, Any]]) -> Verdict:
     scores = f"worst ROUGE-1 {score(rouge1)}, ROUGE-2 {score(rouge2)}"
     if rebuilt or rouge1 >= HIGH_ROUGE1:
         return Verdict("HIGH", label, f"{counts}; {scores}")
+    stopped = sum(1 for a in scored if (a.get("info") or {}).get("out_of_time"))
+    if stopped:  # a search cut short measured less than it could
+        scores += (
+            f"; {stopped} of the attacks stopped at their time limit with their best batch so "
+            "far (raise deep_seconds or the budget to search longer)"
+        )
     if rouge1 >= MEDIUM_ROUGE1 or rouge2 >= MEDIUM_ROUGE2:
         return Verdict("MEDIUM", label, f"{counts}; {scores}")
     return Verdict(

@@ -691,3 +691,22 @@ def test_replacements_are_put_off_while_reorderings_still_help(model, tiny_token
     # The first sweep's replacements (each slot's own token) change nothing and a reordering
     # helps, so the second sweep reorders without them.
     assert kinds == ["r."] * 6 + ["m+", "m+"]
+
+
+def test_a_search_out_of_time_returns_its_best_batch_and_says_so(model, tiny_tokenizer):
+    snapshot = snapshot_of(model, tiny_tokenizer, ["the movie was good", "a dark story"], "key")
+    cut = get_attack("span", deep_seconds=1e-9).reconstruct(
+        model, snapshot, tokenizer=tiny_tokenizer, device="cpu", seed=0, budget=1.0
+    )
+    assert cut.info["mode"] == "deep" and "limit" in cut.info["out_of_time"]
+    assert cut.info["searches"] == 0 and cut.info["sweeps"] == 0  # every stage stopped
+    assert [len(ids) for ids in cut.token_ids] == [len(ids) for ids in truth_of(snapshot)]
+    unlimited = get_attack("span", deep_seconds=0).reconstruct(
+        model, snapshot, tokenizer=tiny_tokenizer, device="cpu", seed=0, budget=0.3
+    )
+    assert "out_of_time" not in unlimited.info and unlimited.token_ids == truth_of(snapshot)
+
+
+def test_a_negative_time_limit_is_an_error():
+    with pytest.raises(GradAuditError, match="deep_seconds must be at least 0"):
+        get_attack("span", deep_seconds=-1)

@@ -67,3 +67,13 @@ def test_low_verdict_on_a_partial_lora_gradient_says_a_stronger_attack_may_rebui
     (verdict,) = verdicts({"summary": {module: {}}, "audits": [audit]})
     assert verdict.level == "LOW" and verdict.modules == "query@0:lora_A"
     assert "rank 8 for 85 tokens" in verdict.sentence and "stronger attack may" in verdict.sentence
+
+
+def test_a_low_verdict_counts_the_attacks_that_stopped_at_their_time_limit():
+    stopped, finished = audit_of(LOW), audit_of(LOW)
+    stopped.info = {"out_of_time": "stopped at its 600 s limit"}
+    (verdict,) = verdicts(_report(stopped, finished))
+    assert verdict.level == "LOW"
+    assert "1 of the attacks stopped at their time limit" in verdict.sentence
+    (verdict,) = verdicts(_report(audit_of(LOW)))
+    assert "time limit" not in verdict.sentence

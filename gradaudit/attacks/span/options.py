@@ -45,6 +45,9 @@ class SpanOptions:
     deep_inserts: int = 16  # tokens tried as an insertion that shifts its sentence
     deep_sweeps: int = 20  # coordinate-descent sweeps at budget 1
     deep_moves: int = 1024  # reorderings (swaps, moves of a token) tried per sweep
+    # Wall-clock seconds of deep mode's search at budget 1 (0: no limit). Past them every
+    # stage returns its best batch so far, and the result says it ran out of time.
+    deep_seconds: float = 600.0
     # Deep mode ranks candidates with a copy of the model in this dtype and scores only the
     # best few at full precision: "auto" is bfloat16 where the device computes it natively
     # (where emulated it is slower), "none" scores all at full precision.
@@ -66,7 +69,7 @@ class SpanOptions:
             if getattr(self, name) < 1:
                 raise GradAuditError(f"{name} must be at least 1")
         sizes = ("deep_steps", "deep_bag", "deep_linearised", "deep_screen", "deep_inserts")
-        for name in (*sizes, "deep_moves", "polish_sweeps"):
+        for name in (*sizes, "deep_moves", "polish_sweeps", "deep_seconds"):
             if getattr(self, name) < 0:
                 raise GradAuditError(f"{name} must be at least 0")
         if self.rough_dtype not in ROUGH_CHOICES:

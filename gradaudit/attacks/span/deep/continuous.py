@@ -46,6 +46,8 @@ def optimise_embeddings(
     u = torch.zeros_like(origin, requires_grad=True)
     optimizer = torch.optim.Adam([u], lr=1.0)
     for _ in range(settings.steps):
+        if settings.expired():
+            break
         loss = objective(origin + rates * u).sum()
         (u.grad,) = torch.autograd.grad(loss, [u])
         optimizer.step()
@@ -109,6 +111,9 @@ def slot_optima(
         max(1, settings.forward_batch // trials.shape[1])
     ):
         emb = objective.embed(trials[part])
+        if settings.expired():  # out of time: the slots' own tokens
+            optima.append(emb[torch.arange(len(part)), rows[part], columns[part]])
+            continue
         k, at = torch.arange(len(part), device=part.device), (rows[part], columns[part])
         start = emb[(k, *at)]
         u = torch.zeros_like(start, requires_grad=True)

@@ -99,7 +99,7 @@ class Sweeps:
             linearised = torch.cat([linearised, near], 1)
         searched = open_sentences(objective, ids)
         for (b, p), pool, extra, slope in zip(self.positions, self.pools, linearised, slopes):
-            if not searched[b]:
+            if not searched[b] or settings.expired():
                 continue
             if settings.screen and len(pool) > settings.screen:
                 pool = pool[(objective.embed(pool) @ slope).topk(settings.screen, largest=False)[1]]
@@ -158,6 +158,8 @@ def coordinate_descent(
     sweeps = Sweeps(objective, x, vocab, raw_vocab, candidates, settings, per_pass, generator)
     done, width, refine, replace = 0, settings.linearised, False, True
     for _ in range(settings.sweeps):
+        if settings.expired():
+            break
         before = current
         ids, current, solved, replaced = sweeps.sweep(ids, current, width, refine, replace)
         done += 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +42,11 @@ class DeepSettings:
     sweeps: int
     moves: int
     forward_batch: int
+    deadline: float = math.inf  # a `time.perf_counter()` value: past it, the search stops
+
+    def expired(self) -> bool:
+        """Past the deadline: every stage returns its best so far."""
+        return time.perf_counter() > self.deadline
 
 
 class _Stop(Exception):

@@ -9,6 +9,7 @@ sentence in batched passes, and the best kept while it lowers the distance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,9 +44,11 @@ def polish_order(
     content: torch.Tensor,
     sweeps: int,
     per_pass: int,
+    expired: Callable[[], bool] = lambda: False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """`ids` (B, L) after up to `sweeps` sweeps of best-swap moves per sentence, scored by
-    `matcher` on `embed(ids)`; the details record the distance before and after."""
+    """`ids` (B, L) after up to `sweeps` sweeps of best-swap moves per sentence (fewer once
+    `expired()`), scored by `matcher` on `embed(ids)`; the details record the distance before
+    and after."""
     swaps = sum(len(sentence_swaps(ids, content, b)) for b in range(len(ids)))
     if swaps * len(ids) > MAX_SWEEP_FORWARDS:
         return ids, {"polish": f"skipped: {swaps} swaps x {len(ids)} sentences a sweep"}
@@ -55,7 +58,7 @@ def polish_order(
         improved = False
         for sentence in range(len(ids)):
             variants = sentence_swaps(ids, content, sentence)
-            if not len(variants):
+            if not len(variants) or expired():
                 continue
             scores = torch.cat(
                 [matcher.losses(embed(part)).detach() for part in variants.split(per_pass)]

@@ -48,6 +48,8 @@ def deep_search(
     fresh = iter(order)
     again: list[int] = []
     for kind in SEARCHES:
+        if settings.expired():
+            break
         if kind == "kick":
             start, start_score, source = kicked_start(
                 objective, ids, vocab, candidates, settings, per_pass, generator
@@ -98,7 +100,7 @@ def search_sentences_again(
     own inputs fit better. Returns the ids, their score and the sentences replaced."""
     replaced: list[int] = []
     hold_wrong, fitting = True, 0
-    while True:
+    while not settings.expired():
         outside = objective.sentence_outside(ids)
         if outside is None or objective.finished(ids, current):
             break
@@ -109,7 +111,7 @@ def search_sentences_again(
             fitting = int(fits.sum())
         tried, score, changed = ids, current, []
         for b in outside.argsort(descending=True).tolist():
-            if bool(fits[b]):
+            if bool(fits[b]) or settings.expired():
                 break
             held = [c for c in range(len(ids)) if c != b and (hold_wrong or bool(fits[c]))]
             view = objective.holding(tried, b, held)

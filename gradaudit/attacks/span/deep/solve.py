@@ -7,6 +7,8 @@ matcher, checks it against the gradient itself and not just its row space.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import torch
@@ -38,6 +40,9 @@ def deep_settings(options: SpanOptions, budget: float) -> DeepSettings:
         sweeps=max(1, round(options.deep_sweeps * budget)),
         moves=options.deep_moves,
         forward_batch=options.forward_batch,
+        deadline=time.perf_counter() + options.deep_seconds * budget
+        if options.deep_seconds
+        else math.inf,
     )
 
 
@@ -62,6 +67,11 @@ def solve_deep(
     objective = SpanObjective(model, lay, snapshot, bases, content, device, rough)
     settings = deep_settings(options, budget)
     ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
+    if settings.expired():
+        details["out_of_time"] = (
+            f"stopped at its {options.deep_seconds * budget:g} s limit (deep_seconds x budget) "
+            "with the best batch so far: a longer search may recover more"
+        )
     details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
     polish = partial and options.polish_sweeps > 0 and details["residual"] >= SOLVED
     if not (polish or options.gradient_check):
@@ -70,7 +80,9 @@ def solve_deep(
     if polish:
         sweeps, per_pass = max(1, round(options.polish_sweeps * budget)), options.forward_batch
         content = objective.content
-        ids, polished = polish_order(matcher, objective.embed, ids, content, sweeps, per_pass)
+        ids, polished = polish_order(
+            matcher, objective.embed, ids, content, sweeps, per_pass, settings.expired
+        )
         details.update(polished)
     if options.gradient_check:
         distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
