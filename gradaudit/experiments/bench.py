@@ -235,6 +235,7 @@ def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any
         "error": None,
         "ran": result.info.get("auto", {}).get("ran", result.attack),
         "regime": result.info.get("regime"),
+        "out_of_time": bool(result.info.get("out_of_time")),
     }
 
 
@@ -266,6 +267,7 @@ def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cell.update(batches=len(members), errors=len(members) - len(ok))
         cell.update(train_mode=members[0]["train_mode"])
         cell["regimes"] = sorted({r["regime"] for r in ok if r.get("regime")})
+        cell["out_of_time"] = sum(1 for r in ok if r.get("out_of_time"))
         for metric in (*SCORE_KEYS, "seconds"):
             cell[metric] = sum(r[metric] for r in ok) / len(ok) if ok else None
         cells.append(cell)
@@ -298,9 +300,15 @@ def render_table(result: dict[str, Any]) -> str:
             f"{c['dataset']:<16}{_cell_name(c):<22}{c['batch_size']:>3}  "
             f"{c['attack']:<10}{fmt(c['rouge1']):>7}{fmt(c['rouge2']):>7}"
             f"{fmt(c['token_recall']):>8}{fmt(c['seconds'], '.1f'):>9}{ratio:>14}  "
-            f"{', '.join(c.get('regimes') or [])}".rstrip()
+            f"{', '.join(c.get('regimes') or [])}{_cut_short(c)}".rstrip()
         )
     return "\n".join(lines)
+
+
+def _cut_short(cell: dict[str, Any]) -> str:
+    """`; 2 of 4 out of time` for a cell whose searches hit their time limit."""
+    cut = cell.get("out_of_time")
+    return f"; {cut} of {cell['batches']} out of time" if cut else ""
 
 
 def write_bench(out: str | Path, result: dict[str, Any]) -> list[Path]:

@@ -119,3 +119,14 @@ def test_lora_cells_refuse_a_file_too_small_to_hold_out_training_sentences(
     model = make_tiny_model(tiny_tokenizer.vocab_size)
     with pytest.raises(GradAuditError, match="LoRA cells need 40"):
         run_bench(model, tiny_tokenizer, data_dir, grid)
+
+
+def test_table_counts_the_batches_whose_search_ran_out_of_time():
+    cell = {"dataset": "sst2", "component": "query", "layer": 2, "batch_size": 8,
+            "attack": "span", "rouge1": 0.5, "rouge2": 0.2, "token_recall": 0.6,
+            "seconds": 600.0, "batches": 2, "regimes": ["span"]}  # fmt: skip
+    result = {"grid": {"attacks": ["span"], "budgets": {}}}
+    result["cells"] = [{**cell, "out_of_time": 1}]
+    assert render_table(result).endswith("span; 1 of 2 out of time")
+    result["cells"] = [{**cell, "out_of_time": 0}]
+    assert render_table(result).endswith("  span")
