@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradaudit.attacks.span.deep.shared import scores_with_shared, shared_parts
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import ModelLayout, layout
 
@@ -139,18 +140,27 @@ class SpanObjective:
             seen = self.module_inputs(self.embed(ids).unsqueeze(0))
         total = 0
         for name in tested:
-            x = self._centred(name, seen[name].to(self.precision), self.real)[0]
-            x = x * self._rows(name, self.real, self.content).unsqueeze(-1)
+            x = self.centre(name, seen[name].to(self.precision), self.real)[0]
+            x = x * self.tested_rows(name, self.real, self.content).unsqueeze(-1)
             inside = (x @ self.bases[name].T).square().sum((1, 2))
             norm = x.square().sum((1, 2))
             total = total + torch.where(norm > 0, 1 - inside / norm, 0)  # no rows: nothing off
         return total
 
-    def _rows(self, name: str, real: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    def tested_rows(self, name: str, real: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
         """The rows (B, L) that `outside` tests at module `name`."""
         return real if self.outside[name] == "real" else content
 
-    def _centred(self, name: str, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def spanning_rows(self, name: str, real: torch.Tensor) -> torch.Tensor:
+        """The rows (B, L) whose span `uncovered` measures: the real ones, less each
+        sentence's last for a key module (centred, a sentence's rows sum to zero: without
+        one of them the rest span as much and a QR leaves no column to rounding)."""
+        if not self.centred[name]:
+            return real
+        count = real.cumsum(-1)
+        return real & (count < count[..., -1:])
+
+    def centre(self, name: str, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Inputs (K, B, L, d), minus their sentence's mean for a key module."""
         if not self.centred[name]:
             return x
@@ -197,11 +207,11 @@ class SpanObjective:
             if self.fixed:
                 fixed = self.fixed[name].to(x).expand(len(x), -1, -1, -1)
                 x = torch.cat([x, fixed], 1)
-            x = self._centred(name, x, real)
-            q, _ = torch.linalg.qr(x[:, real].transpose(1, 2))  # rows (K, N, d)
+            x = self.centre(name, x, real)
+            q, _ = torch.linalg.qr(x[:, self.spanning_rows(name, real)].transpose(1, 2))
             total = total + 1 - (basis @ q).square().sum((1, 2)) / basis.shape[0]
             if self.outside[name]:
-                rows = x[:, self._rows(name, real, content)]
+                rows = x[:, self.tested_rows(name, real, content)]
                 inside = (rows @ basis.T).square().sum((1, 2))
                 total = total + 1 - inside / rows.square().sum((1, 2))
         return total
@@ -214,21 +224,34 @@ class SpanObjective:
         self, ids: torch.Tensor, sentence: int, variants: torch.Tensor, per_pass: int
     ) -> torch.Tensor:
         """Scores (K,) of batch `ids` (B, L) with sentence `sentence` replaced by each of
-        `variants` (K, L). Only the variants run forward: the other sentences' inputs are
-        shared, which makes a batch of B sentences B times cheaper to search than whole
-        candidate batches."""
+        `variants` (K, L). Only the variants run forward, and only their own rows enter each
+        score's subspace algebra (the other sentences' share is computed once, `shared.py`):
+        a batch of B sentences is far cheaper to search than whole candidate batches."""
         with torch.no_grad():
-            # A one-sentence batch has nothing to share: its variants are whole batches.
-            base = self.module_inputs(self.embed(ids).unsqueeze(0)) if len(ids) > 1 else {}
+            parts = shared_parts(self, *self._others(ids, sentence))
+            real, content = self.real[sentence], self.content[sentence]
             scores = []
             for part in variants.split(per_pass * len(ids)):
-                changed = self.module_inputs(self.embed(part).unsqueeze(1), [sentence])
-                merged = dict(changed)
-                for name, x in base.items():
-                    merged[name] = x.repeat(len(part), 1, 1, 1)
-                    merged[name][:, sentence] = changed[name][:, 0]
-                scores.append(self.score_inputs(merged))
+                seen = self.module_inputs(self.embed(part).unsqueeze(1), [sentence])
+                own = {m: x[:, 0] for m, x in seen.items()}
+                scores.append(scores_with_shared(self, parts, own, real, content))
             return torch.cat(scores)
+
+    def _others(
+        self, ids: torch.Tensor, sentence: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Module inputs (S, L, d) of every sentence of `ids` but `sentence`, then of the
+        sentences a view holds, with their real and content masks (S, L)."""
+        others = [c for c in range(len(ids)) if c != sentence]
+        if others:
+            seen = self.module_inputs(self.embed(ids[others]).unsqueeze(0), others)
+            rows = {m: x[0].to(self.precision) for m, x in seen.items()}
+        else:  # one sentence: no rows but those held
+            rows = {m: v.new_zeros((0, ids.shape[1], v.shape[1])) for m, v in self.bases.items()}
+        if self.fixed:
+            rows = {m: torch.cat([x, self.fixed[m].to(x)]) for m, x in rows.items()}
+        real = torch.cat([self.real[others], self.fixed_real])
+        return rows, real, torch.cat([self.content[others], self.fixed_content])
 
     def score_ids(self, ids: torch.Tensor, per_pass: int) -> torch.Tensor:
         """Scores (K,) of K token-id batches (K, B, L), `per_pass` batches per forward."""
