@@ -44,10 +44,12 @@ class DeepSettings:
     moves: int
     forward_batch: int
     deadline: float = math.inf  # a `time.perf_counter()` value: past it, the search stops
+    stopped: bool = False  # a stage stopped at the deadline
 
     def expired(self) -> bool:
-        """Past the deadline: every stage returns its best so far."""
-        return time.perf_counter() > self.deadline
+        """Past the deadline: every stage returns its best so far (and `stopped` says so)."""
+        self.stopped = self.stopped or time.perf_counter() > self.deadline
+        return self.stopped
 
 
 class _Stop(Exception):

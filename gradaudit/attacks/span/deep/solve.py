@@ -67,16 +67,12 @@ def solve_deep(
     objective = SpanObjective(model, lay, snapshot, bases, content, device, rough)
     settings = deep_settings(options, budget)
     ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
-    if settings.expired():
-        details["out_of_time"] = (
-            f"stopped at its {options.deep_seconds * budget:g} s limit (deep_seconds x budget) "
-            "with the best batch so far: a longer search may recover more"
-        )
     details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
     polish = partial and options.polish_sweeps > 0 and details["residual"] >= SOLVED
-    if not (polish or options.gradient_check):
-        return ids.cpu(), details
-    matcher = GradientMatcher(model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0))
+    if polish or options.gradient_check:
+        matcher = GradientMatcher(
+            model, snapshot, tokenizer, device, GradMatchOptions(reg_weight=0)
+        )
     if polish:
         sweeps, per_pass = max(1, round(options.polish_sweeps * budget)), options.forward_batch
         content = objective.content
@@ -87,4 +83,9 @@ def solve_deep(
     if options.gradient_check:
         distance = matcher.losses(objective.embed(ids).unsqueeze(0))[0]
         details["gradient_cosine"] = 1 - float(distance.detach())
+    if settings.stopped:
+        details["out_of_time"] = (
+            f"stopped at its {options.deep_seconds * budget:g} s limit (deep_seconds x budget) "
+            "with the best batch so far: a longer search may recover more"
+        )
     return ids.cpu(), details
