@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradaudit.attacks.span.deep.shared import scores_with_shared, shared_parts
+from gradaudit.attacks.span.deep.shared import other_rows, scores_with_shared, shared_parts
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import ModelLayout, layout
 
@@ -230,7 +230,7 @@ class SpanObjective:
         score's subspace algebra (the other sentences' share is computed once, `shared.py`):
         a batch of B sentences is far cheaper to search than whole candidate batches."""
         with torch.no_grad():
-            parts = shared_parts(self, *self._others(ids, sentence))
+            parts = shared_parts(self, *other_rows(self, ids, sentence))
             real, content = self.real[sentence], self.content[sentence]
             scores = []
             for part in variants.split(per_pass * len(ids)):
@@ -238,22 +238,6 @@ class SpanObjective:
                 own = {m: x[:, 0] for m, x in seen.items()}
                 scores.append(scores_with_shared(self, parts, own, real, content))
             return torch.cat(scores)
-
-    def _others(
-        self, ids: torch.Tensor, sentence: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Module inputs (S, L, d) of every sentence of `ids` but `sentence`, then of the
-        sentences a view holds, with their real and content masks (S, L)."""
-        others = [c for c in range(len(ids)) if c != sentence]
-        if others:
-            seen = self.module_inputs(self.embed(ids[others]).unsqueeze(0), others)
-            rows = {m: x[0].to(self.precision) for m, x in seen.items()}
-        else:  # one sentence: no rows but those held
-            rows = {m: v.new_zeros((0, ids.shape[1], v.shape[1])) for m, v in self.bases.items()}
-        if self.fixed:
-            rows = {m: torch.cat([x, self.fixed[m].to(x)]) for m, x in rows.items()}
-        real = torch.cat([self.real[others], self.fixed_real])
-        return rows, real, torch.cat([self.content[others], self.fixed_content])
 
     def score_ids(self, ids: torch.Tensor, per_pass: int) -> torch.Tensor:
         """Scores (K,) of K token-id batches (K, B, L), `per_pass` batches per forward."""

@@ -29,6 +29,24 @@ class Shared:
     norm: torch.Tensor  # squared norm of those rows
 
 
+def other_rows(
+    objective: SpanObjective, ids: torch.Tensor, sentence: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Module inputs (S, L, d) of every sentence of `ids` (B, L) but `sentence`, then of the
+    sentences a view holds (`holding`), with their real and content masks (S, L)."""
+    others = [c for c in range(len(ids)) if c != sentence]
+    bases = objective.bases
+    if others:
+        seen = objective.module_inputs(objective.embed(ids[others]).unsqueeze(0), others)
+        rows = {m: x[0].to(objective.precision) for m, x in seen.items()}
+    else:  # one sentence: no rows but those held
+        rows = {m: v.new_zeros((0, ids.shape[1], v.shape[1])) for m, v in bases.items()}
+    if objective.fixed:
+        rows = {m: torch.cat([x, objective.fixed[m].to(x)]) for m, x in rows.items()}
+    real = torch.cat([objective.real[others], objective.fixed_real])
+    return rows, real, torch.cat([objective.content[others], objective.fixed_content])
+
+
 def shared_parts(
     objective: SpanObjective,
     seen: dict[str, torch.Tensor],
