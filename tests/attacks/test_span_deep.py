@@ -710,3 +710,41 @@ def test_a_search_out_of_time_returns_its_best_batch_and_says_so(model, tiny_tok
 def test_a_negative_time_limit_is_an_error():
     with pytest.raises(GradAuditError, match="deep_seconds must be at least 0"):
         get_attack("span", deep_seconds=-1)
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_on_a_dropout_gradient_a_kick_that_rounds_back_onto_the_result_ends_the_search(
+    model, tiny_tokenizer, monkeypatch, noisy
+):
+    snapshot = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    objective = objective_of(model, tiny_tokenizer, snapshot)
+    kicked = []
+
+    def rounds_back(objective, ids, *args):  # every kicked restart rounds onto `ids`
+        kicked.append(ids)
+        return ids, objective.score_ids(ids.unsqueeze(0), 1)[0], objective.embed(ids)
+
+    monkeypatch.setattr(span_search, "kicked_start", rounds_back)
+    narrow = settings_of(steps=0, neighbours=2, bag=0, linearised=1, screen=2, inserts=0, moves=0)
+    narrow.noisy = noisy
+    _, info = deep_search(objective, candidate_token_ids(tiny_tokenizer), narrow, seed=0)
+    assert info["residual"] > SOLVED and len(kicked) == 1  # unsolved, so it was kicked
+    if noisy:
+        assert info["kick_agreed"] and info["searches"] == 1
+    else:  # eval mode: the truth scores 0, so an unsolved search goes on
+        assert "kick_agreed" not in info and info["searches"] == len(SEARCHES)
+
+
+def test_span_on_a_train_mode_gradient_searches_as_a_noisy_one(model, tiny_tokenizer):
+    batch = make_batch(model, tiny_tokenizer, [TEXT], [1])
+    module = layout(model).component_name("key", 1)
+    noisy = capture(model, batch, [module], train_mode=True, seed=0)
+    result = get_attack("span", deep_steps=20, deep_sweeps=2).reconstruct(
+        model, noisy, tokenizer=tiny_tokenizer, device="cpu", seed=0, budget=1.0
+    )
+    assert result.info["mode"] == "deep" and "kick_agreed" in result.info
+    clean = snapshot_of(model, tiny_tokenizer, [TEXT], "key")
+    result = get_attack("span", deep_steps=20, deep_sweeps=2).reconstruct(
+        model, clean, tokenizer=tiny_tokenizer, device="cpu", seed=0, budget=1.0
+    )
+    assert "kick_agreed" not in result.info

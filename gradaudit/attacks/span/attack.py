@@ -122,6 +122,11 @@ def lora_dropout_note(
     return {"lora_dropout": f"lora_dropout {rate:g} {how}"}
 
 
+def model_dropout(model: nn.Module) -> float:
+    """The largest dropout rate of the model's dropout layers (0.0 without any)."""
+    return max((m.p for m in model.modules() if isinstance(m, nn.Dropout)), default=0.0)
+
+
 def dropout_on(model: nn.Module, snapshot: GradientSnapshot, rate: float) -> bool:
     """Whether the gradient was taken with embedding dropout on: as its capture recorded it,
     else as the model's mode says now (a training loop's own gradient, e.g. the Auditor's)."""
@@ -189,8 +194,9 @@ class SpanAttack(Attack):
             ids = found
         else:
             partial = info["regime"] == SPAN_PARTIAL
+            noisy = dropout_on(model, snapshot, model_dropout(model))
             ids, details = solve_deep(
-                model, snapshot, lay, usable, tokenizer, seed, budget, opts, partial
+                model, snapshot, lay, usable, tokenizer, seed, budget, opts, partial, noisy
             )
             info.update(mode="deep", modules=sorted(usable), **details)
             info["why"] = f"{', '.join(sorted(usable))}: rank below the width; deep mode (the "

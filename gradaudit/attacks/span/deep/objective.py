@@ -45,6 +45,7 @@ class DeepSettings:
     forward_batch: int
     deadline: float = math.inf  # a `time.perf_counter()` value: past it, the search stops
     stopped: bool = False  # a stage stopped at the deadline
+    noisy: bool = False  # the gradient was taken with dropout on: no candidate scores 0
 
     def expired(self) -> bool:
         """Past the deadline: every stage returns its best so far (and `stopped` says so)."""

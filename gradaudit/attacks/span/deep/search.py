@@ -4,7 +4,9 @@ Discrete searches run from the best-scoring fresh start, then from a kick of the
 (continuous restarts drawn around its tokens: a stuck result is mostly right and its fix
 changes several tokens at once), then from the second-best fresh start, until solved. With
 several sentences, those left wrong are searched again alone, the others held, before the next
-search: cheaper than a joint search, which mostly gets the same sentences right.
+search: cheaper than a joint search, which mostly gets the same sentences right. On a gradient
+taken with dropout on, which no candidate fits exactly, a kick whose restarts all round back
+onto the result ends the search: it is the best the search can confirm.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def deep_search(
     ids, current, sweeps, searched, kicks = starts[order[0]], start_scores[order[0]], 0, 0, []
     fresh = iter(order)
     again: list[int] = []
+    agreed = False
     for kind in SEARCHES:
         if settings.expired():
             break
@@ -55,6 +58,9 @@ def deep_search(
                 objective, ids, vocab, candidates, settings, per_pass, generator
             )
             kicks.append(float(start_score))
+            if settings.noisy and torch.equal(start, ids):
+                agreed = True
+                break
         elif (k := next(fresh, None)) is not None:
             start, start_score, source = starts[k], start_scores[k], x[k]
         else:
@@ -82,6 +88,8 @@ def deep_search(
     }
     if len(ids) > 1:
         details["sentences_searched_again"] = again
+    if settings.noisy:
+        details["kick_agreed"] = agreed
     return ids, {**details, "residual": float(current)}
 
 

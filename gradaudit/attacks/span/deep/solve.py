@@ -26,8 +26,9 @@ from gradaudit.gradients.spectrum import Spectrum
 from gradaudit.model.families import ModelLayout
 
 
-def deep_settings(options: SpanOptions, budget: float) -> DeepSettings:
-    """The search sizes of `options`, the steps and sweeps scaled by `budget`."""
+def deep_settings(options: SpanOptions, budget: float, noisy: bool = False) -> DeepSettings:
+    """The search sizes of `options`, the steps and sweeps scaled by `budget`; `noisy` for a
+    gradient taken with dropout on."""
     return DeepSettings(
         steps=round(options.deep_steps * budget),
         restarts=options.deep_restarts,
@@ -43,6 +44,7 @@ def deep_settings(options: SpanOptions, budget: float) -> DeepSettings:
         deadline=time.perf_counter() + options.deep_seconds * budget
         if options.deep_seconds
         else math.inf,
+        noisy=noisy,
     )
 
 
@@ -56,16 +58,17 @@ def solve_deep(
     budget: float,
     options: SpanOptions,
     partial: bool = False,
+    noisy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The batch's ids (B, L) from the `usable` modules' spectra, and the details the result
-    reports (the search's, the rough dtype, the order polish's in the `partial` regime, and
-    the gradient check's cosine)."""
+    """The batch's ids (B, L) from the `usable` modules' spectra (a `noisy` gradient: taken
+    with dropout on), and the details the result reports (the search's, the rough dtype, the
+    order polish's in the `partial` regime, and the gradient check's cosine)."""
     device = next(iter(usable.values())).basis.device
     content = content_mask(snapshot, tokenizer)
     bases = {m: s.basis for m, s in usable.items()}
     rough = rough_dtype(options.rough_dtype, device)
     objective = SpanObjective(model, lay, snapshot, bases, content, device, rough)
-    settings = deep_settings(options, budget)
+    settings = deep_settings(options, budget, noisy)
     ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
     details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
     polish = partial and options.polish_sweeps > 0 and details["residual"] >= SOLVED
