@@ -71,10 +71,10 @@ class Sweeps:
         if replace:
             ids, current, solved = self.replacements(ids, current, width, refine)
         replaced = current < before
-        if len(self.orders) and not solved:
+        if len(self.orders) and not (solved or self.settings.expired()):
             ids, current = self.reorder(ids, current)
             solved = objective.finished(ids, current)
-        if not solved:
+        if not (solved or self.settings.expired()):
             ids, current = self.insert(ids, current, refine)
             solved = objective.finished(ids, current)
         if not (replace or solved or bool(current < before)):
