@@ -128,7 +128,7 @@ def model_dropout(model: nn.Module) -> float:
 
 
 def dropout_on(model: nn.Module, snapshot: GradientSnapshot, rate: float) -> bool:
-    """Whether the gradient was taken with embedding dropout on: as its capture recorded it,
+    """Whether the gradient was taken with dropout (of `rate`) on: as its capture recorded it,
     else as the model's mode says now (a training loop's own gradient, e.g. the Auditor's)."""
     train = snapshot.meta.get("train_mode")
     return rate > 0 and bool(model.training if train is None else train)
