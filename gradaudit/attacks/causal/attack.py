@@ -164,14 +164,12 @@ class CausalSpanAttack(Attack):
         causal = is_causal_lm(model)
         with_prefix = {b: p for b, p in prefixes.items() if p.numel() > 0}
         last: dict[int, int] = {}
-        if causal and with_prefix and self.options.last != "none":
-            solver = LastTokens(model, module, snapshot.weight_gradient(module))
-            if self.options.last == "gradient":
-                last, residual = solver.solve(with_prefix, self.options)
-                info["gradient_residual"] = residual
-            else:
-                _, logits, _ = solver.known_part([with_prefix[b] for b in sorted(with_prefix)])
-                last = dict(zip(sorted(with_prefix), logits.argmax(-1).tolist()))
+        solver = LastTokens(model, module, snapshot.weight_gradient(module)) if causal else None
+        if solver and with_prefix and self.options.last == "gradient":
+            last, misfit = solver.solve(with_prefix)
+            info["last_misfit"] = misfit
+        elif solver and with_prefix and self.options.last == "model":
+            last = solver.guesses(with_prefix)
         unidentified = [(b, n - 1) for b, n in enumerate(lengths) if causal and b not in last]
         info["last_token"] = self.options.last if causal else "seen (not a causal LM)"
         info["unidentified"] = sorted(set(unidentified) | {tuple(p) for p in info["blind"]})
@@ -180,4 +178,6 @@ class CausalSpanAttack(Attack):
             ids = prefixes[b].tolist() if b in prefixes else []
             ids = ids + ([last[b]] if b in last else [])
             token_ids.append((ids + [0] * n)[:n])
+        if solver:
+            info["gradient_residual"] = solver.gradient_residual(token_ids)
         return token_ids

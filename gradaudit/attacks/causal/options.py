@@ -32,7 +32,6 @@ class CausalOptions:
     ratio: float = 1000.0
     forward_batch: int = 256  # candidate rows per forward pass (speed and memory only)
     last: str = "gradient"  # the invisible last token: gradient match, the model's guess, none
-    last_candidates: int = 32  # tokens the gradient match tries for each last token
 
     def __post_init__(self) -> None:
         if self.last not in LAST_CHOICES:

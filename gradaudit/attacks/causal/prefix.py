@@ -21,6 +21,13 @@ from gradaudit.model.lora import inner_model
 KV = list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a key/value cache: transformers 5 renamed
+    `past_key_values` to `cache`; a PEFT wrapper passes it on."""
+    params = inspect.signature(inner_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _Stop(Exception):
     """Raised by the hook: the module's input is all the pass was for."""
 
@@ -32,9 +39,7 @@ class PrefixRunner:
         self.model = model
         self.module = model.get_submodule(module)
         self.num_layers = num_layers
-        # transformers 5 renamed `past_key_values` to `cache`; a PEFT wrapper passes it on.
-        params = inspect.signature(inner_model(model).forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = cache_argument(model)
 
     def empty(self) -> KV:
         return [None] * self.num_layers
