@@ -25,7 +25,7 @@ from gradaudit.attacks.causal.grow import Grower
 from gradaudit.attacks.causal.last import LastTokens
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.prefix import PrefixRunner
-from gradaudit.attacks.causal.screen import Screen, complement_sketch
+from gradaudit.attacks.causal.screen import Screen
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
@@ -88,6 +88,15 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return out
 
 
+def anchor_token(tokenizer: PreTrainedTokenizerBase, vocab: torch.Tensor) -> int:
+    """The token before every candidate when the screen's features are computed: BOS or
+    end-of-text (a document's start in pretraining), else the first candidate."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    return int(vocab[0])
+
+
 class CausalSpanAttack(Attack):
     """Grow a decoder's sentences token by token inside one module's gradient row space."""
 
@@ -116,16 +125,15 @@ class CausalSpanAttack(Attack):
         spec = spectra[module]
         basis = spec.basis.to(device)
         generator = torch.Generator().manual_seed(seed)
-        embeddings = lay.word_embeddings.weight.detach()
+        vocab = candidate_token_ids(tokenizer).to(device)
         screen = Screen(
             PrefixRunner(model, module, lay.num_layers),
             basis,
-            complement_sketch(basis, max(1, round(opts.sketch * budget)), generator),
-            candidate_token_ids(tokenizer).to(device),
-            embeddings,
+            vocab,
+            anchor_token(tokenizer, vocab),
             opts.forward_batch,
         )
-        grower = Grower(screen, opts)
+        grower = Grower(screen, opts, generator, rounds=max(1, round(opts.rounds * budget)))
         plan = GrowthPlan(
             spec.width,
             first_seen=first_seen(lay, module),

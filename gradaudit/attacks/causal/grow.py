@@ -1,8 +1,8 @@
 """Grow every sentence of the batch position by position: a beam of prefixes per sentence.
 
 At a position the gradient sees (one with a loss path), a prefix survives with each next
-token whose module input lies in the row space: the screen ranks the vocabulary, the best are
-checked exactly, and a prefix with no fit is screened again around its best token (`rounds`).
+token whose module input lies in the row space: the screen checks a sample of tokens exactly,
+then the ones its regression puts nearest the row space, and the whole vocabulary if need be.
 A fit is a residual below `tol` and within `ratio` of that prefix's best; each sentence keeps
 its `beam` prefixes of lowest worst residual. A sentence whose prefixes all fail keeps its best
 token there, recorded in `unsure`. All sentences grow together, so a token another sentence
@@ -55,14 +55,20 @@ class Fits:
 class Grower:
     """One position's step for all live prefixes (see the module docstring)."""
 
-    def __init__(self, screen: Screen, options: CausalOptions) -> None:
+    def __init__(
+        self, screen: Screen, options: CausalOptions, generator: torch.Generator, rounds: int
+    ) -> None:
         self.screen = screen
         self.options = options
-        self.centre = screen.embeddings.mean(0)
+        self.rounds = rounds  # the options' rounds scaled by the attack's budget
+        size = int(screen.vocab.shape[0])
+        frequent = torch.arange(min(options.frequent, size))
+        others = torch.randperm(size - len(frequent), generator=generator)[: options.sample]
+        self.sample = torch.cat([frequent, others + len(frequent)]).to(screen.vocab.device)
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """`fits` at position 0: every row is the empty prefix, so the whole vocabulary is
-        checked exactly once (the first token's input is far from linear in its embedding)."""
+        checked exactly once."""
         screen, opts = self.screen, self.options
         n, size = int(beam.tokens.shape[0]), int(screen.vocab.shape[0])
         one = torch.zeros(size, dtype=torch.long, device=beam.score.device)
@@ -77,43 +83,28 @@ class Grower:
         """Candidates that fit, and per row its best residual and token (vocabulary index)."""
         if position == 0:
             return self.first(beam)
-        opts, screen = self.options, self.screen
-        n, size = int(beam.tokens.shape[0]), int(screen.vocab.shape[0])
-        device = beam.score.device
-        checked = torch.zeros(n, size, dtype=torch.bool, device=device)
-        best = torch.full((n,), float("inf"), dtype=torch.float64, device=device)
-        best_index = torch.zeros(n, dtype=torch.long, device=device)
-        centres = self.centre.expand(n, -1).clone()
-        pending = torch.arange(n, device=device)
-        found: list[Fits] = []
-        count = min(opts.screen, size)
-        always = min(opts.frequent, size)
-        for _ in range(opts.rounds):
-            top = screen.rank(
-                beam.kv, pending, position, centres[pending], checked[pending], count, always
+        opts = self.options
+        found, best, best_index = [], [], []
+        for row in range(int(beam.tokens.shape[0])):
+            checked = self.screen.check(
+                beam.kv,
+                row,
+                position,
+                self.sample,
+                opts.screen,
+                opts.rounds,
+                lambda res: res <= opts.tol,
             )
-            always = 0
-            rows = pending.repeat_interleave(top.shape[1])
-            res = screen.residuals(beam.kv, rows, position, screen.vocab[top.flatten()])
-            res = res.reshape(top.shape)
-            checked[pending.unsqueeze(1), top] = True
-            low, arg = res.min(1)
-            better = low < best[pending]
-            best[pending] = torch.where(better, low, best[pending])
-            best_index[pending] = torch.where(
-                better, top.gather(1, arg[:, None])[:, 0], best_index[pending]
-            )
-            ok = (res <= opts.tol) & (res <= best[pending].unsqueeze(1) * opts.ratio)
-            r, c = ok.nonzero(as_tuple=True)
-            found.append(Fits(pending[r], top[r, c], res[r, c]))
-            pending = pending[~ok.any(1)]
-            if pending.numel() == 0 or count >= size:
-                break
-            centres[pending] = screen.embeddings[best_index[pending]]
+            low, arg = checked.residual.min(0)
+            ok = (checked.residual <= opts.tol) & (checked.residual <= low * opts.ratio)
+            index = checked.index[ok]
+            found.append(Fits(torch.full_like(index, row), index, checked.residual[ok]))
+            best.append(low)
+            best_index.append(checked.index[arg])
         merged = Fits(
             *(torch.cat([getattr(f, k) for f in found]) for k in ("rows", "index", "residual"))
         )
-        return merged, best, best_index
+        return merged, torch.stack(best), torch.stack(best_index)
 
     def step(self, beam: Beam, position: int) -> Beam:
         """The beam one position longer (every row's sentence sees `position`)."""

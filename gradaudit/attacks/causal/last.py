@@ -61,10 +61,10 @@ class LastTokens:
         cache = DynamicCache()
         if prefix.shape[0] > 1:
             with torch.no_grad():
-                out = self.model(input_ids=prefix[None, :-1], use_cache=True)
+                self.model(input_ids=prefix[None, :-1], use_cache=True, **{self.cache_arg: cache})
             data = [
                 (layer.keys.expand(size, -1, -1, -1), layer.values.expand(size, -1, -1, -1))
-                for layer in out.past_key_values.layers
+                for layer in cache.layers
             ]
             cache = DynamicCache(ddp_cache_data=data)
         delta = torch.zeros(size, 1, self.weight.shape[0], device=prefix.device)

@@ -13,20 +13,19 @@ LAST_CHOICES = ("gradient", "model", "none")
 class CausalOptions:
     """Numbers the causal attack uses (their roles: docs/span-method.md, "Decoders").
 
-    `screen` tokens per prefix are checked exactly after the first-order screen, `rounds`
-    times at most (each round linearises again at the best token checked so far); `beam`
-    prefixes per sentence survive a position; the `frequent` lowest ids (a BPE's commonest
-    tokens, which first order ranks poorly) are checked exactly in the first round too; a
-    token fits when its input's residual against the row space is below `tol` and within
-    `ratio` of the best fit at that prefix. Position 0 (no prefix) is checked exactly on the
-    whole vocabulary, once for all sentences.
+    After a prefix, the `frequent` lowest ids (a BPE's commonest tokens) and `sample` random
+    others are checked exactly; then `rounds` times the `screen` tokens the regression puts
+    nearest the row space, and the whole vocabulary when none fits. A token fits when its
+    input's residual against the row space is below `tol` and within `ratio` of the best fit
+    at that prefix; `beam` prefixes per sentence survive a position. Position 0 (no prefix) is
+    checked exactly on the whole vocabulary, once for all sentences.
     """
 
     min_gap: float = 50.0  # spectrum: the rank gap (see gradients.spectrum)
     screen: int = 64
-    frequent: int = 1024  # lowest-id tokens also checked exactly in the first round
+    frequent: int = 1024
+    sample: int = 1024
     rounds: int = 4
-    sketch: int = 128  # random directions of the screen's Jacobian sketch (more: exact)
     beam: int = 8
     tol: float = 2e-3
     ratio: float = 1000.0

@@ -1,34 +1,25 @@
 """Which tokens' module inputs lie in the gradient's row space, after a cached prefix.
 
-A first-order screen ranks the whole vocabulary with one matmul per prefix: the module input
-is linearised in the new token's embedding at a centre `c`, `x(e) ~ x(c) + J (e - c)`, and
-its part outside the row space, `P x`, is sketched by `k` directions `W` (random, or a basis
-of the complement when that is no wider than `k`): `|W x(c) + (W J)(e - c)|` for every token
-`e`, divided by the norm of the whole (that part and the one inside, `V x`): the relative
-residual, which ranks tokens of large and small embeddings alike. `W J` and `V J` cost `k + r`
-backward passes of one token, batched. The best `screen` tokens are then
-checked exactly by their one-token forward pass (`residuals`).
+Checking a token exactly costs a one-token forward pass; checking the whole vocabulary at
+every position of every prefix is too slow past the first layers, and a first-order screen
+(linearising in the token's embedding) ranks the truth thousands deep on a real decoder. What
+works is a learned map from context-free token features to in-context inputs: the features are
+every token's module input at position 1 after one anchor token (BOS or end-of-text, one pass
+over the vocabulary per attack); at a prefix, a sample of tokens is checked exactly, a ridge
+regression from their features to their inputs predicts every other token's input, and the
+tokens predicted nearest the row space are checked exactly, the regression refitted with them,
+`rounds` times. A prefix that still has no fit has the rest of the vocabulary checked exactly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from gradaudit.attacks.causal.prefix import KV, PrefixRunner, concat
 
-
-def complement_sketch(basis: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """(k', width) directions whose norms of `W y` estimate `|y - V^T V y|` (float64): an
-    orthonormal basis of the complement of the row space `basis` (r, width) when it has at most
-    `k` dimensions, else `k` Gaussian directions projected onto it, scaled by 1/sqrt(k)."""
-    r, width = basis.shape
-    if width - r <= k:
-        full = torch.linalg.svd(basis, full_matrices=True)[2] if r else None
-        return (
-            torch.eye(width, dtype=basis.dtype, device=basis.device) if full is None else full[r:]
-        )
-    gauss = torch.randn(k, width, generator=generator, dtype=basis.dtype).to(basis.device)
-    return (gauss - (gauss @ basis.T) @ basis) / k**0.5
+RIDGE = 1e-3  # ridge weight, relative to the features' mean squared norm
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -38,74 +29,105 @@ def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return outside.norm(dim=-1) / x.norm(dim=-1).clamp_min(torch.finfo(basis.dtype).tiny)
 
 
+@dataclass
+class Checked:
+    """Tokens checked exactly after one prefix: vocabulary indices and their residuals."""
+
+    index: torch.Tensor
+    residual: torch.Tensor
+
+
 class Screen:
-    """First-order screen and exact check of next tokens after prefix rows of a cache."""
+    """Exact checks of next tokens after prefix rows of a cache, led by the regression."""
 
     def __init__(
         self,
         runner: PrefixRunner,
         basis: torch.Tensor,
-        sketch: torch.Tensor,
         vocab: torch.Tensor,
-        embeddings: torch.Tensor,
+        anchor: int,
         forward_batch: int,
     ) -> None:
         self.runner = runner
         self.basis = basis
-        self.sketch = sketch.to(embeddings.dtype)
-        self.directions = torch.cat([self.sketch, basis.to(embeddings.dtype)])
         self.vocab = vocab  # candidate token ids (V,)
-        self.embeddings = embeddings[vocab]  # their embeddings (V, H)
         self.forward_batch = forward_batch
+        self._anchor = anchor
+        self._features: torch.Tensor | None = None
 
-    def rank(
-        self,
-        kv: KV,
-        rows: torch.Tensor,
-        position: int,
-        centres: torch.Tensor,
-        exclude: torch.Tensor,
-        count: int,
-        always: int = 0,
-    ) -> torch.Tensor:
-        """Indices into `vocab` (P, count + always): per prefix row, the `always` first tokens
-        of the vocabulary (lowest ids: a BPE's most frequent merges, which first order ranks
-        poorly) and the `count` the linearised input at `centres` (P, H) puts closest to the
-        row space; `exclude` (P, V) left out."""
-        k, outside = self.directions.shape[0], self.sketch.shape[0]
-        per = max(1, self.forward_batch // k)
-        out = []
-        for start in range(0, int(rows.shape[0]), per):
-            part = slice(start, start + per)
-            n = int(rows[part].shape[0])
-            e = centres[part].detach().repeat_interleave(k, 0).requires_grad_(True)
-            with torch.enable_grad():
-                x, _ = self.runner.run(kv, rows[part].repeat_interleave(k), position, embeds=e)
-                z = (x.reshape(n, k, -1) * self.directions).sum(-1)  # (n, k)
-                (grad,) = torch.autograd.grad(z.sum(), e)
-            jac = grad.reshape(n, k, -1)  # W J per row
-            shift = (centres[part].unsqueeze(1) * jac).sum(-1)  # (n, k): W J c
-            pred = torch.einsum("vh,nkh->nvk", self.embeddings, jac)
-            pred = pred + (z.detach() - shift).unsqueeze(1)
-            out_part = pred[..., :outside].square().sum(-1)
-            score = out_part / (out_part + pred[..., outside:].square().sum(-1))
-            score[:, :always] = -1.0
-            score = score.masked_fill(exclude[part], float("inf"))
-            take = min(count + always, score.shape[1])
-            out.append(score.topk(take, dim=1, largest=False).indices)
-        return torch.cat(out)
+    @property
+    def features(self) -> torch.Tensor:
+        """(V, width + 1): every candidate's module input at position 1 after the anchor, and
+        a constant; computed on first use (position 0 needs none)."""
+        if self._features is None:
+            device = self.vocab.device
+            one = torch.zeros(1, dtype=torch.long, device=device)
+            with torch.no_grad():
+                _, kv = self.runner.run(
+                    self.runner.empty(), one, 0, ids=torch.tensor([self._anchor], device=device)
+                )
+            x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab)
+            self._features = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        return self._features
 
     @torch.no_grad()
-    def residuals(
-        self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Exact relative residual (M,) of token `ids` (M,) after prefix rows `rows` (M,)."""
+    def inputs(self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor) -> torch.Tensor:
+        """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)."""
         out = []
         for start in range(0, int(rows.shape[0]), self.forward_batch):
             part = slice(start, start + self.forward_batch)
             x, _ = self.runner.run(kv, rows[part], position, ids=ids[part])
-            out.append(relative_residual(x, self.basis))
+            out.append(x.to(self.basis.dtype))
         return torch.cat(out)
+
+    def residuals(self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor):
+        """Exact relative residual (M,) of token `ids` (M,) after prefix rows `rows` (M,)."""
+        return relative_residual(self.inputs(kv, rows, position, ids), self.basis)
+
+    def predicted(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Every candidate's residual (V,) as the ridge regression fitted on the checked
+        tokens `index` (their inputs `x`) predicts it."""
+        feats = self.features[index]
+        gram = feats.T @ feats
+        ridge = RIDGE * float(gram.diagonal().mean())
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        coef = torch.linalg.solve(gram + ridge * eye, feats.T @ x)
+        pred = self.features @ coef
+        return relative_residual(pred, self.basis)
+
+    def check(
+        self,
+        kv: KV,
+        row: int,
+        position: int,
+        sample: torch.Tensor,
+        count: int,
+        rounds: int,
+        fits,
+    ) -> Checked:
+        """Tokens checked after prefix row `row`: the `sample` (vocabulary indices), then
+        `count` per round led by the regression until `fits(residuals)` holds for one, then
+        the rest of the vocabulary if none does."""
+        rows = torch.full((int(sample.shape[0]),), row, device=sample.device)
+        x = self.inputs(kv, rows, position, self.vocab[sample])
+        index, residual = sample, relative_residual(x, self.basis)
+        for _ in range(rounds):  # at least one round: a sample token's fit can be an echo
+            score = self.predicted(index, x)
+            score[index] = float("inf")
+            take = min(count, int(self.vocab.shape[0]) - int(index.shape[0]))
+            if take <= 0:
+                return Checked(index, residual)
+            top = score.topk(take, largest=False)[1]
+            new = self.inputs(kv, top.new_full(top.shape, row), position, self.vocab[top])
+            index, x = torch.cat([index, top]), torch.cat([x, new])
+            residual = torch.cat([residual, relative_residual(new, self.basis)])
+            if bool(fits(residual).any()):
+                return Checked(index, residual)
+        rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=index.device)
+        rest[index] = False
+        rest = rest.nonzero()[:, 0]
+        more = self.residuals(kv, rest.new_full(rest.shape, row), position, self.vocab[rest])
+        return Checked(torch.cat([index, rest]), torch.cat([residual, more]))
 
     @torch.no_grad()
     def extend(

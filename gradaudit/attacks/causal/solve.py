@@ -60,13 +60,13 @@ def branch(grower: Grower, beam: Beam, position: int, ids: torch.Tensor, seen: b
 
 def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, Beam]:
     """Per sentence, its prefixes up to its last position the gradient sees (`plan`)."""
-    device = grower.centre.device
+    device = grower.screen.vocab.device
     b = len(lengths)
     beam = Beam(
         torch.zeros(b, 0, dtype=torch.long, device=device),
         torch.arange(b, device=device),
         torch.zeros(b, dtype=torch.float64, device=device),
-        torch.zeros(b, 0, plan.width, dtype=grower.centre.dtype, device=device),
+        torch.zeros(b, 0, plan.width, dtype=grower.screen.basis.dtype, device=device),
         grower.screen.runner.empty(),
     )
     done: dict[int, Beam] = {}
