@@ -88,15 +88,6 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return out
 
 
-def anchor_token(tokenizer: PreTrainedTokenizerBase, vocab: torch.Tensor) -> int:
-    """The token before every candidate when the screen's features are computed: BOS or
-    end-of-text (a document's start in pretraining), else the first candidate."""
-    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if token is not None:
-            return int(token)
-    return int(vocab[0])
-
-
 class CausalSpanAttack(Attack):
     """Grow a decoder's sentences token by token inside one module's gradient row space."""
 
@@ -130,8 +121,8 @@ class CausalSpanAttack(Attack):
             PrefixRunner(model, module, lay.num_layers),
             basis,
             vocab,
-            anchor_token(tokenizer, vocab),
             opts.forward_batch,
+            opts.tol,
         )
         grower = Grower(screen, opts, generator, rounds=max(1, round(opts.rounds * budget)))
         plan = GrowthPlan(

@@ -17,7 +17,7 @@ import torch
 
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.prefix import KV, select
-from gradaudit.attacks.causal.screen import Screen
+from gradaudit.attacks.causal.screen import Screen, orthonormal_rows
 
 
 @dataclass
@@ -84,23 +84,32 @@ class Grower:
         if position == 0:
             return self.first(beam)
         opts = self.options
-        found, best, best_index = [], [], []
-        for row in range(int(beam.tokens.shape[0])):
-            checked = self.screen.check(
-                beam.kv,
-                row,
-                position,
-                self.sample,
-                opts.screen,
-                opts.rounds,
-                lambda res: res <= opts.tol,
+        n = int(beam.tokens.shape[0])
+        if self.screen.anchor is None:
+            self.screen.anchor = int(beam.tokens[0, 0])
+        fits = lambda res: res <= opts.tol  # noqa: E731
+        spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
+        checked = [
+            self.screen.check(
+                beam.kv, row, position, self.sample, opts.screen, self.rounds, fits, spans[row]
             )
-            low, arg = checked.residual.min(0)
-            ok = (checked.residual <= opts.tol) & (checked.residual <= low * opts.ratio)
-            index = checked.index[ok]
-            found.append(Fits(torch.full_like(index, row), index, checked.residual[ok]))
+            for row in range(n)
+        ]
+        hit = [bool(fits(c.residual).any()) for c in checked]
+        for b in beam.sentence.unique().tolist():
+            mine = (beam.sentence == b).nonzero()[:, 0].tolist()
+            if not any(hit[row] for row in mine):  # the screen missed: check everything
+                for row in mine:
+                    checked[row] = self.screen.complete(
+                        beam.kv, row, position, checked[row], spans[row]
+                    )
+        found, best, best_index = [], [], []
+        for row, c in enumerate(checked):
+            low, arg = c.residual.min(0)
+            ok = (c.residual <= opts.tol) & (c.residual <= low * opts.ratio)
+            found.append(Fits(torch.full_like(c.index[ok], row), c.index[ok], c.residual[ok]))
             best.append(low)
-            best_index.append(checked.index[arg])
+            best_index.append(c.index[arg])
         merged = Fits(
             *(torch.cat([getattr(f, k) for f in found]) for k in ("rows", "index", "residual"))
         )

@@ -3,12 +3,13 @@
 Checking a token exactly costs a one-token forward pass; checking the whole vocabulary at
 every position of every prefix is too slow past the first layers, and a first-order screen
 (linearising in the token's embedding) ranks the truth thousands deep on a real decoder. What
-works is a learned map from context-free token features to in-context inputs: the features are
-every token's module input at position 1 after one anchor token (BOS or end-of-text, one pass
-over the vocabulary per attack); at a prefix, a sample of tokens is checked exactly, a ridge
-regression from their features to their inputs predicts every other token's input, and the
-tokens predicted nearest the row space are checked exactly, the regression refitted with them,
-`rounds` times. A prefix that still has no fit has the rest of the vocabulary checked exactly.
+works is a learned map from context-free token features to in-context inputs. The features are
+every token's module input at position 1 after one anchor token (the batch's first recovered
+token; one pass over the vocabulary per attack). At a prefix, a sample of tokens is checked
+exactly, a ridge regression from their features to their inputs predicts every other token's
+input, and the tokens predicted nearest the row space are checked exactly and the regression
+refitted with them, `rounds` times. A sentence none of whose prefixes has a fit then has the
+rest of the vocabulary checked exactly (`complete`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return outside.norm(dim=-1) / x.norm(dim=-1).clamp_min(torch.finfo(basis.dtype).tiny)
 
 
+def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (k, width) of the span of the non-zero rows of `x` (t, width)."""
+    x = x[x.norm(dim=-1) > 0]
+    if x.shape[0] == 0:
+        return x
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh[s > s[0] * 1e-6]
+
+
 @dataclass
 class Checked:
     """Tokens checked exactly after one prefix: vocabulary indices and their residuals."""
@@ -45,14 +55,15 @@ class Screen:
         runner: PrefixRunner,
         basis: torch.Tensor,
         vocab: torch.Tensor,
-        anchor: int,
         forward_batch: int,
+        echo_tol: float,
     ) -> None:
         self.runner = runner
         self.basis = basis
         self.vocab = vocab  # candidate token ids (V,)
         self.forward_batch = forward_batch
-        self._anchor = anchor
+        self.echo_tol = echo_tol
+        self.anchor: int | None = None  # set before the features are first used
         self._features: torch.Tensor | None = None
 
     @property
@@ -60,11 +71,13 @@ class Screen:
         """(V, width + 1): every candidate's module input at position 1 after the anchor, and
         a constant; computed on first use (position 0 needs none)."""
         if self._features is None:
+            if self.anchor is None:
+                raise RuntimeError("Screen.anchor must be set before the features are used")
             device = self.vocab.device
             one = torch.zeros(1, dtype=torch.long, device=device)
             with torch.no_grad():
                 _, kv = self.runner.run(
-                    self.runner.empty(), one, 0, ids=torch.tensor([self._anchor], device=device)
+                    self.runner.empty(), one, 0, ids=torch.tensor([self.anchor], device=device)
                 )
             x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab)
             self._features = torch.cat([x, torch.ones_like(x[:, :1])], 1)
@@ -104,13 +117,17 @@ class Screen:
         count: int,
         rounds: int,
         fits,
+        own: torch.Tensor,
     ) -> Checked:
         """Tokens checked after prefix row `row`: the `sample` (vocabulary indices), then
-        `count` per round led by the regression until `fits(residuals)` holds for one, then
-        the rest of the vocabulary if none does."""
+        `count` per round led by the regression until `fits(residuals)` holds for one.
+
+        A token whose input the prefix's own inputs (`own`, orthonormal rows) already span is
+        an echo, not a new row of the gradient (a Llama repeats its first token's input when
+        that token follows it): its residual is set to infinity."""
         rows = torch.full((int(sample.shape[0]),), row, device=sample.device)
         x = self.inputs(kv, rows, position, self.vocab[sample])
-        index, residual = sample, relative_residual(x, self.basis)
+        index, residual = sample, self.novel_residual(x, own)
         for _ in range(rounds):  # at least one round: a sample token's fit can be an echo
             score = self.predicted(index, x)
             score[index] = float("inf")
@@ -120,14 +137,30 @@ class Screen:
             top = score.topk(take, largest=False)[1]
             new = self.inputs(kv, top.new_full(top.shape, row), position, self.vocab[top])
             index, x = torch.cat([index, top]), torch.cat([x, new])
-            residual = torch.cat([residual, relative_residual(new, self.basis)])
+            residual = torch.cat([residual, self.novel_residual(new, own)])
             if bool(fits(residual).any()):
                 return Checked(index, residual)
-        rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=index.device)
-        rest[index] = False
+        return Checked(index, residual)
+
+    def novel_residual(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """The relative residual of inputs `x` against the row space, infinite for echoes of
+        the prefix's own inputs `own` (see `check`)."""
+        residual = relative_residual(x, self.basis)
+        if own.shape[0]:
+            echo = relative_residual(x, own) <= self.echo_tol
+            residual = residual.masked_fill(echo, float("inf"))
+        return residual
+
+    def complete(
+        self, kv: KV, row: int, position: int, checked: Checked, own: torch.Tensor
+    ) -> Checked:
+        """`checked` and the rest of the vocabulary checked exactly after prefix row `row`."""
+        rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device)
+        rest[checked.index] = False
         rest = rest.nonzero()[:, 0]
-        more = self.residuals(kv, rest.new_full(rest.shape, row), position, self.vocab[rest])
-        return Checked(torch.cat([index, rest]), torch.cat([residual, more]))
+        x = self.inputs(kv, rest.new_full(rest.shape, row), position, self.vocab[rest])
+        more = self.novel_residual(x, own)
+        return Checked(torch.cat([checked.index, rest]), torch.cat([checked.residual, more]))
 
     @torch.no_grad()
     def extend(
