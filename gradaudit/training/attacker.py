@@ -94,7 +94,10 @@ class BackgroundAttacker:
         """Finish queued jobs; after `timeout_s` the rest are recorded as not attacked."""
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._jobs.put(None)
-        self._thread.join()
+        # Joined in slices: a Ctrl-C that the kernel hands to another thread only sets a flag,
+        # which the main thread acts on when it next runs Python code, never inside one wait.
+        while self._thread.is_alive():
+            self._thread.join(timeout=POLL_S)
 
     def abort(self, why: str) -> None:
         """Stop now: kill the worker; jobs not finished are left unrecorded (pending)."""
