@@ -61,6 +61,7 @@ class Grower:
         self.screen = screen
         self.options = options
         self.rounds = rounds  # the options' rounds scaled by the attack's budget
+        self._fitted: dict[tuple[int, ...], torch.Tensor] = {}  # per prefix: its regression
         size = int(screen.vocab.shape[0])
         frequent = torch.arange(min(options.frequent, size))
         others = torch.randperm(size - len(frequent), generator=generator)[: options.sample]
@@ -89,9 +90,18 @@ class Grower:
             self.screen.anchor = int(beam.tokens[0, 0])
         fits = lambda res: res <= opts.tol  # noqa: E731
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
+        prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]
         checked = [
             self.screen.check(
-                beam.kv, row, position, self.sample, opts.screen, self.rounds, fits, spans[row]
+                beam.kv,
+                row,
+                position,
+                self.sample,
+                opts.screen,
+                self.rounds,
+                fits,
+                spans[row],
+                self._fitted.get(prefixes[row][:-1]),
             )
             for row in range(n)
         ]
@@ -103,6 +113,7 @@ class Grower:
                     checked[row] = self.screen.complete(
                         beam.kv, row, position, checked[row], spans[row]
                     )
+        self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}
         found, best, best_index = [], [], []
         for row, c in enumerate(checked):
             low, arg = c.residual.min(0)

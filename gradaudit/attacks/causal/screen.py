@@ -41,10 +41,12 @@ def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Checked:
-    """Tokens checked exactly after one prefix: vocabulary indices and their residuals."""
+    """Tokens checked exactly after one prefix: vocabulary indices, their residuals, and the
+    regression last fitted there (None when none was)."""
 
     index: torch.Tensor
     residual: torch.Tensor
+    coef: torch.Tensor | None = None
 
 
 class Screen:
@@ -97,16 +99,20 @@ class Screen:
         """Exact relative residual (M,) of token `ids` (M,) after prefix rows `rows` (M,)."""
         return relative_residual(self.inputs(kv, rows, position, ids), self.basis)
 
-    def predicted(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Every candidate's residual (V,) as the ridge regression fitted on the checked
-        tokens `index` (their inputs `x`) predicts it."""
+    def fit(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The ridge regression (width + 1, width) from features to inputs, fitted on the
+        checked tokens `index` and their inputs `x`."""
         feats = self.features[index]
         gram = feats.T @ feats
         ridge = RIDGE * float(gram.diagonal().mean())
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        coef = torch.linalg.solve(gram + ridge * eye, feats.T @ x)
-        pred = self.features @ coef
-        return relative_residual(pred, self.basis)
+        return torch.linalg.solve(gram + ridge * eye, feats.T @ x)
+
+    def nearest(self, coef: torch.Tensor, checked: torch.Tensor, count: int) -> torch.Tensor:
+        """The `count` unchecked tokens whose inputs `coef` predicts nearest the row space."""
+        score = relative_residual(self.features @ coef, self.basis)
+        score[checked] = float("inf")
+        return score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]
 
     def check(
         self,
@@ -118,29 +124,41 @@ class Screen:
         rounds: int,
         fits,
         own: torch.Tensor,
+        prior: torch.Tensor | None = None,
     ) -> Checked:
-        """Tokens checked after prefix row `row`: the `sample` (vocabulary indices), then
-        `count` per round led by the regression until `fits(residuals)` holds for one.
+        """Tokens checked after prefix row `row` until `fits(residuals)` holds for one: the
+        `count` that `prior` (the regression fitted one position earlier) puts nearest the
+        row space; then the `sample` (vocabulary indices) and `count` per round led by the
+        regression refitted on everything checked.
 
         A token whose input the prefix's own inputs (`own`, orthonormal rows) already span is
         an echo, not a new row of the gradient (a Llama repeats its first token's input when
         that token follows it): its residual is set to infinity."""
-        rows = torch.full((int(sample.shape[0]),), row, device=sample.device)
-        x = self.inputs(kv, rows, position, self.vocab[sample])
-        index, residual = sample, self.novel_residual(x, own)
-        for _ in range(rounds):  # at least one round: a sample token's fit can be an echo
-            score = self.predicted(index, x)
-            score[index] = float("inf")
-            take = min(count, int(self.vocab.shape[0]) - int(index.shape[0]))
-            if take <= 0:
-                return Checked(index, residual)
-            top = score.topk(take, largest=False)[1]
-            new = self.inputs(kv, top.new_full(top.shape, row), position, self.vocab[top])
-            index, x = torch.cat([index, top]), torch.cat([x, new])
+        index = sample[:0]
+        x = self.basis.new_zeros(0, self.basis.shape[1])
+        residual = self.basis.new_zeros(0)
+
+        def add(ids: torch.Tensor) -> None:
+            nonlocal index, x, residual
+            new = self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+            index, x = torch.cat([index, ids]), torch.cat([x, new])
             residual = torch.cat([residual, self.novel_residual(new, own)])
+
+        coef = prior
+        if prior is not None:
+            add(self.nearest(prior, index, count))
             if bool(fits(residual).any()):
-                return Checked(index, residual)
-        return Checked(index, residual)
+                return Checked(index, residual, coef)
+        add(sample[~torch.isin(sample, index)])
+        for _ in range(rounds):  # at least one round: a sample token's fit can be an echo
+            coef = self.fit(index, x)
+            top = self.nearest(coef, index, count)
+            if top.numel() == 0:
+                break
+            add(top)
+            if bool(fits(residual).any()):
+                break
+        return Checked(index, residual, coef)
 
     def novel_residual(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         """The relative residual of inputs `x` against the row space, infinite for echoes of
@@ -160,7 +178,8 @@ class Screen:
         rest = rest.nonzero()[:, 0]
         x = self.inputs(kv, rest.new_full(rest.shape, row), position, self.vocab[rest])
         more = self.novel_residual(x, own)
-        return Checked(torch.cat([checked.index, rest]), torch.cat([checked.residual, more]))
+        index, residual = torch.cat([checked.index, rest]), torch.cat([checked.residual, more])
+        return Checked(index, residual, checked.coef)
 
     @torch.no_grad()
     def extend(
