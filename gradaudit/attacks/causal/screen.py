@@ -88,7 +88,7 @@ class Screen:
     @torch.no_grad()
     def inputs(self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor) -> torch.Tensor:
         """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)."""
-        out = []
+        out = [self.basis.new_zeros(0, self.basis.shape[1])]
         for start in range(0, int(rows.shape[0]), self.forward_batch):
             part = slice(start, start + self.forward_batch)
             x, _ = self.runner.run(kv, rows[part], position, ids=ids[part])
@@ -134,9 +134,8 @@ class Screen:
         A token whose input the prefix's own inputs (`own`, orthonormal rows) already span is
         an echo, not a new row of the gradient (a Llama repeats its first token's input when
         that token follows it): its residual is set to infinity."""
-        index = sample[:0]
+        index, residual = sample[:0], self.basis.new_zeros(0)
         x = self.basis.new_zeros(0, self.basis.shape[1])
-        residual = self.basis.new_zeros(0)
 
         def add(ids: torch.Tensor) -> None:
             nonlocal index, x, residual
