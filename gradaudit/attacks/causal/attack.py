@@ -130,6 +130,7 @@ class CausalSpanAttack(Attack):
             first_seen=first_seen(lay, module),
             unseen_tail=1 if is_causal_lm(model) else 0,
             fixed=dict(enumerate(special_prefix(tokenizer))),
+            guesses=opts.frequent,
         )
         done = grow_all(grower, lengths, plan)
         picked = choose(done, basis)
@@ -171,7 +172,10 @@ class CausalSpanAttack(Attack):
             last = solver.guesses(with_prefix)
         unidentified = [(b, n - 1) for b, n in enumerate(lengths) if causal and b not in last]
         info["last_token"] = self.options.last if causal else "seen (not a causal LM)"
-        info["unidentified"] = sorted(set(unidentified) | {tuple(p) for p in info["blind"]})
+        # a blind position is identified by the next one, unless nothing fitted there
+        unsure = set(info["unsure"])
+        guessed = {(b, p) for b, p in info["blind"] if (b, p + 1) in unsure}
+        info["unidentified"] = sorted(set(unidentified) | guessed)
         token_ids = []
         for b, n in enumerate(lengths):
             ids = prefixes[b].tolist() if b in prefixes else []

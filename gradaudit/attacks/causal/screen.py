@@ -67,6 +67,7 @@ class Screen:
         self.echo_tol = echo_tol
         self.anchor: int | None = None  # set before the features are first used
         self._features: torch.Tensor | None = None
+        self._last_nearest: tuple[torch.Tensor | None, torch.Tensor] = (None, vocab[:0])
 
     @property
     def features(self) -> torch.Tensor:
@@ -109,10 +110,16 @@ class Screen:
         return torch.linalg.solve(gram + ridge * eye, feats.T @ x)
 
     def nearest(self, coef: torch.Tensor, checked: torch.Tensor, count: int) -> torch.Tensor:
-        """The `count` unchecked tokens whose inputs `coef` predicts nearest the row space."""
+        """The `count` unchecked tokens whose inputs `coef` predicts nearest the row space
+        (remembered for the last `coef` with nothing checked: guesses share one)."""
+        if checked.numel() == 0 and self._last_nearest[0] is coef:
+            return self._last_nearest[1][:count]
         score = relative_residual(self.features @ coef, self.basis)
         score[checked] = float("inf")
-        return score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]
+        top = score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]
+        if checked.numel() == 0:
+            self._last_nearest = (coef, top)
+        return top
 
     def check(
         self,

@@ -17,14 +17,16 @@ MAX_COMBINATIONS = 256  # beyond this many choices, `choose` improves one senten
 class GrowthPlan:
     """What the gradient sees: rows from `first_seen` on, none for the last `unseen_tail`
     positions of a sentence (a causal LM's last token); `fixed` tokens the tokenizer puts at
-    known positions; a blind position is branched on when the vocabulary has at most
-    `branch_limit` tokens, else listed in `blind`."""
+    known positions. A blind position (listed in `blind`) is branched on every token when the
+    vocabulary has at most `branch_limit`, else on its `guesses` commonest (lowest ids), and
+    the next position keeps the guesses after which a token fits."""
 
     width: int
     first_seen: int = 0
     unseen_tail: int = 1
     fixed: dict[int, int] = field(default_factory=dict)
     branch_limit: int = 256
+    guesses: int = 1024
     blind: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -70,6 +72,7 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
         grower.screen.runner.empty(),
     )
     done: dict[int, Beam] = {}
+    guessed = False  # the last position was branched on guesses: the next step is quick
     for position in range(max(lengths)):
         ends = torch.tensor(lengths, device=device)[beam.sentence] - plan.unseen_tail
         for s in set(beam.sentence[ends == position].tolist()):
@@ -83,12 +86,12 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             ids = torch.tensor([plan.fixed[position]], device=device)
             beam = branch(grower, beam, position, ids, position >= plan.first_seen)
         elif position >= plan.first_seen:
-            beam = grower.step(beam, position)
-        elif len(vocab) <= plan.branch_limit:
-            beam = branch(grower, beam, position, vocab, False)
-        else:  # too many to branch on: a stand-in token, reported as not identified
+            beam = grower.step(beam, position, quick=guessed)
+            guessed = False
+        else:  # unseen: branch on every token, or on the commonest, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
-            beam = branch(grower, beam, position, vocab[:1], False)
+            guessed = len(vocab) > plan.branch_limit
+            beam = branch(grower, beam, position, vocab[: plan.guesses], False)
     return done
 
 
