@@ -55,6 +55,31 @@ def test_a_batch_is_recovered_exactly_from_one_layer_1_module(make, spec, size):
     assert rec.info["gradient_residual"] < 1e-4
 
 
+def test_a_querys_blind_first_token_is_found_among_the_guesses_or_said_unidentified():
+    # A query gradient has no row for position 0: it is guessed among the `frequent` lowest
+    # ids and judged by position 1. "the" (id 2) is among 8 guesses, "i" (id 29) is not.
+    texts = ["the movie was very good and funny", "i love this charming story"]
+    _, found = attack(tiny_llama(), "query@1", texts[:1], frequent=8)
+    assert found.texts == texts[:1]
+    assert found.info["blind"] == [(0, 0)] and found.info["unidentified"] == []
+    _, missed = attack(tiny_llama(), "query@1", texts[1:], frequent=8)
+    assert (0, 0) in missed.info["unidentified"] and missed.texts != texts[1:]
+
+
+def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
+    from gradaudit.attacks.causal.screen import Screen, orthonormal_rows
+
+    torch.manual_seed(0)
+    rows = torch.randn(3, 8, dtype=torch.float64)
+    basis = orthonormal_rows(rows)  # the gradient's row space: the three rows
+    screen = Screen(None, basis, torch.arange(4), forward_batch=4, echo_tol=1e-6)
+    own = orthonormal_rows(rows[:1])  # the prefix's own input: the first row
+    x = torch.stack([2 * rows[0], rows[1] + rows[2]])
+    residual = screen.novel_residual(x, own)
+    assert residual[0] == float("inf")  # in the row space, but only as the prefix's echo
+    assert residual[1] < 1e-12  # a new row of the gradient
+
+
 def test_without_the_gradient_match_the_last_tokens_are_listed_as_unidentified():
     _, rec = attack(tiny_llama(), "ffn_in@1", TEXTS, last="none")
     lengths = [len(t.split()) for t in TEXTS]

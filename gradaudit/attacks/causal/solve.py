@@ -17,15 +17,14 @@ MAX_COMBINATIONS = 256  # beyond this many choices, `choose` improves one senten
 class GrowthPlan:
     """What the gradient sees: rows from `first_seen` on, none for the last `unseen_tail`
     positions of a sentence (a causal LM's last token); `fixed` tokens the tokenizer puts at
-    known positions. A blind position (listed in `blind`) is branched on every token when the
-    vocabulary has at most `branch_limit`, else on its `guesses` commonest (lowest ids), and
-    the next position keeps the guesses after which a token fits."""
+    known positions. A blind position (listed in `blind`) is branched on the vocabulary's
+    `guesses` commonest tokens (lowest ids; all of a small vocabulary), and the next position
+    keeps the guesses after which a token fits."""
 
     width: int
     first_seen: int = 0
     unseen_tail: int = 1
     fixed: dict[int, int] = field(default_factory=dict)
-    branch_limit: int = 256
     guesses: int = 1024
     blind: list[tuple[int, int]] = field(default_factory=list)
 
@@ -90,7 +89,7 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             guessed = False
         else:  # unseen: branch on every token, or on the commonest, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
-            guessed = len(vocab) > plan.branch_limit
+            guessed = len(vocab) > plan.guesses
             beam = branch(grower, beam, position, vocab[: plan.guesses], False)
     return done
 
