@@ -81,7 +81,7 @@ class Grower:
         return fits, best.expand(n), arg.expand(n)
 
     def fits(
-        self, beam: Beam, position: int, quick: bool = False
+        self, beam: Beam, position: int, ends: set[int], quick: bool = False
     ) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """Candidates that fit, and per row its best residual and token (vocabulary index).
 
@@ -98,7 +98,12 @@ class Grower:
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
         prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]
         checked, shared = [], None
+        first_row: dict[tuple[int, ...], int] = {}  # sentences share prefixes: check each once
         for row in range(n):
+            if prefixes[row] in first_row:
+                checked.append(checked[first_row[prefixes[row]]])
+                continue
+            first_row[prefixes[row]] = row
             prior = self._fitted.get(prefixes[row][:-1], shared)
             thorough = not quick or prior is None
             sample, rounds = (self.sample, self.rounds) if thorough else (self.sample[:0], 0)
@@ -107,14 +112,15 @@ class Grower:
             )
             shared = c.coef if shared is None else shared
             checked.append(c)
-        hit = [bool(fits(c.residual).any()) for c in checked]
-        for b in beam.sentence.unique().tolist() if not quick else []:
-            mine = (beam.sentence == b).nonzero()[:, 0].tolist()
-            if not any(hit[row] for row in mine):  # the screen missed: check everything
-                for row in mine:
-                    checked[row] = self.screen.complete(
-                        beam.kv, row, position, checked[row], spans[row]
-                    )
+        for prefix, head in first_row.items() if not quick else []:
+            # a prefix that fitted everywhere but got no next token from the screen: check
+            # everything, unless it is as long as a sentence's visible part (it may end there)
+            clean = float(beam.score[head]) <= opts.tol and len(prefix) not in ends
+            if clean and not bool(fits(checked[head].residual).any()):
+                checked[head] = self.screen.complete(
+                    beam.kv, head, position, checked[head], spans[head]
+                )
+        checked = [checked[first_row[prefix]] for prefix in prefixes]
         self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}
         found, best, best_index = [], [], []
         for row, c in enumerate(checked):
@@ -128,11 +134,14 @@ class Grower:
         )
         return merged, torch.stack(best), torch.stack(best_index)
 
-    def step(self, beam: Beam, position: int, quick: bool = False) -> Beam:
-        """The beam one position longer (every row's sentence sees `position`)."""
-        fits, best, best_index = self.fits(beam, position, quick)
+    def step(self, beam: Beam, position: int, ends: set[int], quick: bool = False) -> Beam:
+        """The beam one position longer (every row's sentence sees `position`); `ends`: the
+        sentences' visible lengths."""
+        fits, best, best_index = self.fits(beam, position, ends, quick)
         keep_rows, keep_index, keep_score = [], [], []
-        for b in beam.sentence.unique().tolist():
+        live = beam.sentence.unique().tolist()
+        size = self.options.beam + len(live) - 1  # room for every sentence's prefixes
+        for b in live:
             mine = beam.sentence[fits.rows] == b
             rows, index = fits.rows[mine], fits.index[mine]
             score = torch.maximum(beam.score[rows], fits.residual[mine])
@@ -142,7 +151,7 @@ class Grower:
                 rows, index = row[None], best_index[row][None]
                 score = torch.maximum(beam.score[rows], best[rows])
                 beam.unsure.append((b, position))
-            order = score.argsort()[: self.options.beam]
+            order = score.argsort()[:size]
             keep_rows.append(rows[order])
             keep_index.append(index[order])
             keep_score.append(score[order])
