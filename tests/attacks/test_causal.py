@@ -66,6 +66,16 @@ def test_a_querys_blind_first_token_is_found_among_the_guesses_or_said_unidentif
     assert (0, 0) in missed.info["unidentified"] and missed.texts != texts[1:]
 
 
+def test_a_position_free_layer_0_gives_the_token_set_and_says_the_order_is_searched():
+    # Layer 0's value of a rotary model takes RMSNorm(E[v]) at every position.
+    text = "the movie was very good and funny"
+    _, rec = attack(tiny_llama(), "value@0", [text])
+    visible = decoder_tokenizer()(text)["input_ids"][:-1]
+    assert rec.info["token_set"] == sorted(set(visible))
+    assert rec.info["order"].startswith("searched")
+    assert sorted(rec.token_ids[0][:-1]) == sorted(visible)
+
+
 def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     from gradaudit.attacks.causal.screen import Screen, orthonormal_rows
 

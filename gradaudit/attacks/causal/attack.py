@@ -24,6 +24,7 @@ from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, 
 from gradaudit.attacks.causal.grow import Grower
 from gradaudit.attacks.causal.last import LastTokens
 from gradaudit.attacks.causal.options import CausalOptions
+from gradaudit.attacks.causal.order import Orderer, position_free
 from gradaudit.attacks.causal.prefix import PrefixRunner
 from gradaudit.attacks.causal.screen import Screen
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all
@@ -115,33 +116,34 @@ class CausalSpanAttack(Attack):
         module, spectra = pick_module(lay, snapshot, opts.min_gap, device)
         spec = spectra[module]
         basis = spec.basis.to(device)
-        generator = torch.Generator().manual_seed(seed)
         vocab = candidate_token_ids(tokenizer).to(device)
         screen = Screen(
-            PrefixRunner(model, module, lay.num_layers),
-            basis,
-            vocab,
-            opts.forward_batch,
-            opts.tol,
+            PrefixRunner(model, module, lay.num_layers), basis, vocab, opts.forward_batch, opts.tol
         )
-        grower = Grower(screen, opts, generator, rounds=max(1, round(opts.rounds * budget)))
-        plan = GrowthPlan(
-            spec.width,
-            first_seen=first_seen(lay, module),
-            unseen_tail=1 if is_causal_lm(model) else 0,
-            fixed=dict(enumerate(special_prefix(tokenizer))),
-            guesses=opts.frequent,
-        )
-        done = grow_all(grower, lengths, plan)
-        picked = choose(done, basis)
-        prefixes = {b: done[b].tokens[picked[b]] for b in done}
         info: dict[str, Any] = {
             "module": module,
             "spectra": {m: s.summary() for m, s in spectra.items()},
             "threat_model": THREAT_MODEL,
-            "unsure": sorted(set(done[0].unsure)) if done else [],
-            "blind": plan.blind,
+            "unsure": [],
+            "blind": [],
         }
+        if position_free(lay, module) and is_causal_lm(model):
+            prefixes = self._order(model, module, snapshot, screen, lengths, info, tokenizer)
+        else:
+            plan = GrowthPlan(
+                spec.width,
+                first_seen=first_seen(lay, module),
+                unseen_tail=1 if is_causal_lm(model) else 0,
+                fixed=dict(enumerate(special_prefix(tokenizer))),
+                guesses=opts.frequent,
+            )
+            rounds = max(1, round(opts.rounds * budget))
+            grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)
+            done = grow_all(grower, lengths, plan)
+            picked = choose(done, basis)
+            prefixes = {b: done[b].tokens[picked[b]] for b in done}
+            info["unsure"] = sorted(set(done[0].unsure)) if done else []
+            info["blind"] = plan.blind
         token_ids = self._finish(model, module, snapshot, lengths, prefixes, info)
         return Reconstruction(
             token_ids=token_ids,
@@ -150,6 +152,32 @@ class CausalSpanAttack(Attack):
             options=self.options_dict(),
             info=info,
         )
+
+    def _order(
+        self,
+        model: nn.Module,
+        module: str,
+        snapshot: GradientSnapshot,
+        screen: Screen,
+        lengths: list[int],
+        info: dict[str, Any],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> dict[int, torch.Tensor]:
+        """Prefixes of a position-free module (see `order`): the token set, ordered."""
+        vocab = screen.vocab
+        residual = screen.residuals(screen.runner.empty(), torch.zeros_like(vocab), 0, vocab)
+        tokens = vocab[residual <= self.options.tol]
+        info["token_set"] = tokens.tolist()
+        info["order"] = (
+            "searched: this module's input is the same at every position (layer 0 of a rotary "
+            "model), so the gradient gives the token set exactly and the order is the model's "
+            "likeliest arrangement, checked against the gradient"
+        )
+        last = LastTokens(model, module, snapshot.weight_gradient(module))
+        start = next(
+            t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, 0) if t is not None
+        )
+        return Orderer(model, last, tokens, self.options.order_beam, start).order(lengths)
 
     def _finish(
         self,

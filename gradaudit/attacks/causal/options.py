@@ -27,6 +27,7 @@ class CausalOptions:
     sample: int = 1024
     rounds: int = 4
     beam: int = 8
+    order_beam: int = 16  # orders kept per sentence where the module input is position-free
     tol: float = 2e-3
     ratio: float = 1000.0
     forward_batch: int = 256  # candidate rows per forward pass (speed and memory only)
