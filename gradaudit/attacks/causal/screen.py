@@ -21,6 +21,7 @@ import torch
 from gradaudit.attacks.causal.prefix import KV, PrefixRunner, concat
 
 RIDGE = 1e-3  # ridge weight, relative to the features' mean squared norm
+NEAREST_KEPT = 256  # regressions whose nearest tokens are remembered
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ class Screen:
         self.echo_tol = echo_tol
         self.anchor: int | None = None  # set before the features are first used
         self._features: torch.Tensor | None = None
-        self._last_nearest: tuple[torch.Tensor | None, torch.Tensor] = (None, vocab[:0])
+        self._nearest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def features(self) -> torch.Tensor:
@@ -111,14 +112,17 @@ class Screen:
 
     def nearest(self, coef: torch.Tensor, checked: torch.Tensor, count: int) -> torch.Tensor:
         """The `count` unchecked tokens whose inputs `coef` predicts nearest the row space
-        (remembered for the last `coef` with nothing checked: guesses share one)."""
-        if checked.numel() == 0 and self._last_nearest[0] is coef:
-            return self._last_nearest[1][:count]
+        (remembered per `coef` when nothing is checked: a regression is tried again one
+        position later, and guesses share one)."""
+        if checked.numel() == 0 and id(coef) in self._nearest:
+            return self._nearest[id(coef)][1][:count]
         score = relative_residual(self.features @ coef, self.basis)
         score[checked] = float("inf")
         top = score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]
         if checked.numel() == 0:
-            self._last_nearest = (coef, top)
+            if len(self._nearest) >= NEAREST_KEPT:
+                self._nearest.clear()
+            self._nearest[id(coef)] = (coef, top)  # the coef kept alive keeps its id unique
         return top
 
     def check(
