@@ -81,7 +81,7 @@ class Grower:
         return fits, best.expand(n), arg.expand(n)
 
     def fits(
-        self, beam: Beam, position: int, ends: set[int], quick: bool = False
+        self, beam: Beam, position: int, quick: bool = False
     ) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """Candidates that fit, and per row its best residual and token (vocabulary index).
 
@@ -112,10 +112,10 @@ class Grower:
             )
             shared = c.coef if shared is None else shared
             checked.append(c)
-        for prefix, head in first_row.items() if not quick else []:
+        for head in first_row.values() if not quick else []:
             # a prefix that fitted everywhere but got no next token from the screen: check
-            # everything, unless it is as long as a sentence's visible part (it may end there)
-            clean = float(beam.score[head]) <= opts.tol and len(prefix) not in ends
+            # everything (a sentence that ends there costs one such check)
+            clean = float(beam.score[head]) <= opts.tol
             if clean and not bool(fits(checked[head].residual).any()):
                 checked[head] = self.screen.complete(
                     beam.kv, head, position, checked[head], spans[head]
@@ -134,10 +134,9 @@ class Grower:
         )
         return merged, torch.stack(best), torch.stack(best_index)
 
-    def step(self, beam: Beam, position: int, ends: set[int], quick: bool = False) -> Beam:
-        """The beam one position longer (every row's sentence sees `position`); `ends`: the
-        sentences' visible lengths."""
-        fits, best, best_index = self.fits(beam, position, ends, quick)
+    def step(self, beam: Beam, position: int, quick: bool = False) -> Beam:
+        """The beam one position longer (every row's sentence sees `position`)."""
+        fits, best, best_index = self.fits(beam, position, quick)
         keep_rows, keep_index, keep_score = [], [], []
         live = beam.sentence.unique().tolist()
         size = self.options.beam + len(live) - 1  # room for every sentence's prefixes

@@ -85,8 +85,7 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             ids = torch.tensor([plan.fixed[position]], device=device)
             beam = branch(grower, beam, position, ids, position >= plan.first_seen)
         elif position >= plan.first_seen:
-            ends = {n - plan.unseen_tail for n in lengths}
-            beam = grower.step(beam, position, ends, quick=guessed)
+            beam = grower.step(beam, position, quick=guessed)
             guessed = False
         else:  # unseen: branch on every token, or on the commonest, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
