@@ -90,6 +90,13 @@ def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     assert residual[1] < 1e-12  # a new row of the gradient
 
 
+def test_a_deep_module_is_recovered_with_the_screen_led_by_a_shallow_layers_inputs():
+    _, rec = attack(tiny_llama(layers=4), "value@3", TEXTS)
+    assert sorted(rec.texts) == sorted(TEXTS)
+    assert rec.info["screen_features"] == "model.layers.2.self_attn.v_proj"
+    assert rec.info["gradient_residual"] < 1e-4
+
+
 def test_without_the_gradient_match_the_last_tokens_are_listed_as_unidentified():
     _, rec = attack(tiny_llama(), "ffn_in@1", TEXTS, last="none")
     lengths = [len(t.split()) for t in TEXTS]

@@ -34,6 +34,10 @@ from gradaudit.gradients.spectrum import Spectrum, spectrum
 from gradaudit.model.adapter import ModelLayout
 from gradaudit.model.families import is_causal_lm, layout
 
+# The screen's features come from this layer at most: on SmolLM2 layer 2's inputs led the
+# search at layer 15 as well as layer 15's own, and their vocabulary pass runs 3 layers, not 16.
+FEATURE_LAYER = 2
+
 THREAT_MODEL = (
     "weights, tokenizer and sentence lengths known; the text (input ids, and a causal LM's "
     "labels, which are the text) never read"
@@ -117,8 +121,15 @@ class CausalSpanAttack(Attack):
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
+        component, layer = lay.locate(module)
+        shallow = lay.component_name(component, min(layer, FEATURE_LAYER))
         screen = Screen(
-            PrefixRunner(model, module, lay.num_layers), basis, vocab, opts.forward_batch, opts.tol
+            PrefixRunner(model, module, lay.num_layers),
+            basis,
+            vocab,
+            opts.forward_batch,
+            opts.tol,
+            PrefixRunner(model, shallow, lay.num_layers) if layer > FEATURE_LAYER else None,
         )
         info: dict[str, Any] = {
             "module": module,
@@ -126,6 +137,7 @@ class CausalSpanAttack(Attack):
             "threat_model": THREAT_MODEL,
             "unsure": [],
             "blind": [],
+            "screen_features": shallow,  # whose inputs the screen's regression starts from
         }
         if position_free(lay, module) and is_causal_lm(model):
             prefixes = self._order(model, module, snapshot, screen, lengths, info, tokenizer)

@@ -60,8 +60,10 @@ class Screen:
         vocab: torch.Tensor,
         forward_batch: int,
         echo_tol: float,
+        feature_runner: PrefixRunner | None = None,
     ) -> None:
         self.runner = runner
+        self.feature_runner = feature_runner or runner
         self.basis = basis
         self.vocab = vocab  # candidate token ids (V,)
         self.forward_batch = forward_batch
@@ -72,30 +74,40 @@ class Screen:
 
     @property
     def features(self) -> torch.Tensor:
-        """(V, width + 1): every candidate's module input at position 1 after the anchor, and
-        a constant; computed on first use (position 0 needs none)."""
+        """(V, width + 1): every candidate's input to the feature module (this module, or
+        the same component at a shallow layer) at position 1 after the anchor, and a
+        constant; computed on first use (position 0 needs none)."""
         if self._features is None:
             if self.anchor is None:
                 raise RuntimeError("Screen.anchor must be set before the features are used")
-            device = self.vocab.device
+            runner, device = self.feature_runner, self.vocab.device
             one = torch.zeros(1, dtype=torch.long, device=device)
             with torch.no_grad():
-                _, kv = self.runner.run(
-                    self.runner.empty(), one, 0, ids=torch.tensor([self.anchor], device=device)
+                _, kv = runner.run(
+                    runner.empty(), one, 0, ids=torch.tensor([self.anchor], device=device)
                 )
-            x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab)
+            x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab, runner)
             self._features = torch.cat([x, torch.ones_like(x[:, :1])], 1)
         return self._features
 
     @torch.no_grad()
-    def inputs(self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor) -> torch.Tensor:
-        """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)."""
-        out = [self.basis.new_zeros(0, self.basis.shape[1])]
+    def inputs(
+        self,
+        kv: KV,
+        rows: torch.Tensor,
+        position: int,
+        ids: torch.Tensor,
+        runner: PrefixRunner | None = None,
+    ) -> torch.Tensor:
+        """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)
+        (of the module `runner` stops at: by default the observed one)."""
+        runner = runner or self.runner
+        out = []
         for start in range(0, int(rows.shape[0]), self.forward_batch):
             part = slice(start, start + self.forward_batch)
-            x, _ = self.runner.run(kv, rows[part], position, ids=ids[part])
+            x, _ = runner.run(kv, rows[part], position, ids=ids[part])
             out.append(x.to(self.basis.dtype))
-        return torch.cat(out)
+        return torch.cat(out) if out else self.basis.new_zeros(0, self.basis.shape[1])
 
     def residuals(self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor):
         """Exact relative residual (M,) of token `ids` (M,) after prefix rows `rows` (M,)."""
