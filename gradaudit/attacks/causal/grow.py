@@ -81,7 +81,7 @@ class Grower:
         return fits, best.expand(n), arg.expand(n)
 
     def fits(
-        self, beam: Beam, position: int, quick: bool = False
+        self, beam: Beam, position: int, ending: int, quick: bool = False
     ) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """Candidates that fit, and per row its best residual and token (vocabulary index).
 
@@ -112,14 +112,17 @@ class Grower:
             )
             shared = c.coef if shared is None else shared
             checked.append(c)
-        for head in first_row.values() if not quick else []:
-            # a prefix that fitted everywhere but got no next token from the screen: check
-            # everything (a sentence that ends there costs one such check)
-            clean = float(beam.score[head]) <= opts.tol
-            if clean and not bool(fits(checked[head].residual).any()):
-                checked[head] = self.screen.complete(
-                    beam.kv, head, position, checked[head], spans[head]
-                )
+        # Prefixes that fitted everywhere but got no next token from the screen: as many as
+        # the sentences that end here may have ended; more mean a miss, so check them whole.
+        stuck = [
+            head
+            for head in first_row.values()
+            if float(beam.score[head]) <= opts.tol and not bool(fits(checked[head].residual).any())
+        ]
+        for head in stuck if not quick and len(stuck) > ending else []:
+            checked[head] = self.screen.complete(
+                beam.kv, head, position, checked[head], spans[head]
+            )
         checked = [checked[first_row[prefix]] for prefix in prefixes]
         self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}
         found, best, best_index = [], [], []
@@ -134,9 +137,10 @@ class Grower:
         )
         return merged, torch.stack(best), torch.stack(best_index)
 
-    def step(self, beam: Beam, position: int, quick: bool = False) -> Beam:
-        """The beam one position longer (every row's sentence sees `position`)."""
-        fits, best, best_index = self.fits(beam, position, quick)
+    def step(self, beam: Beam, position: int, ending: int = 0, quick: bool = False) -> Beam:
+        """The beam one position longer (every row's sentence sees `position`); `ending`:
+        how many sentences' visible parts end just before it."""
+        fits, best, best_index = self.fits(beam, position, ending, quick)
         keep_rows, keep_index, keep_score = [], [], []
         live = beam.sentence.unique().tolist()
         size = self.options.beam + len(live) - 1  # room for every sentence's prefixes

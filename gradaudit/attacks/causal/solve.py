@@ -85,7 +85,8 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             ids = torch.tensor([plan.fixed[position]], device=device)
             beam = branch(grower, beam, position, ids, position >= plan.first_seen)
         elif position >= plan.first_seen:
-            beam = grower.step(beam, position, quick=guessed)
+            ending = sum(n - plan.unseen_tail == position for n in lengths)
+            beam = grower.step(beam, position, ending, quick=guessed)
             guessed = False
         else:  # unseen: branch on every token, or on the commonest, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
