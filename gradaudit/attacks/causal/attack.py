@@ -93,6 +93,28 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return out
 
 
+def make_screen(
+    model: nn.Module,
+    lay: ModelLayout,
+    module: str,
+    basis: torch.Tensor,
+    vocab: torch.Tensor,
+    opts: CausalOptions,
+) -> tuple[Screen, str]:
+    """The screen of `module`'s row space, and the module whose inputs are its features."""
+    component, layer = lay.locate(module)
+    shallow = lay.component_name(component, min(layer, FEATURE_LAYER))
+    screen = Screen(
+        PrefixRunner(model, module, lay.num_layers),
+        basis,
+        vocab,
+        opts.forward_batch,
+        opts.tol,
+        PrefixRunner(model, shallow, lay.num_layers) if layer > FEATURE_LAYER else None,
+    )
+    return screen, shallow
+
+
 class CausalSpanAttack(Attack):
     """Grow a decoder's sentences token by token inside one module's gradient row space."""
 
@@ -121,16 +143,7 @@ class CausalSpanAttack(Attack):
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
-        component, layer = lay.locate(module)
-        shallow = lay.component_name(component, min(layer, FEATURE_LAYER))
-        screen = Screen(
-            PrefixRunner(model, module, lay.num_layers),
-            basis,
-            vocab,
-            opts.forward_batch,
-            opts.tol,
-            PrefixRunner(model, shallow, lay.num_layers) if layer > FEATURE_LAYER else None,
-        )
+        screen, shallow = make_screen(model, lay, module, basis, vocab, opts)
         info: dict[str, Any] = {
             "module": module,
             "spectra": {m: s.summary() for m, s in spectra.items()},
@@ -151,11 +164,7 @@ class CausalSpanAttack(Attack):
             )
             rounds = max(1, round(opts.rounds * budget))
             grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)
-            done = grow_all(grower, lengths, plan)
-            picked = choose(done, basis)
-            prefixes = {b: done[b].tokens[picked[b]] for b in done}
-            info["unsure"] = sorted(set(done[0].unsure)) if done else []
-            info["blind"] = plan.blind
+            prefixes = self._grow(grower, lengths, plan, basis, info)
         token_ids = self._finish(model, module, snapshot, lengths, prefixes, info)
         return Reconstruction(
             token_ids=token_ids,
@@ -164,6 +173,21 @@ class CausalSpanAttack(Attack):
             options=self.options_dict(),
             info=info,
         )
+
+    @staticmethod
+    def _grow(
+        grower: Grower,
+        lengths: list[int],
+        plan: GrowthPlan,
+        basis: torch.Tensor,
+        info: dict[str, Any],
+    ) -> dict[int, torch.Tensor]:
+        """Prefixes grown in the row space (see `grow`), one chosen per sentence."""
+        done = grow_all(grower, lengths, plan)
+        picked = choose(done, basis)
+        info["unsure"] = sorted(set(done[0].unsure)) if done else []
+        info["blind"] = plan.blind
+        return {b: done[b].tokens[picked[b]] for b in done}
 
     def _order(
         self,
