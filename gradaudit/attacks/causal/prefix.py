@@ -50,12 +50,10 @@ class PrefixRunner:
         rows: torch.Tensor,
         position: int,
         *,
-        ids: torch.Tensor | None = None,
-        embeds: torch.Tensor | None = None,
+        ids: torch.Tensor,
     ) -> tuple[torch.Tensor, KV]:
-        """Inputs (N, width) of the module for token `ids` (N,) or embeddings `embeds` (N, H)
-        at `position` after prefix rows `rows` (N,) of `kv`, and those rows' caches grown by
-        the token. Gradients flow to `embeds` when it requires them."""
+        """Inputs (N, width) of the module for tokens `ids` (N,) at `position` after prefix
+        rows `rows` (N,) of `kv`, and those rows' caches grown by the token."""
         data = [(None, None) if e is None else (e[0][rows], e[1][rows]) for e in kv]
         cache = DynamicCache(ddp_cache_data=data)
         n = int(rows.shape[0])
@@ -67,10 +65,7 @@ class PrefixRunner:
 
         handle = self.module.register_forward_pre_hook(stop)
         positions = torch.full((n, 1), position, dtype=torch.long, device=rows.device)
-        inputs = {"input_ids": ids.unsqueeze(1)} if ids is not None else {}
-        if embeds is not None:
-            inputs = {"inputs_embeds": embeds.unsqueeze(1)}
-        inputs[self.cache_arg] = cache
+        inputs = {"input_ids": ids.unsqueeze(1), self.cache_arg: cache}
         try:
             self.model(**inputs, position_ids=positions, use_cache=True)
         except _Stop:

@@ -4,12 +4,13 @@ Checking a token exactly costs a one-token forward pass; checking the whole voca
 every position of every prefix is too slow past the first layers, and a first-order screen
 (linearising in the token's embedding) ranks the truth thousands deep on a real decoder. What
 works is a learned map from context-free token features to in-context inputs. The features are
-every token's module input at position 1 after one anchor token (the batch's first recovered
-token; one pass over the vocabulary per attack). At a prefix, a sample of tokens is checked
-exactly, a ridge regression from their features to their inputs predicts every other token's
-input, and the tokens predicted nearest the row space are checked exactly and the regression
-refitted with them, `rounds` times. A sentence none of whose prefixes has a fit then has the
-rest of the vocabulary checked exactly (`complete`).
+every token's input to the module (or, past layer 2, to the same component at layer 2) at
+position 1 after one anchor token, the batch's first recovered token: one pass over the
+vocabulary per attack. At a prefix, a sample of tokens is checked exactly, a ridge regression
+from their features to their inputs predicts every other token's input, and the tokens
+predicted nearest the row space are checked exactly and the regression refitted with them,
+`rounds` times. The grower checks the rest of the vocabulary (`complete`) where that finds
+nothing and a sentence cannot have ended.
 """
 
 from __future__ import annotations
