@@ -163,3 +163,30 @@ def test_auto_hands_a_decoder_with_a_usable_span_to_the_causal_attack():
     )
     assert result.info["auto"]["ran"] == "causal"
     assert result.rouge1 == 1.0
+
+
+def test_the_final_choice_is_a_combination_no_single_sentence_change_improves():
+    # More than 256 combinations: one sentence at a time, until nothing moves (two sweeps
+    # left SmolLM2's B = 8 batch with a sentence holding another's prefix).
+    from gradaudit.attacks.causal.grow import Beam
+    from gradaudit.attacks.causal.screen import orthonormal_rows
+    from gradaudit.attacks.causal.solve import choose, uncovered
+
+    gen = torch.Generator().manual_seed(3)  # a draw where two sweeps stop short
+    basis = orthonormal_rows(torch.randn(24, 40, generator=gen, dtype=torch.float64))
+    done = {}
+    for s in range(6):  # 4 options of 3 rows each: rows of the span or noise
+        inputs = torch.randn(4, 3, 24, generator=gen, dtype=torch.float64) @ basis
+        inputs[1:3] = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)
+        scores = torch.rand(4, generator=gen, dtype=torch.float64)
+        done[s] = Beam(torch.zeros(4, 3, dtype=torch.long), torch.full((4,), s), scores, inputs, [])
+    picked = choose(done, basis)
+
+    def cost(pick):
+        parts = [done[s].inputs[pick[s]] for s in done]
+        worst = max(float(done[s].score[pick[s]]) for s in done)
+        return round(uncovered(basis, parts), 6), worst
+
+    for s in done:
+        for r in range(4):
+            assert cost(picked) <= cost({**picked, s: r})

@@ -125,8 +125,10 @@ def choose(done: dict[int, Beam], basis: torch.Tensor) -> dict[int, int]:
     if total <= MAX_COMBINATIONS:
         best = min(itertools.product(*options), key=cost)
     else:
-        best = tuple(0 for _ in sentences)
-        for _ in range(2):
+        best, moved = tuple(0 for _ in sentences), True
+        while moved:  # until no sentence's choice improves (two sweeps were not enough)
+            moved = False
             for i, o in enumerate(options):
-                best = min((best[:i] + (r,) + best[i + 1 :] for r in o), key=cost)
+                pick = min((best[:i] + (r,) + best[i + 1 :] for r in o), key=cost)
+                moved, best = moved or cost(pick) < cost(best), pick
     return dict(zip(sentences, best))
