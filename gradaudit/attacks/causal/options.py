@@ -13,11 +13,13 @@ LAST_CHOICES = ("gradient", "model", "none")
 class CausalOptions:
     """Numbers the causal attack uses (their roles: docs/span-method.md, "Decoders").
 
-    After a prefix, the `frequent` lowest ids (a BPE's commonest tokens) and `sample` random
-    others are checked exactly; then `rounds` times the `screen` tokens the regression puts
-    nearest the row space, and the whole vocabulary when none fits. A token fits when its
-    input's residual against the row space is below `tol` and within `ratio` of the best fit
-    at that prefix; `beam` prefixes per sentence survive a position. Position 0 (no prefix) is
+    After a prefix, the `screen` tokens the regression fitted one position earlier puts
+    nearest the row space are checked exactly; if none fits, the `frequent` lowest ids (a
+    BPE's commonest tokens, also the guesses for a blind first token) and `sample` random
+    others, then `rounds` times the `screen` nearest by the refitted regression, and the whole
+    vocabulary when still none fits. A token fits when its input's residual against the row
+    space is below `tol` and within `ratio` of the best fit at that prefix; `beam` prefixes per
+    sentence (plus one per other sentence) survive a position. Position 0 (no prefix) is
     checked exactly on the whole vocabulary, once for all sentences.
     """
 
