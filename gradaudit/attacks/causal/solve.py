@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradaudit.attacks.causal.grow import Beam, Grower
+from gradaudit.attacks.causal.screen import orthonormal_rows
 
 MAX_COMBINATIONS = 256  # beyond this many choices, `choose` improves one sentence at a time
 
@@ -97,13 +98,9 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
 
 def uncovered(basis: torch.Tensor, inputs: list[torch.Tensor]) -> float:
     """1 - |V Q|^2 / r: how much of the row space the chosen prefixes' inputs leave out."""
-    x = torch.cat(inputs).to(basis.dtype)
-    x = x[x.norm(dim=-1) > 0]
-    if x.shape[0] == 0 or basis.shape[0] == 0:
+    q = orthonormal_rows(torch.cat(inputs).to(basis.dtype))
+    if q.shape[0] == 0 or basis.shape[0] == 0:
         return 1.0
-    q = torch.linalg.svd(x, full_matrices=False)[2]
-    s = torch.linalg.svdvals(x)
-    q = q[s > s[0] * 1e-6]
     return float(1 - (basis @ q.T).square().sum() / basis.shape[0])
 
 
