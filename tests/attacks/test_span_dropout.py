@@ -10,7 +10,13 @@ from torch import nn
 
 from gradaudit.attacks import get_attack
 from gradaudit.attacks.span.exact.dropout import embedding_dropout
-from gradaudit.attacks.span.exact.masks import complement, lp_mask
+from gradaudit.attacks.span.exact.masks import (
+    MASK_EXACT,
+    MaskFit,
+    descend_masks,
+    masked_residual,
+    most_dropped,
+)
 from gradaudit.attacks.span.exact.screening import layer0_inputs
 from gradaudit.gradients.capture import capture
 from gradaudit.gradients.spectrum import spectrum
@@ -61,7 +67,7 @@ def test_train_mode_recovers_and_assigns_a_batch_of_four(tiny):
     assert result.info["explained_residual"] < 1e-5
 
 
-def test_the_relaxation_separates_a_true_input_from_a_false_one(tiny):
+def test_the_descent_makes_a_true_tokens_mask_exact_and_leaves_a_false_one_far(tiny):
     model, tokenizer = tiny
     lay = layout(model)
     batch = make_batch(model, tokenizer, ["the charming cast and the music"], [1])
@@ -71,10 +77,13 @@ def test_the_relaxation_separates_a_true_input_from_a_false_one(tiny):
     offsets = (lay.position_embeddings.weight[2] + lay.token_type_embeddings.weight[0]).detach()
     true, false = batch["input_ids"][0, 2], tokenizer.convert_tokens_to_ids("boring")
     rows = layer0_inputs(lay, torch.tensor([true, false]), offsets.double().expand(2, -1)) / 0.9
-    drops = [lp_mask(row, complement(basis)) for row in rows]
-    width = basis.shape[1]
-    assert drops[0] < 0.25 * width  # about p x width coordinates dropped
-    assert drops[1] > 0.5 * width  # a false token needs most dropped, or is infeasible
+    width, most = basis.shape[1], most_dropped(basis.shape[1], 0.1)
+    start = torch.rand(2, width, generator=torch.Generator().manual_seed(0)) >= 0.3
+    before = masked_residual(rows, start, basis, most)
+    fit = descend_masks(MaskFit(before, start), rows, basis, most)
+    assert before[0] > 0.1  # a random mask: far from the span
+    assert fit.residual[0] < MASK_EXACT < 0.05 < fit.residual[1]
+    assert (~fit.kept[0]).sum() < 0.25 * width  # about p x width coordinates dropped
 
 
 class DropoutFirst(nn.Module):
