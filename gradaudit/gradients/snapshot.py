@@ -155,7 +155,8 @@ class GradientSnapshot:
         """A snapshot of `gradients` (already on the CPU) taken from `model` on `batch`.
 
         With `include_weights`, the model's weights are copied too (an attack of this step
-        later needs them).
+        later needs them). `meta["train_mode"]` records the model's mode now (a training loop's
+        gradient: dropout on), which the attacks read, since the model they get may be in eval.
         """
         weights = None
         if include_weights:
@@ -172,6 +173,7 @@ class GradientSnapshot:
             kind=kind,
             step=step,
             weights=weights,
+            meta={"train_mode": bool(model.training)},
         )
 
     def save(self, directory: str | Path) -> Path:

@@ -150,3 +150,29 @@ def test_a_saturated_batch_is_stated_not_scored_as_safe(tmp_path):
     # Its claim: one sentence at a time is recovered exactly from the same module.
     one, alone = run(narrow, tokenizer, texts[:1])
     assert alone.token_ids == one and "saturation" not in alone.info
+
+
+def test_a_training_loops_gradient_is_attacked_with_dropout_on_by_an_eval_mode_model(
+    tiny, tmp_path
+):
+    """The Auditor snapshots `.grad` after the loop's own backward (model in training mode);
+    its worker attacks with a rebuilt model in eval mode: the snapshot must say dropout was on."""
+    from gradaudit.gradients.snapshot import GradientSnapshot
+
+    model, tokenizer = tiny
+    batch = make_batch(model, tokenizer, ["the charming cast and the music"], [1])
+    module = layout(model).component_name("query", 0)
+    model.train()
+    torch.manual_seed(3)
+    model(**batch).loss.backward()
+    snapshot = GradientSnapshot.from_grads(model, batch, [module])
+    model.zero_grad()
+    model.eval()
+    snapshot.save(tmp_path / "step")
+    loaded = GradientSnapshot.load(tmp_path / "step", model)
+    result = get_attack("span").reconstruct(
+        model, loaded, tokenizer=tokenizer, device="cpu", budget=0.02
+    )
+    assert loaded.meta["train_mode"] is True
+    assert result.info["train_mode"] is True
+    assert result.token_ids == [batch["input_ids"][0].tolist()]
