@@ -176,3 +176,25 @@ def test_a_training_loops_gradient_is_attacked_with_dropout_on_by_an_eval_mode_m
     assert loaded.meta["train_mode"] is True
     assert result.info["train_mode"] is True
     assert result.token_ids == [batch["input_ids"][0].tolist()]
+
+
+def test_an_assignment_between_sentences_longer_than_a_head_is_called_blind(tiny):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _, tokenizer = tiny
+    config = BertConfig(  # 8 heads of 24, wide enough for 50 dropped-out inputs
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        intermediate_size=384,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    long_one, long_two = " ".join(WORDS[:23]), " ".join(WORDS[-23:])  # 25 tokens each
+    _, result = run(model, tokenizer, [long_one, long_two])
+    assert result.info["inputs_found"] == result.info["inputs_expected"] == 50
+    assert result.info["assignment"] == (
+        "membership (blind between sentences [0, 1]: longer than a head)"
+    )

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 MASK_EXACT = 1e-4  # relative residual of a masked input in the span (the truth: 1e-7 to 1e-5)
-ADMM_STEPS = 300  # ADMM steps of `decode_masks` (key modules: 50 left 9 of 10 rows of a sentence inexact)
+ADMM_STEPS = (
+    300  # ADMM steps of `decode_masks` (key modules: 50 left 9 of 10 rows of a sentence inexact)
+)
 BOX_STEPS = 300  # ADMM steps of `box_masks` (100 left 1 of 40 true tokens unfound, 300 none)
 DESCENT_STEPS = 256  # one-coordinate flips per row at most (random starts need ~100)
 DESCENT_CHECK = 16  # flips between checks whether any row still moves

@@ -116,6 +116,15 @@ class Membership:
         rows = [r.tolist() for r in inverse.split(mask.sum(1).tolist())]
         return Signals(split(signals), split(partners), rows, shared.tolist(), dependent.tolist())
 
+    def blind(self) -> list[int]:
+        """The sentences whose partners span a head's whole width (more than 32 tokens in
+        MiniLM): any signal lies in their span, so the test cannot tell which of two such
+        sentences holds a token at a slot they share."""
+        width = self.weight.shape[0] // self.heads
+        spare = 1 if self.component == "query" else 0  # a query signal uses key differences
+        lengths = self.batch["attention_mask"].sum(1).tolist()
+        return [b for b, n in enumerate(lengths) if n - spare >= width]
+
     def span(self, state: Signals, rows: list[int]) -> torch.Tensor:
         """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
         vectors = state.partners[:, rows]

@@ -314,6 +314,9 @@ def place_rows(
             details["assignment"] = "membership"
         own, _, shared = membership.score(membership.signals(index))
         details["membership_score"] = sum(own) + shared
+        blind = membership.blind()
+        if by_anchor is None and len(blind) > 1:
+            details["assignment"] += f" (blind between sentences {blind}: longer than a head)"
     elif len(index) > 1 and by_anchor is None:
         why = "no membership test for this module" if plain is None else "inputs missing"
         details["assignment"] = f"unverified ({why}): tokens sit at their positions"
