@@ -106,17 +106,14 @@ class Finder:
         return descend_masks(fit, inputs, self.basis, self.most, self.anchor)
 
     def restart(self, rows: torch.Tensor, draws: list[int], seed: int) -> MaskFit:
-        """The descent from `draws[i]` random starting masks of each of `rows`, one batch:
-        finds the masks a first fit missed, and the other masks of a token several sentences
-        hold at one slot (every [CLS]), each the end of some starts."""
+        """The descent from `draws[i]` random starting masks of each of `rows`, one batch
+        (query and value): finds the masks a first fit missed, and the other masks of a token
+        several sentences hold at one slot (every [CLS]), each the end of some starts."""
         rows = rows.repeat_interleave(torch.tensor(draws, device=rows.device), dim=0)
         generator = torch.Generator().manual_seed(seed)
-        width = rows.shape[1] * (1 if self.anchor is None else 2)
-        start = torch.rand(len(rows), width, generator=generator, dtype=rows.dtype)
-        start = (start >= RESTART_DROP).to(rows.device)
-        anchor_kept = None if self.anchor is None else start[:, rows.shape[1] :]
-        fit = MaskFit(torch.zeros(len(rows)), start[:, : rows.shape[1]], anchor_kept)
-        return descend_masks(fit, rows, self.basis, self.most, self.anchor)
+        start = torch.rand(rows.shape, generator=generator, dtype=rows.dtype) >= RESTART_DROP
+        fit = MaskFit(torch.zeros(len(rows)), start.to(rows.device))
+        return descend_masks(fit, rows, self.basis, self.most)
 
 
 def same_input(row: torch.Tensor, a: Masks, b: Masks) -> bool:
@@ -134,7 +131,8 @@ def find_rows(
 ) -> FoundRows:
     """Per slot `j` (position + segment embedding `offsets[j]`), up to `counts[j]` inputs
     `m * u / (1 - p)` in the span among its `candidates[j]` tokens: ranked together
-    (`Finder.rank`), then, while a slot lacks inputs, restarts (`more_masks`)."""
+    (`Finder.rank`), then, while a slot lacks inputs, restarts (`more_masks`; a key module's
+    slots are searched again per sentence, with each sentence's first-token mask known)."""
     sizes = [len(c) for c in candidates]
     slot_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     inputs = layer0_inputs(lay, torch.cat(candidates).to(offsets.device), offsets[slot_of])
@@ -151,7 +149,7 @@ def find_rows(
             for i in res.argsort().tolist()
             if res[i] < MASK_EXACT
         }
-        if len(chosen) < counts[j]:
+        if len(chosen) < counts[j] and finder.anchor is None:  # key: `train.sentence_pass`
             more_masks(finder, rows, res, chosen, counts[j])
         picked = [(i, m) for i in chosen for m in chosen[i]][: counts[j]]
         for i, (kept, anchor) in picked:
@@ -185,7 +183,7 @@ def more_masks(
         ends = torch.tensor(draws).cumsum(0).tolist()
         for i, end, n in zip(tried, ends, draws):
             for k in (k for k in range(end - n, end) if exact[k] and lacking > 0):
-                new = (fit.kept[k], None if fit.anchor_kept is None else fit.anchor_kept[k])
+                new = (fit.kept[k], None)
                 if not any(same_input(rows[i], new, m) for m in chosen.get(i, [])):
                     chosen.setdefault(i, []).append(new)
                     lacking -= 1
