@@ -172,13 +172,13 @@ def more_masks(
     candidates by the fit and by the prefilter's order (a stuck true token ranked 48th by its
     fit, 1st by the prefilter)."""
     lacking = count - sum(map(len, chosen.values()))
-    for round in range(RESTART_ROUNDS):
+    for attempt in range(RESTART_ROUNDS):
         by_fit = [i for i in residual.argsort().tolist() if i not in chosen]
         by_prefilter = [i for i in range(len(rows)) if i not in chosen]
         more = lacking + RETRIED
         tried = list(dict.fromkeys([*chosen, *by_fit[:more], *by_prefilter[:more]]))
-        draws = [RESTART_DRAWS * (lacking + len(chosen.get(i, []))) << round for i in tried]
-        fit = finder.restart(rows[tried], draws, seed=round)
+        draws = [RESTART_DRAWS * (lacking + len(chosen.get(i, []))) << attempt for i in tried]
+        fit = finder.restart(rows[tried], draws, seed=attempt)
         exact = (fit.residual < MASK_EXACT).tolist()
         ends = torch.tensor(draws).cumsum(0).tolist()
         for i, end, n in zip(tried, ends, draws):
