@@ -60,10 +60,14 @@ class Child:
     def __init__(self, folder: Path, mode: str) -> None:
         self.folder = folder
         self.log = folder / "output.txt"
+        # Ctrl-C as a terminal delivers it: in the full suite the test process has SIGINT
+        # ignored (set by some earlier test or library), and a child inheriting that never saw
+        # the `hang` run's Ctrl-C (its log showed the disposition SIG_IGN).
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 write_child(folder, mode), stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )  # fmt: skip
 
     def says(self, text: str) -> bool:
