@@ -2,9 +2,10 @@
 
 In train mode a layer-0 input is `x = m * u / (1 - p)`: `u` the candidate's LayerNorm output,
 `m` a 0/1 mask. A candidate belongs iff some mask puts `m * u` in the row space `V`; a mask
-that does (relative residual ~1e-7) is its certificate. `decode_masks` fits masks to many
-candidates at once (sparse-error decoding by ADMM), `descend_masks` makes them exact one
-coordinate at a time; batched tensor operations on any device. Method: docs/span-method.md.
+that does (relative residual ~1e-7) is its certificate. `box_masks` (the box relaxation) and
+`decode_masks` (sparse-error decoding) fit masks to many candidates at once by ADMM,
+`descend_masks` makes them exact one coordinate at a time; batched tensor operations on any
+device. Method: docs/span-method.md.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from dataclasses import dataclass
 import torch
 
 MASK_EXACT = 1e-4  # relative residual of a masked input in the span (the truth: 1e-7 to 1e-5)
-ADMM_STEPS = (
-    300  # ADMM steps of `decode_masks` (key modules: 50 left 9 of 10 rows of a sentence inexact)
-)
+ADMM_STEPS = 300  # of `decode_masks` (key modules: 50 left 9 of a sentence's 10 rows inexact)
 BOX_STEPS = 300  # ADMM steps of `box_masks` (100 left 1 of 40 true tokens unfound, 300 none)
 DESCENT_STEPS = 256  # one-coordinate flips per row at most (random starts need ~100)
 DESCENT_CHECK = 16  # flips between checks whether any row still moves
