@@ -3,7 +3,9 @@ sentence so that together their inputs span the row space (`choose`)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -111,15 +113,13 @@ def choose(done: dict[int, Beam], basis: torch.Tensor) -> dict[int, int]:
     sentences = sorted(done)
     options = [list(range(done[s].tokens.shape[0])) for s in sentences]
 
+    @functools.cache  # the sweeps below score one pick again and again
     def cost(pick: tuple[int, ...]) -> tuple[float, float]:
         parts = [done[s].inputs[r] for s, r in zip(sentences, pick)]
         worst = max(float(done[s].score[r]) for s, r in zip(sentences, pick))
         return round(uncovered(basis, parts), 6), worst
 
-    total = 1
-    for o in options:
-        total *= len(o)
-    if total <= MAX_COMBINATIONS:
+    if math.prod(map(len, options)) <= MAX_COMBINATIONS:
         best = min(itertools.product(*options), key=cost)
     else:
         best, moved = tuple(0 for _ in sentences), True

@@ -42,9 +42,12 @@ def masked_residual(
 ) -> torch.Tensor:
     """Relative residual of `inputs * kept` (n x width) against the row space `basis`; inf
     where the mask drops more than `most` coordinates."""
-    x = inputs * kept
-    out = (x - (x @ basis.T) @ basis).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
-    return out.masked_fill((~kept).sum(-1) > most, float("inf"))
+    return off_span(inputs * kept, basis).masked_fill((~kept).sum(-1) > most, float("inf"))
+
+
+def off_span(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Relative residual of each row of `x` against the row space `basis`."""
+    return (x - (x @ basis.T) @ basis).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
 
 
 def box_masks(inputs: torch.Tensor, basis: torch.Tensor, most: int) -> MaskFit:
@@ -74,7 +77,6 @@ def decode_masks(
     basis: torch.Tensor,
     most: int,
     anchor: torch.Tensor | None = None,
-    costs: torch.Tensor | None = None,
 ) -> MaskFit:
     """Each row's mask (and, with `anchor`, the anchor's) by sparse-error decoding.
 
@@ -82,13 +84,13 @@ def decode_masks(
     coordinates: its dropped ones (error `u_i`). For a key module `W` is the span plus the
     unmasked anchor `a` (the first token's input): the row minus its sentence's masked anchor is
     in the span, so the error is also `-a_i` where the anchor was dropped, `u_i - a_i` where
-    both were. ADMM on `min sum(costs * |e|)` with `u - e` in `W` (soft thresholding and a
+    both were. ADMM on `min |e|_1` with `u - e` in `W` (soft thresholding and a
     projection, batched), then each coordinate's error snapped to the nearest of those values;
     the residual is that of the masked row (minus the masked anchor) against the span.
     """
     span = basis if anchor is None else torch.linalg.qr(torch.cat([basis, anchor[None]]).T).Q.T
     u = inputs
-    weight = u.abs().mean(-1, keepdim=True) * (1 if costs is None else costs)
+    weight = u.abs().mean(-1, keepdim=True)
     z = (u @ span.T) @ span
     w = torch.zeros_like(u)
     for _ in range(ADMM_STEPS):
@@ -117,8 +119,7 @@ def anchored_fit(
 ) -> MaskFit:
     """A key module's fit: the relative residual of each masked row minus its masked anchor
     against the span (inf where either mask drops more than `most`)."""
-    x = inputs * kept - anchor * anchor_kept
-    residual = (x - (x @ basis.T) @ basis).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
+    residual = off_span(inputs * kept - anchor * anchor_kept, basis)
     too_many = ((~kept).sum(-1) > most) | ((~anchor_kept).sum(-1) > most)
     return MaskFit(residual.masked_fill(too_many, float("inf")), kept, anchor_kept)
 

@@ -21,6 +21,7 @@ from gradaudit.attacks.span.exact.dropout import Finder, FoundRows, find_rows
 from gradaudit.attacks.span.exact.masks import (
     MASK_EXACT,
     most_dropped,
+    off_span,
 )
 from gradaudit.attacks.span.exact.membership import Membership, Signals, assign
 from gradaudit.attacks.span.exact.screening import (
@@ -196,7 +197,7 @@ def first_token_residuals(
 ) -> torch.Tensor:
     """Relative residual (rows x masks) of each row minus each first-token input, off the span."""
     diff = rows[:, None] - torch.stack([anchor * m for m in masks])[None]
-    return (diff - (diff @ basis.T) @ basis).norm(dim=-1) / diff.norm(dim=-1)
+    return off_span(diff, basis)
 
 
 def refine_anchor(
