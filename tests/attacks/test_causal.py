@@ -55,15 +55,13 @@ def test_a_batch_is_recovered_exactly_from_one_layer_1_module(make, spec, size):
     assert rec.info["gradient_residual"] < 1e-4
 
 
-def test_a_querys_blind_first_token_is_found_among_the_guesses_or_said_unidentified():
-    # A query gradient has no row for position 0: it is guessed among the `frequent` lowest
-    # ids and judged by position 1. "the" (id 2) is among 8 guesses, "i" (id 29) is not.
-    texts = ["the movie was very good and funny", "i love this charming story"]
-    _, found = attack(tiny_llama(), "query@1", texts[:1], frequent=8)
-    assert found.texts == texts[:1]
-    assert found.info["blind"] == [(0, 0)] and found.info["unidentified"] == []
-    _, missed = attack(tiny_llama(), "query@1", texts[1:], frequent=8)
-    assert (0, 0) in missed.info["unidentified"] and missed.texts != texts[1:]
+def test_a_querys_blind_first_token_is_found_by_the_pair_search_beyond_the_commonest():
+    # A query gradient has no row for position 0. "i" (id 29) is not among the 8 commonest
+    # ids (the guesses of a blind position); the pair search finds it through position 1.
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    _, rec = attack(tiny_llama(), "query@1", texts, frequent=8)
+    assert sorted(rec.texts) == sorted(texts)
+    assert rec.info["blind"] == [(0, 0), (1, 0)] and rec.info["unidentified"] == []
 
 
 def test_a_position_free_layer_0_gives_the_token_set_and_says_the_order_is_searched():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradaudit.attacks.causal.options import CausalOptions
+from gradaudit.attacks.causal.pairs import first_tokens
 from gradaudit.attacks.causal.prefix import KV, select
 from gradaudit.attacks.causal.screen import Screen, orthonormal_rows
 
@@ -66,6 +67,15 @@ class Grower:
         frequent = torch.arange(min(options.frequent, size))
         others = torch.randperm(size - len(frequent), generator=generator)[: options.sample]
         self.sample = torch.cat([frequent, others + len(frequent)]).to(screen.vocab.device)
+
+    def first_tokens(self, sentences: int) -> torch.Tensor:
+        """Vocabulary indices of first tokens a query's gradient implies, at most one per
+        sentence (see `pairs`)."""
+        opts = self.options
+        sample = self.sample[:: max(1, len(self.sample) // opts.pair_sample)]
+        return first_tokens(
+            self.screen, sample, opts.stand_ins, opts.screen, self.rounds, opts.tol, sentences
+        )
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """`fits` at position 0: every row is the empty prefix, so the whole vocabulary is

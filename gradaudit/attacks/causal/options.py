@@ -20,7 +20,9 @@ class CausalOptions:
     vocabulary when still none fits. A token fits when its input's residual against the row
     space is below `tol` and within `ratio` of the best fit at that prefix; `beam` prefixes per
     sentence (plus one per other sentence) survive a position. Position 0 (no prefix) is
-    checked exactly on the whole vocabulary, once for all sentences.
+    checked exactly on the whole vocabulary, once for all sentences. A query's blind first
+    token is searched behind second tokens ranked after `stand_ins` stand-in first tokens,
+    from a sample of about `pair_sample` tokens (see `pairs`).
     """
 
     min_gap: float = 50.0  # spectrum: the rank gap (see gradients.spectrum)
@@ -28,6 +30,8 @@ class CausalOptions:
     frequent: int = 1024
     sample: int = 1024
     rounds: int = 4
+    stand_ins: int = 4
+    pair_sample: int = 512
     beam: int = 8
     order_beam: int = 16  # orders kept per sentence where the module input is position-free
     tol: float = 2e-3

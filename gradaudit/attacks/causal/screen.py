@@ -51,6 +51,33 @@ class Checked:
     coef: torch.Tensor | None = None
 
 
+class Ranker:
+    """A ridge regression from fixed per-token features (V, f) to module inputs, and the
+    residual against the row space it predicts for every token."""
+
+    def __init__(self, features: torch.Tensor, basis: torch.Tensor) -> None:
+        self.features = features
+        self.single = features.float()  # ranking only: float32
+        self.rank = int(basis.shape[0])
+        # rows: the row space's basis, then its orthogonal complement
+        self.frame = torch.linalg.qr(basis.T, mode="complete")[0].T
+
+    def fit(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The regression (f, width), fitted on tokens `index` and their inputs `x`."""
+        feats = self.features[index]
+        gram = feats.T @ feats
+        ridge = RIDGE * float(gram.diagonal().mean())
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve(gram + ridge * eye, feats.T @ x)
+
+    def predicted_residual(self, coef: torch.Tensor) -> torch.Tensor:
+        """Relative residual (V,) of every token's input as `coef` predicts it: one matmul
+        into the frame (basis, complement)."""
+        y = self.single @ (coef @ self.frame.T).float()
+        total = y.square().sum(1).clamp_min(torch.finfo(y.dtype).tiny)
+        return (y[:, self.rank :].square().sum(1) / total).sqrt()
+
+
 class Screen:
     """Exact checks of next tokens after prefix rows of a cache, led by the regression."""
 
@@ -70,15 +97,15 @@ class Screen:
         self.forward_batch = forward_batch
         self.echo_tol = echo_tol
         self.anchor: int | None = None  # set before the features are first used
-        self._features: torch.Tensor | None = None
+        self._ranker: Ranker | None = None
         self._nearest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
-    def features(self) -> torch.Tensor:
-        """(V, width + 1): every candidate's input to the feature module (this module, or
-        the same component at a shallow layer) at position 1 after the anchor, and a
-        constant; computed on first use (position 0 needs none)."""
-        if self._features is None:
+    def ranker(self) -> Ranker:
+        """The regression over every candidate's features: its input to the feature module
+        (this module, or the same component at a shallow layer) at position 1 after the
+        anchor, and a constant; computed on first use (position 0 needs none)."""
+        if self._ranker is None:
             if self.anchor is None:
                 raise RuntimeError("Screen.anchor must be set before the features are used")
             runner, device = self.feature_runner, self.vocab.device
@@ -88,8 +115,8 @@ class Screen:
                     runner.empty(), one, 0, ids=torch.tensor([self.anchor], device=device)
                 )
             x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab, runner)
-            self._features = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-        return self._features
+            self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
+        return self._ranker
 
     @torch.no_grad()
     def inputs(
@@ -114,22 +141,15 @@ class Screen:
         """Exact relative residual (M,) of token `ids` (M,) after prefix rows `rows` (M,)."""
         return relative_residual(self.inputs(kv, rows, position, ids), self.basis)
 
-    def fit(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The ridge regression (width + 1, width) from features to inputs, fitted on the
-        checked tokens `index` and their inputs `x`."""
-        feats = self.features[index]
-        gram = feats.T @ feats
-        ridge = RIDGE * float(gram.diagonal().mean())
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        return torch.linalg.solve(gram + ridge * eye, feats.T @ x)
-
-    def nearest(self, coef: torch.Tensor, checked: torch.Tensor, count: int) -> torch.Tensor:
-        """The `count` unchecked tokens whose inputs `coef` predicts nearest the row space
-        (remembered per `coef` when nothing is checked: a regression is tried again one
-        position later, and guesses share one)."""
+    def nearest(
+        self, coef: torch.Tensor, checked: torch.Tensor, count: int, ranker: Ranker | None = None
+    ) -> torch.Tensor:
+        """The `count` unchecked tokens whose inputs `coef` (of `ranker`, by default the
+        next-token one) predicts nearest the row space (remembered per `coef` when nothing is
+        checked: a regression is tried again one position later, and guesses share one)."""
         if checked.numel() == 0 and id(coef) in self._nearest:
             return self._nearest[id(coef)][1][:count]
-        score = relative_residual(self.features @ coef, self.basis)
+        score = (ranker or self.ranker).predicted_residual(coef)
         score[checked] = float("inf")
         top = score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]
         if checked.numel() == 0:
@@ -150,32 +170,49 @@ class Screen:
         own: torch.Tensor,
         prior: torch.Tensor | None = None,
     ) -> Checked:
-        """Tokens checked after prefix row `row` until `fits(residuals)` holds for one: the
-        `count` that `prior` (the regression fitted one position earlier) puts nearest the
-        row space; then the `sample` (vocabulary indices) and `count` per round led by the
-        regression refitted on everything checked.
+        """Next tokens after prefix row `row` checked until `fits(residuals)` holds for one
+        (see `search`). A token whose input the prefix's own inputs (`own`, orthonormal rows)
+        already span is an echo, not a new row of the gradient (a Llama repeats its first
+        token's input when that token follows it): its residual is set to infinity."""
 
-        A token whose input the prefix's own inputs (`own`, orthonormal rows) already span is
-        an echo, not a new row of the gradient (a Llama repeats its first token's input when
-        that token follows it): its residual is set to infinity."""
+        def evaluate(ids: torch.Tensor) -> torch.Tensor:
+            return self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+
+        return self.search(evaluate, self.ranker, sample, count, rounds, fits, own, prior)
+
+    def search(
+        self,
+        evaluate,
+        ranker: Ranker,
+        sample: torch.Tensor,
+        count: int,
+        rounds: int,
+        fits,
+        own: torch.Tensor,
+        prior: torch.Tensor | None = None,
+    ) -> Checked:
+        """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until
+        `fits(residuals)` holds for one: the `count` that `prior` (a regression fitted
+        before) puts nearest the row space; then the `sample` and `count` per round led by
+        `ranker`'s regression refitted on everything checked."""
         index, residual = sample[:0], self.basis.new_zeros(0)
         x = self.basis.new_zeros(0, self.basis.shape[1])
 
         def add(ids: torch.Tensor) -> None:
             nonlocal index, x, residual
-            new = self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+            new = evaluate(ids)
             index, x = torch.cat([index, ids]), torch.cat([x, new])
             residual = torch.cat([residual, self.novel_residual(new, own)])
 
         coef = prior
         if prior is not None:
-            add(self.nearest(prior, index, count))
+            add(self.nearest(prior, index, count, ranker))
             if bool(fits(residual).any()):
                 return Checked(index, residual, coef)
         add(sample[~torch.isin(sample, index)])
         for _ in range(rounds):  # at least one round: a sample token's fit can be an echo
-            coef = self.fit(index, x)
-            top = self.nearest(coef, index, count)
+            coef = ranker.fit(index, x)
+            top = self.nearest(coef, index, count, ranker)
             if top.numel() == 0:
                 break
             add(top)

@@ -22,7 +22,8 @@ class GrowthPlan:
     positions of a sentence (a causal LM's last token); `fixed` tokens the tokenizer puts at
     known positions. A blind position (listed in `blind`) is branched on the vocabulary's
     `guesses` commonest tokens (lowest ids; all of a small vocabulary), and the next position
-    keeps the guesses after which a token fits."""
+    keeps the guesses after which a token fits; a blind first token of a large vocabulary is
+    branched on the first tokens the pair search finds (`pairs`), guesses when it finds none."""
 
     width: int
     first_seen: int = 0
@@ -91,10 +92,14 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             ending = sum(n - plan.unseen_tail == position for n in lengths)
             beam = grower.step(beam, position, ending, quick=guessed)
             guessed = False
-        else:  # unseen: branch on every token, or on the commonest, judged by the next one
+        else:  # unseen: branch on every token, or on likely ones, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
             guessed = len(vocab) > plan.guesses
-            beam = branch(grower, beam, position, vocab[: plan.guesses], False)
+            ids = vocab[: plan.guesses]
+            if guessed and position == 0 and plan.first_seen == 1:  # a query's first token
+                found = grower.first_tokens(len(lengths))
+                guessed, ids = (False, vocab[found]) if found.numel() else (True, ids)
+            beam = branch(grower, beam, position, ids, False)
     return done
 
 
