@@ -161,6 +161,7 @@ class CausalSpanAttack(Attack):
                 unseen_tail=1 if is_causal_lm(model) else 0,
                 fixed=dict(enumerate(special_prefix(tokenizer))),
                 guesses=opts.frequent,
+                pair_search=lay.locate(module)[1] <= opts.pair_depth,
             )
             rounds = max(1, round(opts.rounds * budget))
             grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)

@@ -91,13 +91,14 @@ class Grower:
         return fits, best.expand(n), arg.expand(n)
 
     def fits(
-        self, beam: Beam, position: int, ending: int, quick: bool = False
+        self, beam: Beam, position: int, ending: int, quick: torch.Tensor | None = None
     ) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """Candidates that fit, and per row its best residual and token (vocabulary index).
 
-        `quick` (the rows are guesses of a token the gradient does not see): a row checks
-        only the `screen` tokens that a regression fitted at this position already puts
-        nearest the row space, so that a thousand guesses cost a few thousand checks."""
+        `quick` (per row; rows that are guesses of a token the gradient does not see): such
+        a row checks only the `screen` tokens that a regression fitted at this position
+        already puts nearest the row space, so that a thousand guesses cost a few thousand
+        checks."""
         if position == 0:
             return self.first(beam)
         opts = self.options
@@ -115,7 +116,7 @@ class Grower:
                 continue
             first_row[prefixes[row]] = row
             prior = self._fitted.get(prefixes[row][:-1], shared)
-            thorough = not quick or prior is None
+            thorough = quick is None or not bool(quick[row]) or prior is None
             sample, rounds = (self.sample, self.rounds) if thorough else (self.sample[:0], 0)
             c = self.screen.check(
                 beam.kv, row, position, sample, opts.screen, rounds, fits, spans[row], prior
@@ -129,7 +130,8 @@ class Grower:
             for head in first_row.values()
             if float(beam.score[head]) <= opts.tol and not bool(fits(checked[head].residual).any())
         ]
-        for head in stuck if not quick and len(stuck) > ending else []:
+        stuck = [head for head in stuck if quick is None or not bool(quick[head])]
+        for head in stuck if len(stuck) > ending else []:
             checked[head] = self.screen.complete(
                 beam.kv, head, position, checked[head], spans[head]
             )
@@ -147,7 +149,9 @@ class Grower:
         )
         return merged, torch.stack(best), torch.stack(best_index)
 
-    def step(self, beam: Beam, position: int, ending: int = 0, quick: bool = False) -> Beam:
+    def step(
+        self, beam: Beam, position: int, ending: int = 0, quick: torch.Tensor | None = None
+    ) -> Beam:
         """The beam one position longer (every row's sentence sees `position`); `ending`:
         how many sentences' visible parts end just before it."""
         fits, best, best_index = self.fits(beam, position, ending, quick)

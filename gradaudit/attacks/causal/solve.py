@@ -22,14 +22,16 @@ class GrowthPlan:
     positions of a sentence (a causal LM's last token); `fixed` tokens the tokenizer puts at
     known positions. A blind position (listed in `blind`) is branched on the vocabulary's
     `guesses` commonest tokens (lowest ids; all of a small vocabulary), and the next position
-    keeps the guesses after which a token fits; a blind first token of a large vocabulary is
-    branched on the first tokens the pair search finds (`pairs`), guesses when it finds none."""
+    keeps the guesses after which a token fits. With `pair_search`, a query's blind first token
+    is also branched on the first tokens the pair search finds (`pairs`), which the next
+    position checks fully."""
 
     width: int
     first_seen: int = 0
     unseen_tail: int = 1
     fixed: dict[int, int] = field(default_factory=dict)
     guesses: int = 1024
+    pair_search: bool = True
     blind: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -75,7 +77,7 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
         grower.screen.runner.empty(),
     )
     done: dict[int, Beam] = {}
-    guessed = False  # the last position was branched on guesses: the next step is quick
+    guesses = None  # tokens the last position was branched on as guesses: checked quickly
     for position in range(max(lengths)):
         ends = torch.tensor(lengths, device=device)[beam.sentence] - plan.unseen_tail
         for s in set(beam.sentence[ends == position].tolist()):
@@ -90,15 +92,18 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             beam = branch(grower, beam, position, ids, position >= plan.first_seen)
         elif position >= plan.first_seen:
             ending = sum(n - plan.unseen_tail == position for n in lengths)
-            beam = grower.step(beam, position, ending, quick=guessed)
-            guessed = False
+            quick = None if guesses is None else torch.isin(beam.tokens[:, -1], guesses)
+            beam = grower.step(beam, position, ending, quick=quick)
+            guesses = None
         else:  # unseen: branch on every token, or on likely ones, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
-            guessed = len(vocab) > plan.guesses
-            ids = vocab[: plan.guesses]
-            if guessed and position == 0 and plan.first_seen == 1:  # a query's first token
-                found = grower.first_tokens(len(lengths))
-                guessed, ids = (False, vocab[found]) if found.numel() else (True, ids)
+            ids, guesses = vocab[: plan.guesses], None
+            if len(vocab) > plan.guesses:
+                guesses = ids
+                if plan.pair_search and position == 0 and plan.first_seen == 1:
+                    found = vocab[grower.first_tokens(len(lengths))]  # checked thoroughly
+                    guesses = ids[~torch.isin(ids, found)]
+                    ids = torch.cat([found, guesses])
             beam = branch(grower, beam, position, ids, False)
     return done
 
