@@ -11,14 +11,14 @@ holds at the same slot fits too (duplicates): the beam carries both until they p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.pairs import first_tokens
 from gradaudit.attacks.causal.prefix import KV, select
-from gradaudit.attacks.causal.screen import Screen, orthonormal_rows
+from gradaudit.attacks.causal.screen import Effort, Screen, orthonormal_rows
 
 
 @dataclass
@@ -61,21 +61,20 @@ class Grower:
     ) -> None:
         self.screen = screen
         self.options = options
-        self.rounds = rounds  # the options' rounds scaled by the attack's budget
         self._fitted: dict[tuple[int, ...], torch.Tensor] = {}  # per prefix: its regression
         size = int(screen.vocab.shape[0])
         frequent = torch.arange(min(options.frequent, size))
         others = torch.randperm(size - len(frequent), generator=generator)[: options.sample]
-        self.sample = torch.cat([frequent, others + len(frequent)]).to(screen.vocab.device)
+        sample = torch.cat([frequent, others + len(frequent)]).to(screen.vocab.device)
+        # rounds: the options' scaled by the attack's budget
+        self.effort = Effort(sample, options.screen, rounds, options.tol)
 
     def first_tokens(self, sentences: int) -> torch.Tensor:
         """Vocabulary indices of first tokens a query's gradient implies, at most one per
         sentence (see `pairs`)."""
-        opts = self.options
-        sample = self.sample[:: max(1, len(self.sample) // opts.pair_sample)]
-        return first_tokens(
-            self.screen, sample, opts.stand_ins, opts.screen, self.rounds, opts.tol, sentences
-        )
+        opts, sample = self.options, self.effort.sample
+        effort = replace(self.effort, sample=sample[:: max(1, len(sample) // opts.pair_sample)])
+        return first_tokens(self.screen, effort, opts.stand_ins, sentences)
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """`fits` at position 0: every row is the empty prefix, so the whole vocabulary is
@@ -105,7 +104,7 @@ class Grower:
         n = int(beam.tokens.shape[0])
         if self.screen.anchor is None:
             self.screen.anchor = int(beam.tokens[0, 0])
-        fits = lambda res: res <= opts.tol  # noqa: E731
+        fits = self.effort.fits
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
         prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]
         checked, shared = [], None
@@ -117,10 +116,8 @@ class Grower:
             first_row[prefixes[row]] = row
             prior = self._fitted.get(prefixes[row][:-1], shared)
             thorough = quick is None or not bool(quick[row]) or prior is None
-            sample, rounds = (self.sample, self.rounds) if thorough else (self.sample[:0], 0)
-            c = self.screen.check(
-                beam.kv, row, position, sample, opts.screen, rounds, fits, spans[row], prior
-            )
+            effort = self.effort if thorough else self.effort.quick()
+            c = self.screen.check(beam.kv, row, position, effort, spans[row], prior)
             shared = c.coef if shared is None else shared
             checked.append(c)
         # Prefixes that fitted everywhere but got no next token from the screen: as many as

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from gradaudit.attacks.causal.prefix import concat, select
-from gradaudit.attacks.causal.screen import Ranker, Screen
+from gradaudit.attacks.causal.screen import Effort, Ranker, Screen
 
 
 class FirstPositions:
@@ -45,29 +45,21 @@ class FirstPositions:
         return select(self.kv, torch.tensor([index], device=self.screen.vocab.device))
 
 
-def first_tokens(
-    screen: Screen,
-    sample: torch.Tensor,
-    stand_ins: int,
-    count: int,
-    rounds: int,
-    tol: float,
-    most: int,
-) -> torch.Tensor:
+def first_tokens(screen: Screen, effort: Effort, stand_ins: int, most: int) -> torch.Tensor:
     """Vocabulary indices of first tokens after which some second token's input lies in the
     row space, best fit first, at most `most` of them (see the module docstring). Second
     tokens are tried in the order `stand_ins` stand-in first tokens (the commonest) rank them,
     as many as the row space's rank (every token of the batch may come near it), and the
-    `most` best-ranked without a first token are checked against every first token; `sample`,
-    `count`, `rounds` as in `Screen.search`."""
-    fits = lambda res: res <= tol  # noqa: E731
+    `most` best-ranked without a first token are checked against every first token; `effort`
+    as in `Screen.search`."""
+    fits = effort.fits
     none = screen.basis.new_zeros(0, screen.basis.shape[1])
     if screen.anchor is None:
         screen.anchor = int(screen.vocab[0])
     firsts = FirstPositions(screen)
     near = torch.full_like(screen.vocab, float("inf"), dtype=screen.basis.dtype)
     for stand_in in range(stand_ins):
-        checked = screen.check(firsts.stand_in(stand_in), 0, 1, sample, count, rounds, fits, none)
+        checked = screen.check(firsts.stand_in(stand_in), 0, 1, effort, none)
         near[checked.index] = torch.minimum(near[checked.index], checked.residual)
     found: dict[int, float] = {}
     unmatched = []  # second tokens no first token was found for, best-ranked first
@@ -84,7 +76,7 @@ def first_tokens(
         def evaluate(ids: torch.Tensor, token: int = token) -> torch.Tensor:
             return firsts.inputs(ids, token)
 
-        checked = screen.search(evaluate, firsts.ranker, sample, count, rounds, fits, none)
+        checked = screen.search(evaluate, firsts.ranker, effort, none)
         if not record(checked.index, checked.residual):
             unmatched.append(token)
         if len(found) >= most:  # as many first tokens as sentences

@@ -15,7 +15,7 @@ nothing and a sentence cannot have ended.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,6 +49,24 @@ class Checked:
     index: torch.Tensor
     residual: torch.Tensor
     coef: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard a search tries: the `sample` (vocabulary indices) checked first, `count`
+    tokens per round for `rounds` rounds; a fit is a residual at most `tol`."""
+
+    sample: torch.Tensor
+    count: int
+    rounds: int
+    tol: float
+
+    def fits(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual <= self.tol
+
+    def quick(self) -> Effort:
+        """Only the tokens a prior regression puts nearest: no sample, no rounds."""
+        return replace(self, sample=self.sample[:0], rounds=0)
 
 
 class Ranker:
@@ -163,38 +181,33 @@ class Screen:
         kv: KV,
         row: int,
         position: int,
-        sample: torch.Tensor,
-        count: int,
-        rounds: int,
-        fits,
+        effort: Effort,
         own: torch.Tensor,
         prior: torch.Tensor | None = None,
     ) -> Checked:
-        """Next tokens after prefix row `row` checked until `fits(residuals)` holds for one
-        (see `search`). A token whose input the prefix's own inputs (`own`, orthonormal rows)
-        already span is an echo, not a new row of the gradient (a Llama repeats its first
-        token's input when that token follows it): its residual is set to infinity."""
+        """Next tokens after prefix row `row` checked until one fits (see `search`). A token
+        whose input the prefix's own inputs (`own`, orthonormal rows) already span is an
+        echo, not a new row of the gradient (a Llama repeats its first token's input when
+        that token follows it): its residual is set to infinity."""
 
         def evaluate(ids: torch.Tensor) -> torch.Tensor:
             return self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
 
-        return self.search(evaluate, self.ranker, sample, count, rounds, fits, own, prior)
+        return self.search(evaluate, self.ranker, effort, own, prior)
 
     def search(
         self,
         evaluate,
         ranker: Ranker,
-        sample: torch.Tensor,
-        count: int,
-        rounds: int,
-        fits,
+        effort: Effort,
         own: torch.Tensor,
         prior: torch.Tensor | None = None,
     ) -> Checked:
-        """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until
-        `fits(residuals)` holds for one: the `count` that `prior` (a regression fitted
-        before) puts nearest the row space; then the `sample` and `count` per round led by
-        `ranker`'s regression refitted on everything checked."""
+        """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until one
+        fits: the `count` that `prior` (a regression fitted before) puts nearest the row
+        space; then the `sample` and `count` per round led by `ranker`'s regression refitted
+        on everything checked."""
+        sample, count, fits = effort.sample, effort.count, effort.fits
         index, residual = sample[:0], self.basis.new_zeros(0)
         x = self.basis.new_zeros(0, self.basis.shape[1])
 
@@ -210,7 +223,7 @@ class Screen:
             if bool(fits(residual).any()):
                 return Checked(index, residual, coef)
         add(sample[~torch.isin(sample, index)])
-        for _ in range(rounds):  # at least one round: a sample token's fit can be an echo
+        for _ in range(effort.rounds):  # at least one round: a sample token's fit can be an echo
             coef = ranker.fit(index, x)
             top = self.nearest(coef, index, count, ranker)
             if top.numel() == 0:
