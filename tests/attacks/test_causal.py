@@ -74,6 +74,16 @@ def test_a_position_free_layer_0_gives_the_token_set_and_says_the_order_is_searc
     assert sorted(rec.token_ids[0][:-1]) == sorted(visible)
 
 
+def test_a_layer_0_query_gives_the_set_without_the_first_token_and_says_that_one_is_guessed():
+    # Position 0's query attends to itself alone: no row, so its token is not in the set.
+    text = "i love this charming story"
+    _, rec = attack(tiny_llama(), "query@0", [text])
+    ids = decoder_tokenizer()(text)["input_ids"]
+    assert rec.info["token_set"] == sorted(set(ids[1:-1]))
+    assert (0, 0) in rec.info["unidentified"] and "guess" in rec.info["order"]
+    assert sorted(rec.token_ids[0][1:-1]) == sorted(ids[1:-1])
+
+
 def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     from gradaudit.attacks.causal.screen import Screen, orthonormal_rows
 

@@ -214,7 +214,13 @@ class CausalSpanAttack(Attack):
         start = next(
             t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, 0) if t is not None
         )
-        return Orderer(model, last, tokens, self.options.order_beam, start).order(lengths)
+        free = None
+        if first_seen(layout(model), module) == 1:  # a query's first token: not in the set
+            free = vocab
+            info["blind"] = [(b, 0) for b in range(len(lengths))]
+            info["order"] += "; each first token (no query row) is the model's guess"
+        orderer = Orderer(model, last, tokens, self.options.order_beam, start, free)
+        return orderer.order(lengths)
 
     def _finish(
         self,
@@ -239,7 +245,8 @@ class CausalSpanAttack(Attack):
         info["last_token"] = self.options.last if causal else "seen (not a causal LM)"
         # a blind position is identified by the next one, unless nothing fitted there
         unsure = set(info["unsure"])
-        guessed = {(b, p) for b, p in info["blind"] if (b, p + 1) in unsure}
+        ordered = "token_set" in info  # no growth judged the blind positions
+        guessed = {(b, p) for b, p in info["blind"] if (b, p + 1) in unsure or ordered}
         info["unidentified"] = sorted(set(unidentified) | guessed)
         token_ids = []
         for b, n in enumerate(lengths):

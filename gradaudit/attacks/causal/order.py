@@ -32,13 +32,23 @@ class Orderer:
     """Orders of a token set for each sentence (see the module docstring)."""
 
     def __init__(
-        self, model: nn.Module, last: LastTokens, tokens: torch.Tensor, beam: int, start: int
+        self,
+        model: nn.Module,
+        last: LastTokens,
+        tokens: torch.Tensor,
+        beam: int,
+        start: int,
+        first_choices: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.last = last
         self.tokens = tokens  # the set (S,)
         self.beam = beam
         self.start = start  # a document-start token the probabilities are conditioned on
+        # what the first position may hold: the set, or (a query's first token, which the
+        # gradient does not see) these candidate ids
+        self.free_first = first_choices is not None
+        self.first_choices = tokens if first_choices is None else first_choices
 
     @torch.no_grad()
     def candidates(self, length: int, cover: bool) -> list[torch.Tensor]:
@@ -47,7 +57,11 @@ class Orderer:
         size = int(self.tokens.shape[0])
         start = torch.tensor([[self.start]], device=self.tokens.device)
         first = self.model(input_ids=start).logits[0, -1].double().log_softmax(-1)
-        seqs, scores = self.tokens[:, None], first[self.tokens]
+        if self.free_first:  # the likeliest first tokens
+            scores, top = first[self.first_choices].topk(min(self.beam, len(self.first_choices)))
+            seqs = self.first_choices[top, None]
+        else:  # every token of the set
+            seqs, scores = self.tokens[:, None], first[self.tokens]
         for t in range(1, length):
             context = torch.cat([start.expand(len(seqs), 1), seqs], 1)
             logits = self.model(input_ids=context).logits[:, -1].double().log_softmax(-1)
@@ -74,7 +88,8 @@ class Orderer:
     def order(self, lengths: list[int]) -> dict[int, torch.Tensor]:
         """Each sentence's visible tokens (its length minus the last): per sentence, the
         candidate whose batch gradient comes closest to the observed one."""
-        cover = len(lengths) == 1 and int(self.tokens.shape[0]) <= lengths[0] - 1
+        from_set = lengths[0] - 1 - int(self.free_first)  # positions the set fills
+        cover = len(lengths) == 1 and int(self.tokens.shape[0]) <= from_set
         options = {b: self.candidates(n - 1, cover) for b, n in enumerate(lengths) if n > 1}
         chosen = {b: c[0] for b, c in options.items()}
         for b, cands in options.items():  # one sentence at a time, the others fixed
