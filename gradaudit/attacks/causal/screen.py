@@ -53,20 +53,22 @@ class Checked:
 
 @dataclass(frozen=True)
 class Effort:
-    """How hard a search tries: the `sample` (vocabulary indices) checked first, `count`
-    tokens per round for `rounds` rounds; a fit is a residual at most `tol`."""
+    """How hard a search tries: the `prior_count` tokens a prior regression puts nearest,
+    then the `sample` (vocabulary indices), then `count` tokens per round for `rounds`
+    rounds; a fit is a residual at most `tol`."""
 
     sample: torch.Tensor
     count: int
     rounds: int
     tol: float
+    prior_count: int
 
     def fits(self, residual: torch.Tensor) -> torch.Tensor:
         return residual <= self.tol
 
     def quick(self) -> Effort:
-        """Only the tokens a prior regression puts nearest: no sample, no rounds."""
-        return replace(self, sample=self.sample[:0], rounds=0)
+        """Only the `count` tokens a prior regression puts nearest: no sample, no rounds."""
+        return replace(self, sample=self.sample[:0], rounds=0, prior_count=self.count)
 
 
 class Ranker:
@@ -92,8 +94,8 @@ class Ranker:
         """Relative residual (V,) of every token's input as `coef` predicts it: one matmul
         into the frame (basis, complement)."""
         y = self.single @ (coef @ self.frame.T).float()
-        total = y.square().sum(1).clamp_min(torch.finfo(y.dtype).tiny)
-        return (y[:, self.rank :].square().sum(1) / total).sqrt()
+        total = torch.linalg.vector_norm(y, dim=1).clamp_min(torch.finfo(y.dtype).tiny)
+        return torch.linalg.vector_norm(y[:, self.rank :], dim=1) / total
 
 
 class Screen:
@@ -204,9 +206,9 @@ class Screen:
         prior: torch.Tensor | None = None,
     ) -> Checked:
         """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until one
-        fits: the `count` that `prior` (a regression fitted before) puts nearest the row
-        space; then the `sample` and `count` per round led by `ranker`'s regression refitted
-        on everything checked."""
+        fits: the `prior_count` that `prior` (a regression fitted before) puts nearest the
+        row space; then the `sample` and `count` per round led by `ranker`'s regression
+        refitted on everything checked."""
         sample, count, fits = effort.sample, effort.count, effort.fits
         index, residual = sample[:0], self.basis.new_zeros(0)
         x = self.basis.new_zeros(0, self.basis.shape[1])
@@ -219,7 +221,7 @@ class Screen:
 
         coef = prior
         if prior is not None:
-            add(self.nearest(prior, index, count, ranker))
+            add(self.nearest(prior, index, effort.prior_count, ranker))
             if bool(fits(residual).any()):
                 return Checked(index, residual, coef)
         add(sample[~torch.isin(sample, index)])
