@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gradaudit.attacks.causal.prefix import concat, select
+from gradaudit.attacks.causal.prefix import KV, concat, select
 from gradaudit.attacks.causal.screen import Effort, Ranker, Screen
 
 
@@ -40,7 +40,7 @@ class FirstPositions:
         screen = self.screen
         return screen.inputs(self.kv, first, 1, torch.full_like(first, second))
 
-    def stand_in(self, index: int):
+    def stand_in(self, index: int) -> KV:
         """The cache of one token (vocabulary index) at position 0."""
         return select(self.kv, torch.tensor([index], device=self.screen.vocab.device))
 
@@ -48,10 +48,10 @@ class FirstPositions:
 def first_tokens(screen: Screen, effort: Effort, stand_ins: int, most: int) -> torch.Tensor:
     """Vocabulary indices of first tokens after which some second token's input lies in the
     row space, best fit first, at most `most` of them (see the module docstring). Second
-    tokens are tried in the order `stand_ins` stand-in first tokens (the commonest) rank them,
-    as many as the row space's rank (every token of the batch may come near it), and the
-    `most` best-ranked without a first token are checked against every first token; `effort`
-    as in `Screen.search`."""
+    tokens are tried in the order `stand_ins` stand-in first tokens (the lowest ids) rank
+    them, as many as the row space's rank (every token of the batch may come near it); then
+    the best-ranked ones without a first token, one per first token still missing, are checked
+    against every first token. `effort` as in `Screen.search`."""
     fits = effort.fits
     none = screen.basis.new_zeros(0, screen.basis.shape[1])
     if screen.anchor is None:
