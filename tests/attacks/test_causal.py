@@ -98,6 +98,27 @@ def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     assert residual[1] < 1e-12  # a new row of the gradient
 
 
+def test_the_sketched_ranking_puts_tokens_predicted_in_the_row_space_first_with_exact_scores():
+    from gradaudit.attacks.causal.screen import Ranker, orthonormal_rows
+
+    g = torch.Generator().manual_seed(0)
+    vocab, feature_width, width = 9000, 40, 600
+    coef = torch.randn(feature_width, width, generator=g, dtype=torch.float64)
+    basis = orthonormal_rows(coef[:20])  # what the first 20 features predict is inside
+    features = torch.randn(vocab, feature_width, generator=g, dtype=torch.float64)
+    planted = torch.randperm(vocab, generator=g)[:30]
+    features[planted, 20:] *= 1e-3  # these tokens are predicted (nearly) inside the row space
+    ranker = Ranker(features, basis)
+    assert ranker.sketch is not None  # a wide complement and a large vocabulary: sketched
+    score = ranker.predicted_residual(coef)
+    exact = Ranker(features, basis)
+    exact.sketch = None
+    truth = exact.predicted_residual(coef)
+    assert set(score.topk(30, largest=False)[1].tolist()) == set(planted.tolist())
+    assert torch.allclose(score[planted], truth[planted], rtol=1e-4)
+    assert float(truth[planted].max()) < 0.01 < float(truth.median())
+
+
 def test_a_deep_module_is_recovered_with_the_screen_led_by_a_shallow_layers_inputs():
     _, rec = attack(tiny_llama(layers=4), "value@3", TEXTS)
     assert sorted(rec.texts) == sorted(TEXTS)
