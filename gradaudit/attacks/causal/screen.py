@@ -273,15 +273,29 @@ class Screen:
         return residual
 
     def complete(
-        self, kv: KV, row: int, position: int, checked: Checked, own: torch.Tensor
+        self, kv: KV, row: int, position: int, checked: Checked, own: torch.Tensor, tol: float
     ) -> Checked:
-        """`checked` and the rest of the vocabulary checked exactly after prefix row `row`."""
-        rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device)
-        rest[checked.index] = False
-        rest = rest.nonzero()[:, 0]
-        x = self.inputs(kv, rest.new_full(rest.shape, row), position, self.vocab[rest])
-        more = self.novel_residual(x, own)
-        index, residual = torch.cat([checked.index, rest]), torch.cat([checked.residual, more])
+        """`checked` and more tokens checked exactly after prefix row `row`: the `SHORTLIST`
+        the last regression puts nearest, then, if none of those fits (residual at most
+        `tol`), the rest of the vocabulary. On SmolLM2 ffn_out@1 the shortlist held 4 of 6
+        stuck prefixes' next tokens, for a twelfth of the vocabulary's passes."""
+        index, residual = checked.index, checked.residual
+
+        def add(ids: torch.Tensor) -> None:
+            nonlocal index, residual
+            x = self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+            index, residual = (
+                torch.cat([index, ids]),
+                torch.cat([residual, self.novel_residual(x, own)]),
+            )
+
+        if checked.coef is not None:
+            add(self.nearest(checked.coef, index, SHORTLIST))
+            if bool((residual <= tol).any()):
+                return Checked(index, residual, checked.coef)
+        rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=index.device)
+        rest[index] = False
+        add(rest.nonzero()[:, 0])
         return Checked(index, residual, checked.coef)
 
     @torch.no_grad()
