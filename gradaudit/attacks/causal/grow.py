@@ -6,8 +6,7 @@ then the ones its regression puts nearest the row space, and the whole vocabular
 A fit is a residual below `tol` and within `ratio` of that prefix's best; each sentence keeps
 its `beam` prefixes of lowest worst residual. A sentence whose prefixes all fail keeps its best
 token there, recorded in `unsure`. All sentences grow together, so a token another sentence
-holds at the same slot fits too (duplicates): the beam carries both until they part. A prefix
-that is the best of more sentences than it has fits gets a wider search (`Screen.widen`).
+holds at the same slot fits too (duplicates): the beam carries both until they part.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.pairs import first_tokens
 from gradaudit.attacks.causal.prefix import KV, select
-from gradaudit.attacks.causal.screen import Checked, Effort, Screen, orthonormal_rows
+from gradaudit.attacks.causal.screen import Effort, Screen, orthonormal_rows
 
 
 @dataclass
@@ -136,7 +135,6 @@ class Grower:
             checked[head] = self.screen.complete(
                 beam.kv, head, position, checked[head], spans[head], opts.tol
             )
-        self._widen_shared(beam, position, prefixes, first_row, checked, spans, quick)
         checked = [checked[first_row[prefix]] for prefix in prefixes]
         self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}
         found, best, best_index = [], [], []
@@ -150,34 +148,6 @@ class Grower:
             *(torch.cat([getattr(f, k) for f in found]) for k in ("rows", "index", "residual"))
         )
         return merged, torch.stack(best), torch.stack(best_index)
-
-    def _widen_shared(
-        self,
-        beam: Beam,
-        position: int,
-        prefixes: list[tuple[int, ...]],
-        first_row: dict[tuple[int, ...], int],
-        checked: list[Checked],
-        spans: list[torch.Tensor],
-        quick: torch.Tensor | None,
-    ) -> None:
-        """Widen the search (in place) after a prefix that is the best row of more sentences
-        than it has fits: each needs its own next token unless they share more, and the search
-        stops at the first fit (SST-2's "it 's slow" lost " slow" after "it 's" to " a" at
-        value@5, B = 8, and its slot took another sentence's prefix)."""
-        best: dict[tuple[int, ...], int] = {}
-        for b in beam.sentence.unique().tolist():
-            own = (beam.sentence == b).nonzero()[:, 0]
-            prefix = prefixes[int(own[beam.score[own].argmin()])]
-            best[prefix] = best.get(prefix, 0) + 1
-        for prefix, sharing in best.items():
-            head = first_row[prefix]
-            if quick is not None and bool(quick[head]):
-                continue
-            if sharing > int(self.effort.fits(checked[head].residual).sum()):
-                checked[head] = self.screen.widen(
-                    beam.kv, head, position, checked[head], spans[head]
-                )
 
     def step(
         self, beam: Beam, position: int, ending: int = 0, quick: torch.Tensor | None = None
