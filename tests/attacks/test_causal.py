@@ -157,6 +157,21 @@ def test_an_encoder_is_refused_with_the_reason(tiny_model, tiny_tokenizer):
         get_attack("causal").reconstruct(tiny_model, snapshot, tokenizer=tiny_tokenizer)
 
 
+def test_a_module_with_fewer_output_rows_than_the_batchs_tokens_is_refused_naming_the_fix():
+    # value@1 of the tiny Llama has 24 output rows; these 6 sentences have 29 visible tokens
+    # (the last token of each has no row), so its rank stops at 24 and no input need lie in
+    # the row space.
+    texts = TEXTS + ["the film was short and slow", "i hate this long boring plot"]
+    model = tiny_llama()
+    tokenizer = decoder_tokenizer()
+    snapshot = capture(model, make_batch(model, tokenizer, texts), select_modules(model, "value@1"))
+    assert snapshot.weight_gradient(select_modules(model, "value@1")[0]).shape[0] == 24
+    with pytest.raises(GradAuditError, match="partial, rank 24 of 24 rows.*more rows"):
+        get_attack("causal").reconstruct(model, snapshot, tokenizer=tokenizer)
+    _, rec = attack(tiny_llama(), "value@1", TEXTS)  # 19 visible tokens: below the rows
+    assert sorted(rec.texts) == sorted(TEXTS)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return smollm2_or_skip()

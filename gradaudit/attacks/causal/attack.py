@@ -30,7 +30,7 @@ from gradaudit.attacks.causal.screen import Screen
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
-from gradaudit.gradients.spectrum import Spectrum, spectrum
+from gradaudit.gradients.spectrum import Spectrum, label, spectrum
 from gradaudit.model.adapter import ModelLayout
 from gradaudit.model.families import is_causal_lm, layout
 
@@ -57,21 +57,35 @@ def lengths_of(snapshot: GradientSnapshot) -> list[int]:
     return lengths
 
 
-def pick_module(lay: ModelLayout, snapshot: GradientSnapshot, min_gap: float, device):
-    """The observed module to attack: the shallowest with a usable span, and every spectrum."""
+def pick_module(lay: ModelLayout, snapshot: GradientSnapshot, min_gap: float, device, tokens: int):
+    """The observed module to attack: the shallowest with a usable span, and every spectrum.
+
+    A span is usable when its rank is below the module's input width and, with more visible
+    `tokens` than the module has output rows, below the rows too: there the rank stops at the
+    rows, the row space is a slice of the inputs' span, and no single input need lie in it
+    (SmolLM2's key and value have 192 rows: SST-2, B = 16 has about 300 tokens)."""
     noisy = snapshot.kind == "noised"
     spectra: dict[str, Spectrum] = {}
     for m in snapshot.modules:
         grad = snapshot.weight_gradient(m).to(device)
         spectra[m] = spectrum(grad, noisy=noisy, min_gap=min_gap, name=m)
-    usable = [m for m, s in spectra.items() if s.status == "ok" and lay.locate(m) is not None]
-    if not usable:
-        labels = ", ".join(f"{m}: {s.status}, rank {s.rank}/{s.width}" for m, s in spectra.items())
+
+    def usable(m: str) -> bool:
+        return label(spectra[m], tokens, True) not in ("partial", "saturated", "zero")
+
+    located = [m for m in spectra if lay.locate(m) is not None]
+    if not any(usable(m) for m in located):
+        labels = ", ".join(
+            f"{m}: {label(s, tokens, True)}, rank {s.rank} of {s.rows} rows x {s.width} inputs"
+            for m, s in spectra.items()
+        )
         raise GradAuditError(
             f"no observed module has a usable span for the causal attack ({labels}): it needs "
-            "a per-token linear module of a layer whose gradient rank is below its input width"
+            "a per-token linear module whose gradient rank is below its input width, and below "
+            f"its output rows when the batch has more visible tokens ({tokens}) than rows: "
+            "audit a module with more rows (query, ffn_in, ffn_gate, ffn_out) or a smaller batch"
         )
-    return min(usable, key=lambda m: lay.locate(m)[1]), spectra
+    return min((m for m in located if usable(m)), key=lambda m: lay.locate(m)[1]), spectra
 
 
 def first_seen(lay: ModelLayout, module: str) -> int:
@@ -139,7 +153,8 @@ class CausalSpanAttack(Attack):
                 f" is a {lay.family.name} encoder: use the span or auto attack"
             )
         lengths = lengths_of(snapshot)
-        module, spectra = pick_module(lay, snapshot, opts.min_gap, device)
+        visible = sum(lengths) - (len(lengths) if is_causal_lm(model) else 0)
+        module, spectra = pick_module(lay, snapshot, opts.min_gap, device, visible)
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
