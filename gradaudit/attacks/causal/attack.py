@@ -69,23 +69,24 @@ def pick_module(lay: ModelLayout, snapshot: GradientSnapshot, min_gap: float, de
     for m in snapshot.modules:
         grad = snapshot.weight_gradient(m).to(device)
         spectra[m] = spectrum(grad, noisy=noisy, min_gap=min_gap, name=m)
-
-    def usable(m: str) -> bool:
-        return label(spectra[m], tokens, True) not in ("partial", "saturated", "zero")
-
-    located = [m for m in spectra if lay.locate(m) is not None]
-    if not any(usable(m) for m in located):
-        labels = ", ".join(
-            f"{m}: {label(s, tokens, True)}, rank {s.rank} of {s.rows} rows x {s.width} inputs"
+    labels = {m: label(s, tokens, True) for m, s in spectra.items()}
+    usable = [
+        m
+        for m in spectra
+        if lay.locate(m) is not None and labels[m] not in ("partial", "saturated", "zero")
+    ]
+    if not usable:
+        found = ", ".join(
+            f"{m}: {labels[m]}, rank {s.rank} of {s.rows} rows x {s.width} inputs"
             for m, s in spectra.items()
         )
         raise GradAuditError(
-            f"no observed module has a usable span for the causal attack ({labels}): it needs "
+            f"no observed module has a usable span for the causal attack ({found}): it needs "
             "a per-token linear module whose gradient rank is below its input width, and below "
             f"its output rows when the batch has more visible tokens ({tokens}) than rows: "
             "audit a module with more rows (query, ffn_in, ffn_gate, ffn_out) or a smaller batch"
         )
-    return min((m for m in located if usable(m)), key=lambda m: lay.locate(m)[1]), spectra
+    return min(usable, key=lambda m: lay.locate(m)[1]), spectra
 
 
 def first_seen(lay: ModelLayout, module: str) -> int:

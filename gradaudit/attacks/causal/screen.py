@@ -116,7 +116,7 @@ class Ranker:
         score = outside / torch.hypot(inside, outside).clamp_min(torch.finfo(inside.dtype).tiny)
         short = score.topk(SHORTLIST, largest=False)[1]
         exact = self._ratio(self.single[short] @ into)
-        score = score.clamp_min(float(exact.max()))
+        score = torch.maximum(score, exact.max())  # no host sync
         score[short] = exact
         return score
 
