@@ -172,6 +172,60 @@ def test_a_module_with_fewer_output_rows_than_the_batchs_tokens_is_refused_namin
     assert sorted(rec.texts) == sorted(TEXTS)
 
 
+def test_a_decoder_classifiers_batch_is_recovered_and_its_last_layer_refused():
+    # A sequence classifier: every position has a row (no unseen last token), the longest
+    # sentence included; at its last layer only the pooled token reaches the head.
+    texts = ["the movie was very good and funny", "it was not good"]
+    model = tiny_llama(classifier=True, layers=3)
+    tokenizer = decoder_tokenizer()
+    modules = select_modules(model, "ffn_in@1") + select_modules(model, "ffn_in@2")
+    batch = make_batch(model, tokenizer, texts, labels=[1, 0])
+    snapshot = capture(model, batch, modules)
+    rec = get_attack("causal").reconstruct(model, snapshot, tokenizer=tokenizer)
+    assert rec.texts == texts and rec.info["module"] == modules[0]
+    last = capture(model, batch, modules[1:])
+    with pytest.raises(GradAuditError, match=r"pooled, rank \d+ .*an earlier layer"):
+        get_attack("causal").reconstruct(model, last, tokenizer=tokenizer)
+
+
+def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovered_rows():
+    # Growth checks a shared prefix once and stops at its first fitting next token, so one of
+    # two sentences sharing "the movie was" can lose its continuation: its slot then holds a
+    # copy of the other's prefix, which leaves rows of the gradient unexplained.
+    from gradaudit.attacks.base import candidate_token_ids
+    from gradaudit.attacks.causal.attack import make_screen
+    from gradaudit.attacks.causal.grow import Grower
+    from gradaudit.attacks.causal.options import CausalOptions
+    from gradaudit.attacks.causal.repair import cut, repair
+    from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all, uncovered
+    from gradaudit.gradients.spectrum import spectrum
+    from gradaudit.model.families import layout
+
+    texts = ["the movie was very good and funny", "the movie was not good"]
+    model, tokenizer = tiny_llama(), decoder_tokenizer()
+    module = select_modules(model, "ffn_in@1")[0]
+    snapshot = capture(model, make_batch(model, tokenizer, texts), [module])
+    spec = spectrum(snapshot.weight_gradient(module), noisy=False, min_gap=50.0, name=module)
+    opts, vocab = CausalOptions(), candidate_token_ids(tokenizer)
+    screen, _ = make_screen(model, layout(model), module, spec.basis, vocab, opts)
+    grower = Grower(screen, opts, torch.Generator().manual_seed(0), opts.rounds)
+    lengths, plan = [7, 5], GrowthPlan(spec.width)
+    done = grow_all(grower, lengths, plan)
+    lost = cut(done[0], int(choose(done, spec.basis)[0]), 4)  # "the movie was very"
+    done[1] = dataclasses.replace(lost, sentence=torch.ones_like(lost.sentence))
+    picked = choose(done, spec.basis)
+
+    def chosen(picked):
+        inputs = [done[b].inputs[r] for b, r in picked.items()]
+        texts = [tokenizer.decode(done[b].tokens[r]) for b, r in sorted(picked.items())]
+        return texts, uncovered(spec.basis, inputs)
+
+    assert chosen(picked)[0][1] == "the movie was very" and chosen(picked)[1] > 0.1
+    picked, repaired = repair(grower, done, picked, lengths, plan, spec.basis)
+    assert chosen(picked)[0] == ["the movie was very good and", "the movie was not"]
+    assert chosen(picked)[1] < 1e-9 and repaired == [(1, 3)]
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return smollm2_or_skip()

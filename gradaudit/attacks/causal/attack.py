@@ -26,8 +26,9 @@ from gradaudit.attacks.causal.last import LastTokens
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.order import Orderer, position_free
 from gradaudit.attacks.causal.prefix import PrefixRunner
+from gradaudit.attacks.causal.repair import repair
 from gradaudit.attacks.causal.screen import Screen
-from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all
+from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all, uncovered
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum, label, spectrum
@@ -57,23 +58,36 @@ def lengths_of(snapshot: GradientSnapshot) -> list[int]:
     return lengths
 
 
-def pick_module(lay: ModelLayout, snapshot: GradientSnapshot, min_gap: float, device, tokens: int):
+def pick_module(
+    lay: ModelLayout,
+    snapshot: GradientSnapshot,
+    min_gap: float,
+    device,
+    tokens: int,
+    pooled: bool,
+):
     """The observed module to attack: the shallowest with a usable span, and every spectrum.
 
     A span is usable when its rank is below the module's input width and, with more visible
     `tokens` than the module has output rows, below the rows too: there the rank stops at the
     rows, the row space is a slice of the inputs' span, and no single input need lie in it
-    (SmolLM2's key and value have 192 rows: SST-2, B = 16 has about 300 tokens)."""
+    (SmolLM2's key and value have 192 rows: SST-2, B = 16 has about 300 tokens). With a
+    `pooled` head (a sequence classifier) the last layer is not usable: only the pooled token
+    reaches the loss from it, so its gradient holds one mixture per head and sentence."""
     noisy = snapshot.kind == "noised"
     spectra: dict[str, Spectrum] = {}
     for m in snapshot.modules:
         grad = snapshot.weight_gradient(m).to(device)
         spectra[m] = spectrum(grad, noisy=noisy, min_gap=min_gap, name=m)
     labels = {m: label(s, tokens, True) for m, s in spectra.items()}
+    for m in spectra:
+        where = lay.locate(m)
+        if pooled and where is not None and where[1] == lay.num_layers - 1:
+            labels[m] = "pooled"
     usable = [
         m
         for m in spectra
-        if lay.locate(m) is not None and labels[m] not in ("partial", "saturated", "zero")
+        if lay.locate(m) is not None and labels[m] not in ("partial", "saturated", "zero", "pooled")
     ]
     if not usable:
         found = ", ".join(
@@ -83,8 +97,9 @@ def pick_module(lay: ModelLayout, snapshot: GradientSnapshot, min_gap: float, de
         raise GradAuditError(
             f"no observed module has a usable span for the causal attack ({found}): it needs "
             "a per-token linear module whose gradient rank is below its input width, and below "
-            f"its output rows when the batch has more visible tokens ({tokens}) than rows: "
-            "audit a module with more rows (query, ffn_in, ffn_gate, ffn_out) or a smaller batch"
+            f"its output rows when the batch has more visible tokens ({tokens}) than rows, and "
+            "not at a sequence classifier's last layer (pooled): audit a module with more "
+            "rows (query, ffn_in, ffn_gate, ffn_out), a smaller batch, or an earlier layer"
         )
     return min(usable, key=lambda m: lay.locate(m)[1]), spectra
 
@@ -155,7 +170,8 @@ class CausalSpanAttack(Attack):
             )
         lengths = lengths_of(snapshot)
         visible = sum(lengths) - (len(lengths) if is_causal_lm(model) else 0)
-        module, spectra = pick_module(lay, snapshot, opts.min_gap, device, visible)
+        pooled = not is_causal_lm(model)
+        module, spectra = pick_module(lay, snapshot, opts.min_gap, device, visible, pooled)
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
@@ -201,7 +217,8 @@ class CausalSpanAttack(Attack):
     ) -> dict[int, torch.Tensor]:
         """Prefixes grown in the row space (see `grow`), one chosen per sentence."""
         done = grow_all(grower, lengths, plan)
-        picked = choose(done, basis)
+        picked, info["repaired"] = repair(grower, done, choose(done, basis), lengths, plan, basis)
+        info["uncovered"] = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()])
         info["unsure"] = sorted(set(done[0].unsure)) if done else []
         info["blind"] = plan.blind
         return {b: done[b].tokens[picked[b]] for b in done}

@@ -65,22 +65,32 @@ def branch(grower: Grower, beam: Beam, position: int, ids: torch.Tensor, seen: b
     )
 
 
-def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, Beam]:
-    """Per sentence, its prefixes up to its last position the gradient sees (`plan`)."""
-    device = grower.screen.vocab.device
-    b = len(lengths)
-    beam = Beam(
-        torch.zeros(b, 0, dtype=torch.long, device=device),
-        torch.arange(b, device=device),
-        torch.zeros(b, dtype=torch.float64, device=device),
-        torch.zeros(b, 0, plan.width, dtype=grower.screen.basis.dtype, device=device),
+def empty_beam(grower: Grower, sentences: int, width: int) -> Beam:
+    """One empty prefix per sentence."""
+    device, dtype = grower.screen.vocab.device, grower.screen.basis.dtype
+    return Beam(
+        torch.zeros(sentences, 0, dtype=torch.long, device=device),
+        torch.arange(sentences, device=device),
+        torch.zeros(sentences, dtype=torch.float64, device=device),
+        torch.zeros(sentences, 0, width, dtype=dtype, device=device),
         grower.screen.runner.empty(),
     )
+
+
+def grow_all(
+    grower: Grower, lengths: list[int], plan: GrowthPlan, beam: Beam | None = None
+) -> dict[int, Beam]:
+    """Per sentence, its prefixes up to its last position the gradient sees (`plan`): every
+    sentence from the empty prefix, or the sentences of `beam` from its prefixes."""
+    device = grower.screen.vocab.device
+    if beam is None:
+        beam = empty_beam(grower, len(lengths), plan.width)
     done: dict[int, Beam] = {}
     guesses = None  # tokens the last position was branched on as guesses: checked quickly
-    for position in range(max(lengths)):
+    for position in range(int(beam.tokens.shape[1]), max(lengths) + 1):
         ends = torch.tensor(lengths, device=device)[beam.sentence] - plan.unseen_tail
-        for s in set(beam.sentence[ends == position].tolist()):
+        ending = set(beam.sentence[ends == position].tolist())
+        for s in ending:
             done[s] = beam.take((beam.sentence == s).nonzero()[:, 0])
         live = ends > position
         if not live.any():
@@ -91,9 +101,8 @@ def grow_all(grower: Grower, lengths: list[int], plan: GrowthPlan) -> dict[int, 
             ids = torch.tensor([plan.fixed[position]], device=device)
             beam = branch(grower, beam, position, ids, position >= plan.first_seen)
         elif position >= plan.first_seen:
-            ending = sum(n - plan.unseen_tail == position for n in lengths)
             quick = None if guesses is None else torch.isin(beam.tokens[:, -1], guesses)
-            beam = grower.step(beam, position, ending, quick=quick)
+            beam = grower.step(beam, position, len(ending), quick=quick)
             guesses = None
         else:  # unseen: branch on every token, or on likely ones, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())

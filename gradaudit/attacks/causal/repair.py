@@ -1,0 +1,161 @@
+"""Find a sentence lost where it shares a prefix with another, once growth is done.
+
+Growth checks a prefix once however many sentences hold it, and stops at the first next token
+that fits; of two sentences sharing a prefix ("it 's a charming ..." and "it 's slow ...") one
+can lose its continuation. Its slot then picks a copy of another sentence's prefix, and the
+chosen inputs leave part of the row space uncovered. `repair` searches the chosen prefixes
+again, shortest first, for a next token whose input lies in the row space but outside the span
+of every chosen input (a row no chosen sentence explains), grows it in each suspect slot, and
+lets `choose` take it where it covers more of the row space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradaudit.attacks.causal.grow import Beam, Grower
+from gradaudit.attacks.causal.screen import orthonormal_rows
+from gradaudit.attacks.causal.solve import GrowthPlan, choose, concat_beams, grow_all, uncovered
+
+LOST = 1e-4  # `uncovered` above this: a row is left unexplained (exact batches: below 1e-9)
+
+
+@dataclass
+class NewRow:
+    """A next token (vocabulary index) after the first `length` tokens of sentence `sentence`'s
+    chosen row `row`, whose input is a row of the gradient no chosen input spans."""
+
+    sentence: int
+    row: int
+    length: int
+    index: int
+    residual: float
+
+
+def suspects(done: dict[int, Beam], picked: dict[int, int], tol: float) -> list[int]:
+    """Sentences whose chosen prefix adds no row of its own (it begins another's, or equals an
+    earlier one's) or does not fit the row space."""
+    chosen = {b: done[b].tokens[r] for b, r in picked.items()}
+    out = []
+    for b, t in chosen.items():
+        copy = any(
+            c != b
+            and len(u) >= len(t)
+            and torch.equal(u[: len(t)], t)
+            and (len(u) > len(t) or c < b)
+            for c, u in chosen.items()
+        )
+        if copy or float(done[b].score[picked[b]]) > tol:
+            out.append(b)
+    return out
+
+
+def cut(beam: Beam, row: int, length: int) -> Beam:
+    """The first `length` tokens of `beam`'s row `row` (its cache cut to them)."""
+    kv = [
+        None if e is None else (e[0][row : row + 1, :, :length], e[1][row : row + 1, :, :length])
+        for e in beam.kv
+    ]
+    return Beam(
+        beam.tokens[row : row + 1, :length],
+        beam.sentence[row : row + 1],
+        beam.score[row : row + 1],
+        beam.inputs[row : row + 1, :length],
+        kv,
+        beam.unsure,
+    )
+
+
+def find_new_row(
+    grower: Grower,
+    done: dict[int, Beam],
+    picked: dict[int, int],
+    plan: GrowthPlan,
+    longest: int,
+    searched: set[tuple[int, ...]],
+) -> NewRow | None:
+    """The first next token, over the chosen prefixes shortest first (up to `longest` tokens),
+    whose input is a new row (see the module docstring); every prefix searched is added to
+    `searched` and not searched again."""
+    screen, opts = grower.screen, grower.options
+    own = orthonormal_rows(torch.cat([done[b].inputs[r] for b, r in picked.items()]))
+    for length in range(max(1, plan.first_seen), longest):
+        if length in plan.fixed:
+            continue
+        for b, r in picked.items():
+            prefix = tuple(done[b].tokens[r, :length].tolist())
+            if len(prefix) < length or prefix in searched:
+                continue
+            searched.add(prefix)
+            head = cut(done[b], r, length)
+            checked = screen.check(head.kv, 0, length, grower.effort, own)
+            low, arg = checked.residual.min(0)
+            if float(low) <= opts.tol:
+                return NewRow(b, r, length, int(checked.index[arg]), float(low))
+    return None
+
+
+def grow_new_row(
+    grower: Grower,
+    done: dict[int, Beam],
+    new: NewRow,
+    slots: list[int],
+    lengths: list[int],
+    plan: GrowthPlan,
+) -> dict[int, Beam]:
+    """`new`'s prefix and token grown to the end of each slot in `slots` long enough for it."""
+    slots = [b for b in slots if lengths[b] - plan.unseen_tail > new.length]
+    if not slots:
+        return {}
+    head = cut(done[new.sentence], new.row, new.length)
+    rows = torch.zeros(len(slots), dtype=torch.long, device=head.tokens.device)
+    ids = grower.screen.vocab[torch.full_like(rows, new.index)]
+    x, kv = grower.screen.extend(head.kv, rows, new.length, ids)
+    score = head.score.clamp_min(new.residual).expand(len(slots))
+    beam = Beam(
+        torch.cat([head.tokens[rows], ids[:, None]], 1),
+        torch.tensor(slots, device=rows.device),
+        score.clone(),
+        torch.cat([head.inputs[rows], x[:, None].to(head.inputs.dtype)], 1),
+        kv,
+        head.unsure,
+    )
+    return grow_all(grower, lengths, plan, beam)
+
+
+def repair(
+    grower: Grower,
+    done: dict[int, Beam],
+    picked: dict[int, int],
+    lengths: list[int],
+    plan: GrowthPlan,
+    basis: torch.Tensor,
+) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """`picked` improved while the chosen inputs leave a row unexplained (see the module
+    docstring), and the (sentence, shared prefix length) of every repair taken; `done` gains
+    the grown rows."""
+    searched: set[tuple[int, ...]] = set()
+    repaired: list[tuple[int, int]] = []
+    gap = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()])
+    while gap > LOST:
+        slots = suspects(done, picked, grower.options.tol)
+        if not slots:
+            break
+        longest = max(lengths[b] - plan.unseen_tail for b in slots)
+        new = find_new_row(grower, done, picked, plan, longest, searched)
+        if new is None:
+            break
+        for b, grown in grow_new_row(grower, done, new, slots, lengths, plan).items():
+            done[b] = concat_beams([done[b], grown])
+        again = choose(done, basis)
+        after = uncovered(basis, [done[b].inputs[r] for b, r in again.items()])
+        if after >= gap:
+            continue  # a dead end: its prefix stays searched
+        # the prefix may hold more sentences: search it again
+        searched.discard(tuple(done[new.sentence].tokens[new.row, : new.length].tolist()))
+        changed = [b for b in again if again[b] != picked[b]]
+        repaired += [(b, new.length) for b in changed if b in slots]
+        picked, gap = again, after
+    return picked, repaired
