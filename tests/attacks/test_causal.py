@@ -90,7 +90,7 @@ def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     torch.manual_seed(0)
     rows = torch.randn(3, 8, dtype=torch.float64)
     basis = orthonormal_rows(rows)  # the gradient's row space: the three rows
-    screen = Screen(None, basis, torch.arange(4), forward_batch=4, echo_tol=1e-6)
+    screen = Screen(None, basis, torch.arange(4), forward_batch=4, tol=1e-6)
     own = orthonormal_rows(rows[:1])  # the prefix's own input: the first row
     x = torch.stack([2 * rows[0], rows[1] + rows[2]])
     residual = screen.novel_residual(x, own)

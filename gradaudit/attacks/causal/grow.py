@@ -133,7 +133,7 @@ class Grower:
         stuck = [head for head in stuck if quick is None or not bool(quick[head])]
         for head in stuck if len(stuck) > ending else []:
             checked[head] = self.screen.complete(
-                beam.kv, head, position, checked[head], spans[head], opts.tol
+                beam.kv, head, position, checked[head], spans[head]
             )
         checked = [checked[first_row[prefix]] for prefix in prefixes]
         self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}

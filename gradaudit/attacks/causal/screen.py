@@ -135,7 +135,7 @@ class Screen:
         basis: torch.Tensor,
         vocab: torch.Tensor,
         forward_batch: int,
-        echo_tol: float,
+        tol: float,
         feature_runner: PrefixRunner | None = None,
     ) -> None:
         self.runner = runner
@@ -143,7 +143,7 @@ class Screen:
         self.basis = basis
         self.vocab = vocab  # candidate token ids (V,)
         self.forward_batch = forward_batch
-        self.echo_tol = echo_tol
+        self.tol = tol  # a fit, and an echo: a relative residual at most this
         self.anchor: int | None = None  # set before the features are first used
         self._ranker: Ranker | None = None
         self._nearest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -268,7 +268,7 @@ class Screen:
         the prefix's own inputs `own` (see `check`)."""
         residual = relative_residual(x, self.basis)
         if own.shape[0]:
-            echo = relative_residual(x, own) <= self.echo_tol
+            echo = relative_residual(x, own) <= self.tol
             residual = residual.masked_fill(echo, float("inf"))
         return residual
 
@@ -283,13 +283,13 @@ class Screen:
         return self._add(kv, row, position, checked, own, ids)
 
     def complete(
-        self, kv: KV, row: int, position: int, checked: Checked, own: torch.Tensor, tol: float
+        self, kv: KV, row: int, position: int, checked: Checked, own: torch.Tensor
     ) -> Checked:
         """`checked` widened (see `widen`), then, if still nothing fits (residual at most
         `tol`), the rest of the vocabulary checked exactly. On SmolLM2 ffn_out@1 the shortlist
         held 10 of 12 stuck prefixes' next tokens, for a twelfth of the vocabulary's passes."""
         checked = self.widen(kv, row, position, checked, own)
-        if bool((checked.residual <= tol).any()):
+        if bool((checked.residual <= self.tol).any()):
             return checked
         rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device)
         rest[checked.index] = False
