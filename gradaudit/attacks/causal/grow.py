@@ -18,7 +18,7 @@ import torch
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.pairs import first_tokens
 from gradaudit.attacks.causal.prefix import KV, select
-from gradaudit.attacks.causal.screen import Checked, Effort, Screen, orthonormal_rows
+from gradaudit.attacks.causal.screen import Effort, Screen, orthonormal_rows
 
 
 @dataclass
@@ -93,11 +93,7 @@ class Grower:
         return fits, best.expand(n), arg.expand(n)
 
     def fits(
-        self,
-        beam: Beam,
-        position: int,
-        ended: dict[int, Beam],
-        quick: torch.Tensor | None = None,
+        self, beam: Beam, position: int, ending: int, quick: torch.Tensor | None = None
     ) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """Candidates that fit, and per row its best residual and token (vocabulary index).
 
@@ -111,6 +107,7 @@ class Grower:
         n = int(beam.tokens.shape[0])
         if self.screen.anchor is None:
             self.screen.anchor = int(beam.tokens[0, 0])
+        fits = self.effort.fits
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
         prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]
         checked, shared = [], None
@@ -126,7 +123,18 @@ class Grower:
             c = self.screen.check(beam.kv, row, position, effort, spans[row], prior)
             shared = c.coef if shared is None else shared
             checked.append(c)
-        self._unstick(beam, position, list(first_row.values()), checked, spans, ended, quick)
+        # Prefixes that fitted everywhere but got no next token from the screen: as many as
+        # the sentences that end here may have ended; more mean a miss, so check them whole.
+        stuck = [
+            head
+            for head in first_row.values()
+            if float(beam.score[head]) <= opts.tol and not bool(fits(checked[head].residual).any())
+        ]
+        stuck = [head for head in stuck if quick is None or not bool(quick[head])]
+        for head in stuck if len(stuck) > ending else []:
+            checked[head] = self.screen.complete(
+                beam.kv, head, position, checked[head], spans[head]
+            )
         checked = [checked[first_row[prefix]] for prefix in prefixes]
         self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}
         found, best, best_index = [], [], []
@@ -141,48 +149,12 @@ class Grower:
         )
         return merged, torch.stack(best), torch.stack(best_index)
 
-    def _unstick(
-        self,
-        beam: Beam,
-        position: int,
-        heads: list[int],
-        checked: list[Checked],
-        spans: list[torch.Tensor],
-        ended: dict[int, Beam],
-        quick: torch.Tensor | None,
-    ) -> None:
-        """Prefixes (rows `heads`) that fitted everywhere but got no next token from the
-        screen: as many as the sentences that end here (`ended`: their beams) may have ended;
-        any more is a miss. They are checked whole (`complete`), those no ended sentence holds
-        first, until the ones left could all be ended sentences'."""
-        fits, tol = self.effort.fits, self.options.tol
-        stuck = [
-            h
-            for h in heads
-            if float(beam.score[h]) <= tol
-            and not bool(fits(checked[h].residual).any())
-            and (quick is None or not bool(quick[h]))
-        ]
-        held = {tuple(t) for b in ended.values() for t in b.tokens.tolist()}
-        stuck.sort(key=lambda h: tuple(beam.tokens[h].tolist()) in held)
-        free = len(ended)  # stuck prefixes that may be ended sentences'
-        while stuck and len(stuck) > free:
-            head = stuck.pop(0)
-            checked[head] = self.screen.complete(
-                beam.kv, head, position, checked[head], spans[head]
-            )
-            free -= not bool(fits(checked[head].residual).any())
-
     def step(
-        self,
-        beam: Beam,
-        position: int,
-        ended: dict[int, Beam] | None = None,
-        quick: torch.Tensor | None = None,
+        self, beam: Beam, position: int, ending: int = 0, quick: torch.Tensor | None = None
     ) -> Beam:
-        """The beam one position longer (every row's sentence sees `position`); `ended`: the
-        beams of the sentences whose visible parts end just before it."""
-        fits, best, best_index = self.fits(beam, position, ended or {}, quick)
+        """The beam one position longer (every row's sentence sees `position`); `ending`:
+        how many sentences' visible parts end just before it."""
+        fits, best, best_index = self.fits(beam, position, ending, quick)
         keep_rows, keep_index, keep_score = [], [], []
         live = beam.sentence.unique().tolist()
         size = self.options.beam + len(live) - 1  # room for every sentence's prefixes

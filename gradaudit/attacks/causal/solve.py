@@ -102,7 +102,7 @@ def grow_all(
             beam = branch(grower, beam, position, ids, position >= plan.first_seen)
         elif position >= plan.first_seen:
             quick = None if guesses is None else torch.isin(beam.tokens[:, -1], guesses)
-            beam = grower.step(beam, position, {s: done[s] for s in ending}, quick=quick)
+            beam = grower.step(beam, position, len(ending), quick=quick)
             guesses = None
         else:  # unseen: branch on every token, or on likely ones, judged by the next one
             plan.blind.extend((s, position) for s in beam.sentence.unique().tolist())
