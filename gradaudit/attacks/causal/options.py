@@ -16,15 +16,15 @@ class CausalOptions:
     After a prefix, the `screen` tokens the regression fitted one position earlier puts
     nearest the row space are checked exactly; if none fits, the `frequent` lowest ids (a
     BPE's commonest tokens, also the guesses for a blind first token) and `sample` random
-    others, then `rounds` times the `screen` nearest by the refitted regression, and the whole
-    vocabulary when still none fits. A token fits when its input's residual against the row
-    space is below `tol` and within `ratio` of the best fit at that prefix; `beam` prefixes per
-    sentence (plus one per other sentence) survive a position. Position 0 (no prefix) is
-    checked exactly on the whole vocabulary, once for all sentences. A query's blind first
-    token is searched behind second tokens ranked after `stand_ins` stand-in first tokens,
-    from a sample of about `pair_sample` tokens (see `pairs`), for modules at layers up to
-    `pair_depth` (deeper, the first token moves the second's input too much for a stand-in
-    to rank the second: SmolLM2 layer 5).
+    others, then `rounds` rounds of the nearest by the refitted regression (`screen` tokens,
+    doubling each round), and the rest of the vocabulary when still none fits. A token fits
+    when its input's residual against the row space is below `tol` and within `ratio` of the
+    best fit at that prefix; `beam` prefixes per sentence (plus one per other sentence)
+    survive a position. Position 0 (no prefix) is checked exactly on the whole vocabulary,
+    once for all sentences. A query's blind first token is searched behind second tokens
+    ranked after `stand_ins` stand-in first tokens, from a sample of about `pair_sample`
+    tokens (see `pairs`), for modules at layers up to `pair_depth` (deeper, the first token
+    moves the second's input too much for a stand-in to rank the second: SmolLM2 layer 5).
     """
 
     min_gap: float = 50.0  # spectrum: the rank gap (see gradients.spectrum)

@@ -56,8 +56,8 @@ class Checked:
 @dataclass(frozen=True)
 class Effort:
     """How hard a search tries: the `prior_count` tokens a prior regression puts nearest,
-    then the `sample` (vocabulary indices), then `count` tokens per round for `rounds`
-    rounds; a fit is a residual at most `tol`."""
+    then the `sample` (vocabulary indices), then `rounds` rounds of `count` tokens, doubling
+    each round; a fit is a residual at most `tol`."""
 
     sample: torch.Tensor
     count: int
@@ -235,8 +235,8 @@ class Screen:
     ) -> Checked:
         """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until one
         fits: the `prior_count` that `prior` (a regression fitted before) puts nearest the
-        row space; then the `sample` and `count` per round led by `ranker`'s regression
-        refitted on everything checked."""
+        row space; then the `sample`, and `count` doubling each round, led by `ranker`'s
+        regression refitted on everything checked."""
         sample, count, fits = effort.sample, effort.count, effort.fits
         index, residual = sample[:0], self.basis.new_zeros(0)
         x = self.basis.new_zeros(0, self.basis.shape[1])
@@ -253,9 +253,9 @@ class Screen:
             if bool(fits(residual).any()):
                 return Checked(index, residual, coef)
         add(sample[~torch.isin(sample, index)])
-        for _ in range(effort.rounds):  # at least one round: a sample token's fit can be an echo
+        for k in range(effort.rounds):  # at least one round: a sample token's fit can be an echo
             coef = ranker.fit(index, x)
-            top = self.nearest(coef, index, count, ranker)
+            top = self.nearest(coef, index, count << k, ranker)
             if top.numel() == 0:
                 break
             add(top)
