@@ -139,7 +139,7 @@ def repair(
     searched: set[tuple[int, ...]] = set()
     repaired: list[tuple[int, int]] = []
     gap = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()])
-    while gap > LOST:
+    while gap > LOST and len(repaired) < len(done):  # a repair recovers a sentence
         slots = suspects(done, picked, grower.options.tol)
         if not slots:
             break
