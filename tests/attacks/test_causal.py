@@ -188,20 +188,17 @@ def test_a_decoder_classifiers_batch_is_recovered_and_its_last_layer_refused():
         get_attack("causal").reconstruct(model, last, tokenizer=tokenizer)
 
 
-def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovered_rows():
-    # Growth checks a shared prefix once and stops at its first fitting next token, so one of
-    # two sentences sharing "the movie was" can lose its continuation: its slot then holds a
-    # copy of the other's prefix, which leaves rows of the gradient unexplained.
+def grown(texts):
+    """The tiny Llama's ffn_in@1 gradient of `texts`, its screen and grower, and the grown
+    beams: (tokenizer, basis, grower, lengths, plan, done)."""
     from gradaudit.attacks.base import candidate_token_ids
     from gradaudit.attacks.causal.attack import make_screen
     from gradaudit.attacks.causal.grow import Grower
     from gradaudit.attacks.causal.options import CausalOptions
-    from gradaudit.attacks.causal.repair import cut, repair
-    from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all, uncovered
+    from gradaudit.attacks.causal.solve import GrowthPlan, grow_all
     from gradaudit.gradients.spectrum import spectrum
     from gradaudit.model.families import layout
 
-    texts = ["the movie was very good and funny", "the movie was not good"]
     model, tokenizer = tiny_llama(), decoder_tokenizer()
     module = select_modules(model, "ffn_in@1")[0]
     snapshot = capture(model, make_batch(model, tokenizer, texts), [module])
@@ -209,21 +206,53 @@ def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovere
     opts, vocab = CausalOptions(), candidate_token_ids(tokenizer)
     screen, _ = make_screen(model, layout(model), module, spec.basis, vocab, opts)
     grower = Grower(screen, opts, torch.Generator().manual_seed(0), opts.rounds)
-    lengths, plan = [7, 5], GrowthPlan(spec.width)
-    done = grow_all(grower, lengths, plan)
-    lost = cut(done[0], int(choose(done, spec.basis)[0]), 4)  # "the movie was very"
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    plan = GrowthPlan(spec.width)
+    return tokenizer, spec.basis, grower, lengths, plan, grow_all(grower, lengths, plan)
+
+
+def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovered_rows():
+    # Growth checks a shared prefix once and stops at its first fitting next token, so one of
+    # two sentences sharing "the movie was" can lose its continuation: its slot then holds a
+    # copy of the other's prefix, which leaves rows of the gradient unexplained.
+    from gradaudit.attacks.causal.repair import cut, repair
+    from gradaudit.attacks.causal.solve import choose, uncovered
+
+    texts = ["the movie was very good and funny", "the movie was not good"]
+    tokenizer, basis, grower, lengths, plan, done = grown(texts)
+    lost = cut(done[0], int(choose(done, basis)[0]), 4)  # "the movie was very"
     done[1] = dataclasses.replace(lost, sentence=torch.ones_like(lost.sentence))
-    picked = choose(done, spec.basis)
+    picked = choose(done, basis)
 
     def chosen(picked):
         inputs = [done[b].inputs[r] for b, r in picked.items()]
         texts = [tokenizer.decode(done[b].tokens[r]) for b, r in sorted(picked.items())]
-        return texts, uncovered(spec.basis, inputs)
+        return texts, uncovered(basis, inputs)
 
     assert chosen(picked)[0][1] == "the movie was very" and chosen(picked)[1] > 0.1
-    picked, repaired = repair(grower, done, picked, lengths, plan, spec.basis)
+    picked, repaired = repair(grower, done, picked, lengths, plan, basis)
     assert chosen(picked)[0] == ["the movie was very good and", "the movie was not"]
     assert chosen(picked)[1] < 1e-9 and repaired == [(1, 3)]
+
+
+def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(monkeypatch):
+    # Chunks of 4 instead of 4,096, in vocabulary order (no regression fitted yet): after
+    # "the movie", the check stops with the chunk that holds "was".
+    import gradaudit.attacks.causal.screen as screen_module
+    from gradaudit.attacks.causal.repair import cut
+    from gradaudit.attacks.causal.screen import Checked, orthonormal_rows
+
+    monkeypatch.setattr(screen_module, "SHORTLIST", 4)
+    tokenizer, _, grower, _, _, done = grown(["the movie was very good and funny"])
+    head = cut(done[0], 0, 2)
+    empty = Checked(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+    own = orthonormal_rows(head.inputs[0])
+    found = grower.screen.complete(head.kv, 0, 2, empty, own)
+    fits = found.index[found.residual <= grower.options.tol]
+    assert tokenizer.convert_ids_to_tokens(grower.screen.vocab[fits].tolist()) == ["was"]
+    where = int((grower.screen.vocab == tokenizer.convert_tokens_to_ids("was")).nonzero())
+    end = 4 * (where // 4 + 1)
+    assert found.index.tolist() == list(range(end)) and end < len(grower.screen.vocab)
 
 
 @pytest.fixture(scope="module")
