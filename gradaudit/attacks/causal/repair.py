@@ -20,7 +20,6 @@ from gradaudit.attacks.causal.screen import orthonormal_rows
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, concat_beams, grow_all, uncovered
 
 LOST = 1e-4  # `uncovered` above this: a row is left unexplained (exact batches: below 1e-9)
-WIDER = 1  # chunks of the regression's order checked after a prefix the screen finds nothing
 
 
 @dataclass
@@ -92,8 +91,6 @@ def find_new_row(
             searched.add(prefix)
             head = cut(done[b], r, length)
             checked = screen.check(head.kv, 0, length, grower.effort, own)
-            if not bool((checked.residual <= opts.tol).any()):
-                checked = screen.complete(head.kv, 0, length, checked, own, WIDER)
             low, arg = checked.residual.min(0)
             if float(low) <= opts.tol:
                 return NewRow(b, r, length, int(checked.index[arg]), float(low))
