@@ -80,15 +80,12 @@ def pick_module(
         grad = snapshot.weight_gradient(m).to(device)
         spectra[m] = spectrum(grad, noisy=noisy, min_gap=min_gap, name=m)
     labels = {m: label(s, tokens, True) for m, s in spectra.items()}
-    for m in spectra:
-        where = lay.locate(m)
-        if pooled and where is not None and where[1] == lay.num_layers - 1:
+    where = {m: lay.locate(m) for m in spectra}
+    for m, at in where.items():
+        if pooled and at is not None and at[1] == lay.num_layers - 1:
             labels[m] = "pooled"
-    usable = [
-        m
-        for m in spectra
-        if lay.locate(m) is not None and labels[m] not in ("partial", "saturated", "zero", "pooled")
-    ]
+    unusable = ("partial", "saturated", "zero", "pooled")
+    usable = [m for m in spectra if where[m] is not None and labels[m] not in unusable]
     if not usable:
         found = ", ".join(
             f"{m}: {labels[m]}, rank {s.rank} of {s.rows} rows x {s.width} inputs"
@@ -101,7 +98,7 @@ def pick_module(
             "not at a sequence classifier's last layer (pooled): audit a module with more "
             "rows (query, ffn_in, ffn_gate, ffn_out), a smaller batch, or an earlier layer"
         )
-    return min(usable, key=lambda m: lay.locate(m)[1]), spectra
+    return min(usable, key=lambda m: where[m][1]), spectra
 
 
 def first_seen(lay: ModelLayout, module: str) -> int:
@@ -169,9 +166,9 @@ class CausalSpanAttack(Attack):
                 f" is a {lay.family.name} encoder: use the span or auto attack"
             )
         lengths = lengths_of(snapshot)
-        visible = sum(lengths) - (len(lengths) if is_causal_lm(model) else 0)
-        pooled = not is_causal_lm(model)
-        module, spectra = pick_module(lay, snapshot, opts.min_gap, device, visible, pooled)
+        causal = is_causal_lm(model)  # else a classifier: its head reads one pooled token
+        visible = sum(lengths) - (len(lengths) if causal else 0)
+        module, spectra = pick_module(lay, snapshot, opts.min_gap, device, visible, not causal)
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
@@ -184,13 +181,13 @@ class CausalSpanAttack(Attack):
             "blind": [],
             "screen_features": shallow,  # whose inputs the screen's regression starts from
         }
-        if position_free(lay, module) and is_causal_lm(model):
+        if position_free(lay, module) and causal:
             prefixes = self._order(model, module, snapshot, screen, lengths, info, tokenizer)
         else:
             plan = GrowthPlan(
                 spec.width,
                 first_seen=first_seen(lay, module),
-                unseen_tail=1 if is_causal_lm(model) else 0,
+                unseen_tail=1 if causal else 0,
                 fixed=dict(enumerate(special_prefix(tokenizer))),
                 guesses=opts.frequent,
                 pair_search=lay.locate(module)[1] <= opts.pair_depth,

@@ -84,6 +84,11 @@ def select(kv: KV, rows: torch.Tensor) -> KV:
     return [None if e is None else (e[0][rows], e[1][rows]) for e in kv]
 
 
+def truncate(kv: KV, length: int) -> KV:
+    """`kv` cut to its first `length` positions: the cache of each row's prefix that long."""
+    return [None if e is None else (e[0][:, :, :length], e[1][:, :, :length]) for e in kv]
+
+
 def concat(parts: list[KV]) -> KV:
     """Rows of several caches (same layers reached) stacked."""
     out: KV = []

@@ -11,11 +11,12 @@ lets `choose` take it where it covers more of the row space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from gradaudit.attacks.causal.grow import Beam, Grower
+from gradaudit.attacks.causal.prefix import truncate
 from gradaudit.attacks.causal.screen import orthonormal_rows
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, concat_beams, grow_all, uncovered
 
@@ -54,17 +55,12 @@ def suspects(done: dict[int, Beam], picked: dict[int, int], tol: float) -> list[
 
 def cut(beam: Beam, row: int, length: int) -> Beam:
     """The first `length` tokens of `beam`'s row `row` (its cache cut to them)."""
-    kv = [
-        None if e is None else (e[0][row : row + 1, :, :length], e[1][row : row + 1, :, :length])
-        for e in beam.kv
-    ]
-    return Beam(
-        beam.tokens[row : row + 1, :length],
-        beam.sentence[row : row + 1],
-        beam.score[row : row + 1],
-        beam.inputs[row : row + 1, :length],
-        kv,
-        beam.unsure,
+    one = beam.take(torch.tensor([row], device=beam.tokens.device))
+    return replace(
+        one,
+        tokens=one.tokens[:, :length],
+        inputs=one.inputs[:, :length],
+        kv=truncate(one.kv, length),
     )
 
 
