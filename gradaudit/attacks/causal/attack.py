@@ -38,6 +38,10 @@ from gradaudit.model.families import is_causal_lm, layout
 # The screen's features come from this layer at most: on SmolLM2 layer 2's inputs led the
 # search at layer 15 as well as layer 15's own, and their vocabulary pass runs 3 layers, not 16.
 FEATURE_LAYER = 2
+# ... except for components whose input is not the normalised residual stream (an attention
+# mix, an FFN activation): layer 2's features ranked SST-2's " slow" after "it 's" 12,794th at
+# SmolLM2 attn_output@5 and 28,214th at ffn_out@5, their own layer's 3rd and 449th.
+OWN_LAYER_FEATURES = ("attn_output", "ffn_out")
 
 THREAT_MODEL = (
     "weights, tokenizer and sentence lengths known; the text (input ids, and a causal LM's "
@@ -130,14 +134,16 @@ def make_screen(
 ) -> tuple[Screen, str]:
     """The screen of `module`'s row space, and the module whose inputs are its features."""
     component, layer = lay.locate(module)
-    shallow = lay.component_name(component, min(layer, FEATURE_LAYER))
+    if component not in OWN_LAYER_FEATURES:
+        layer = min(layer, FEATURE_LAYER)
+    shallow = lay.component_name(component, layer)
     screen = Screen(
         PrefixRunner(model, module, lay.num_layers),
         basis,
         vocab,
         opts.forward_batch,
         opts.tol,
-        PrefixRunner(model, shallow, lay.num_layers) if layer > FEATURE_LAYER else None,
+        PrefixRunner(model, shallow, lay.num_layers) if shallow != module else None,
     )
     return screen, shallow
 
