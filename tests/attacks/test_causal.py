@@ -90,7 +90,7 @@ def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     torch.manual_seed(0)
     rows = torch.randn(3, 8, dtype=torch.float64)
     basis = orthonormal_rows(rows)  # the gradient's row space: the three rows
-    screen = Screen(None, basis, torch.arange(4), forward_batch=4, tol=1e-6)
+    screen = Screen(None, basis, torch.arange(4), forward_batch=4, tol=1e-6, anchor=0)
     own = orthonormal_rows(rows[:1])  # the prefix's own input: the first row
     x = torch.stack([2 * rows[0], rows[1] + rows[2]])
     residual = screen.novel_residual(x, own)
@@ -192,7 +192,7 @@ def grown(texts):
     """The tiny Llama's ffn_in@1 gradient of `texts`, its screen and grower, and the grown
     beams: (tokenizer, basis, grower, lengths, plan, done)."""
     from gradaudit.attacks.base import candidate_token_ids
-    from gradaudit.attacks.causal.attack import make_screen
+    from gradaudit.attacks.causal.attack import anchor_token, make_screen
     from gradaudit.attacks.causal.grow import Grower
     from gradaudit.attacks.causal.options import CausalOptions
     from gradaudit.attacks.causal.solve import GrowthPlan, grow_all
@@ -204,7 +204,8 @@ def grown(texts):
     snapshot = capture(model, make_batch(model, tokenizer, texts), [module])
     spec = spectrum(snapshot.weight_gradient(module), noisy=False, min_gap=50.0, name=module)
     opts, vocab = CausalOptions(), candidate_token_ids(tokenizer)
-    screen, _ = make_screen(model, layout(model), module, spec.basis, vocab, opts)
+    anchor = anchor_token(tokenizer)
+    screen, _ = make_screen(model, layout(model), module, spec.basis, vocab, opts, anchor)
     grower = Grower(screen, opts, torch.Generator().manual_seed(0), opts.rounds)
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     plan = GrowthPlan(spec.width)

@@ -124,6 +124,14 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return out
 
 
+def anchor_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the screen's features follow: ".", a context-neutral one. On SmolLM2 it ranked
+    the true next token within the first 102 at 19 of 20 SST-2 prefixes at value@5, value@15 and
+    ffn_in@15; a sentence's first token ("allows", the anchor before) missed 13 of 20 after the
+    sample and 4 rounds."""
+    return int(tokenizer(".", add_special_tokens=False)["input_ids"][0])
+
+
 def make_screen(
     model: nn.Module,
     lay: ModelLayout,
@@ -131,8 +139,10 @@ def make_screen(
     basis: torch.Tensor,
     vocab: torch.Tensor,
     opts: CausalOptions,
+    anchor: int,
 ) -> tuple[Screen, str]:
-    """The screen of `module`'s row space, and the module whose inputs are its features."""
+    """The screen of `module`'s row space after token `anchor`, and the module whose inputs
+    are its features."""
     component, layer = lay.locate(module)
     if component not in OWN_LAYER_FEATURES:
         layer = min(layer, FEATURE_LAYER)
@@ -143,6 +153,7 @@ def make_screen(
         vocab,
         opts.forward_batch,
         opts.tol,
+        anchor,
         PrefixRunner(model, shallow, lay.num_layers) if shallow != module else None,
     )
     return screen, shallow
@@ -178,7 +189,9 @@ class CausalSpanAttack(Attack):
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
-        screen, shallow = make_screen(model, lay, module, basis, vocab, opts)
+        screen, shallow = make_screen(
+            model, lay, module, basis, vocab, opts, anchor_token(tokenizer)
+        )
         info: dict[str, Any] = {
             "module": module,
             "spectra": {m: s.summary() for m, s in spectra.items()},

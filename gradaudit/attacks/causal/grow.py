@@ -105,8 +105,6 @@ class Grower:
             return self.first(beam)
         opts = self.options
         n = int(beam.tokens.shape[0])
-        if self.screen.anchor is None:
-            self.screen.anchor = int(beam.tokens[0, 0])
         fits = self.effort.fits
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
         prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]

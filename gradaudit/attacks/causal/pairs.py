@@ -54,8 +54,6 @@ def first_tokens(screen: Screen, effort: Effort, stand_ins: int, most: int) -> t
     against every first token. `effort` as in `Screen.search`."""
     fits = effort.fits
     none = screen.basis.new_zeros(0, screen.basis.shape[1])
-    if screen.anchor is None:
-        screen.anchor = int(screen.vocab[0])
     firsts = FirstPositions(screen)
     near = torch.full_like(screen.vocab, float("inf"), dtype=screen.basis.dtype)
     for stand_in in range(stand_ins):

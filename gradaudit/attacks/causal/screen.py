@@ -4,8 +4,8 @@ Checking a token exactly costs a one-token forward pass; checking the whole voca
 every position of every prefix is too slow past the first layers, and a first-order screen
 (linearising in the token's embedding) ranks the truth thousands deep on a real decoder. What
 works is a learned map from context-free token features to in-context inputs. The features are
-every token's input to the module (or, past layer 2, to the same component at layer 2) at
-position 1 after one anchor token, the batch's first recovered token: one pass over the
+every token's input to the module (or, past layer 2 for an input of the residual stream, to the
+same component at layer 2) at position 1 after an anchor token, ".": one pass over the
 vocabulary per attack. At a prefix, a sample of tokens is checked exactly, a ridge regression
 from their features to their inputs predicts every other token's input, and the tokens
 predicted nearest the row space are checked exactly and the regression refitted with them,
@@ -136,6 +136,7 @@ class Screen:
         vocab: torch.Tensor,
         forward_batch: int,
         tol: float,
+        anchor: int,
         feature_runner: PrefixRunner | None = None,
     ) -> None:
         self.runner = runner
@@ -144,7 +145,7 @@ class Screen:
         self.vocab = vocab  # candidate token ids (V,)
         self.forward_batch = forward_batch
         self.tol = tol  # a fit, and an echo: a relative residual at most this
-        self.anchor: int | None = None  # set before the features are first used
+        self.anchor = anchor  # the token id the features follow
         self._ranker: Ranker | None = None
         self._nearest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -154,8 +155,6 @@ class Screen:
         (this module, or the same component at a shallow layer) at position 1 after the
         anchor, and a constant; computed on first use (position 0 needs none)."""
         if self._ranker is None:
-            if self.anchor is None:
-                raise RuntimeError("Screen.anchor must be set before the features are used")
             runner, device = self.feature_runner, self.vocab.device
             one = torch.zeros(1, dtype=torch.long, device=device)
             with torch.no_grad():
