@@ -146,7 +146,7 @@ def make_screen(
     component, layer = lay.locate(module)
     if component not in OWN_LAYER_FEATURES:
         layer = min(layer, FEATURE_LAYER)
-    shallow = lay.component_name(component, layer)
+    features = lay.component_name(component, layer)
     screen = Screen(
         PrefixRunner(model, module, lay.num_layers),
         basis,
@@ -154,9 +154,9 @@ def make_screen(
         opts.forward_batch,
         opts.tol,
         anchor,
-        PrefixRunner(model, shallow, lay.num_layers) if shallow != module else None,
+        PrefixRunner(model, features, lay.num_layers) if features != module else None,
     )
-    return screen, shallow
+    return screen, features
 
 
 class CausalSpanAttack(Attack):
@@ -189,7 +189,7 @@ class CausalSpanAttack(Attack):
         spec = spectra[module]
         basis = spec.basis.to(device)
         vocab = candidate_token_ids(tokenizer).to(device)
-        screen, shallow = make_screen(
+        screen, features = make_screen(
             model, lay, module, basis, vocab, opts, anchor_token(tokenizer)
         )
         info: dict[str, Any] = {
@@ -198,7 +198,7 @@ class CausalSpanAttack(Attack):
             "threat_model": THREAT_MODEL,
             "unsure": [],
             "blind": [],
-            "screen_features": shallow,  # whose inputs the screen's regression starts from
+            "screen_features": features,  # whose inputs the screen's regression starts from
         }
         if position_free(lay, module) and causal:
             prefixes = self._order(model, module, snapshot, screen, lengths, info, tokenizer)
