@@ -318,3 +318,26 @@ def test_the_final_choice_is_a_combination_no_single_sentence_change_improves():
     for s in done:
         for r in range(4):
             assert cost(picked) <= cost({**picked, s: r})
+
+
+def test_the_screen_takes_mixed_inputs_features_from_their_own_layer_and_others_from_layer_2():
+    # attn_output's and ffn_out's inputs (an attention mix, an FFN activation) are not the
+    # residual stream that layer 2's features stand for: they take their own layer's.
+    from gradaudit.attacks.base import candidate_token_ids
+    from gradaudit.attacks.causal.attack import anchor_token, make_screen
+    from gradaudit.attacks.causal.options import CausalOptions
+    from gradaudit.model.families import layout
+
+    model, tokenizer = tiny_llama(layers=5), decoder_tokenizer()
+    lay, vocab = layout(model), candidate_token_ids(tokenizer)
+    basis = torch.eye(48, dtype=torch.float64)[:3]
+
+    def features(component: str) -> str:
+        module = lay.component_name(component, 4)
+        opts = CausalOptions()
+        return make_screen(model, lay, module, basis, vocab, opts, anchor_token(tokenizer))[1]
+
+    assert features("value") == lay.component_name("value", 2)
+    assert features("ffn_in") == lay.component_name("ffn_in", 2)
+    assert features("attn_output") == lay.component_name("attn_output", 4)
+    assert features("ffn_out") == lay.component_name("ffn_out", 4)

@@ -127,8 +127,8 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def anchor_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token the screen's features follow: ".", a context-neutral one. On SmolLM2 it ranked
     the true next token within the first 102 at 19 of 20 SST-2 prefixes at value@5, value@15 and
-    ffn_in@15; a sentence's first token ("allows", the anchor before) missed 13 of 20 after the
-    sample and 4 rounds."""
+    ffn_in@15; a sentence's first token ("allows": the anchor was the batch's first recovered
+    token before) missed 13 of 20 after the sample and 4 rounds."""
     return int(tokenizer(".", add_special_tokens=False)["input_ids"][0])
 
 
