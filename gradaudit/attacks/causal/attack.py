@@ -39,8 +39,7 @@ from gradaudit.model.families import is_causal_lm, layout
 # search at layer 15 as well as layer 15's own, and their vocabulary pass runs 3 layers, not 16.
 FEATURE_LAYER = 2
 # ... except for components whose input is not the normalised residual stream (an attention
-# mix, an FFN activation): layer 2's features ranked SST-2's " slow" after "it 's" 12,794th at
-# SmolLM2 attn_output@5 and 28,214th at ffn_out@5, their own layer's 3rd and 449th.
+# mix, an FFN activation): layer 2's features stand for it poorly (docs/span-method.md).
 OWN_LAYER_FEATURES = ("attn_output", "ffn_out")
 
 THREAT_MODEL = (
@@ -125,10 +124,9 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def anchor_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The token the screen's features follow: ".", a context-neutral one. On SmolLM2 it ranked
-    the true next token within the first 102 at 19 of 20 SST-2 prefixes at value@5, value@15 and
-    ffn_in@15; a sentence's first token ("allows": the anchor was the batch's first recovered
-    token before) missed 13 of 20 after the sample and 4 rounds."""
+    """The token the screen's features follow: ".", a context-neutral one. A sentence's first
+    token as anchor left many next tokens out of the regression's reach (docs/span-method.md,
+    "The screen")."""
     return int(tokenizer(".", add_special_tokens=False)["input_ids"][0])
 
 
