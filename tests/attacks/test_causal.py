@@ -341,3 +341,16 @@ def test_the_screen_takes_mixed_inputs_features_from_their_own_layer_and_others_
     assert features("ffn_in") == lay.component_name("ffn_in", 2)
     assert features("attn_output") == lay.component_name("attn_output", 4)
     assert features("ffn_out") == lay.component_name("ffn_out", 4)
+
+
+def test_a_tokenizer_without_a_full_stop_token_gets_one_error_naming_the_anchor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gradaudit.attacks.causal.attack import anchor_token
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(".", behavior="removed")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(GradAuditError, match="encodes '.' as no token.*anchor"):
+        anchor_token(tokenizer)

@@ -127,7 +127,13 @@ def anchor_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token the screen's features follow: ".", a context-neutral one. A sentence's first
     token as anchor left many next tokens out of the regression's reach (docs/span-method.md,
     "The screen")."""
-    return int(tokenizer(".", add_special_tokens=False)["input_ids"][0])
+    ids = tokenizer(".", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise GradAuditError(
+            f"the tokenizer {type(tokenizer).__name__} encodes '.' as no token, and the causal "
+            "attack's screen needs it as its anchor: use a tokenizer with a '.' token"
+        )
+    return int(ids[0])
 
 
 def make_screen(

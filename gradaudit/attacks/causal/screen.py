@@ -220,9 +220,13 @@ class Screen:
         that token follows it): its residual is set to infinity."""
 
         def evaluate(ids: torch.Tensor) -> torch.Tensor:
-            return self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+            return self.inputs_after(kv, row, position, ids)
 
         return self.search(evaluate, self.ranker, effort, own, prior)
+
+    def inputs_after(self, kv: KV, row: int, position: int, ids: torch.Tensor) -> torch.Tensor:
+        """Module inputs (M, width) of vocabulary indices `ids` (M,) after prefix row `row`."""
+        return self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
 
     def search(
         self,
@@ -285,7 +289,7 @@ class Screen:
             ids = ids[self.ranker.predicted_residual(checked.coef)[ids].argsort()]
         for start in range(0, int(ids.shape[0]), SHORTLIST):
             part = ids[start : start + SHORTLIST]
-            x = self.inputs(kv, part.new_full(part.shape, row), position, self.vocab[part])
+            x = self.inputs_after(kv, row, position, part)
             residual = torch.cat([checked.residual, self.novel_residual(x, own)])
             checked = Checked(torch.cat([checked.index, part]), residual, checked.coef)
             if bool((checked.residual <= self.tol).any()):
