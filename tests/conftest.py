@@ -83,6 +83,15 @@ def minilm():
     return load_model("minilm")
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged SmolLM2 (model, tokenizer), loaded once per session, or a skip saying
+    what is missing."""
+    from _decoders import smollm2_or_skip
+
+    return smollm2_or_skip()
+
+
 @pytest.fixture
 def sst2_path() -> Path:
     path = SHARED_DATA / "sst2" / "dev.tsv"

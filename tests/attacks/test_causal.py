@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from _decoders import decoder_tokenizer, smollm2_or_skip, tiny_gpt2, tiny_llama
+from _decoders import decoder_tokenizer, tiny_gpt2, tiny_llama
 
 from gradaudit import GradAuditError, capture, get_attack, select_modules
 from gradaudit.attacks.causal.attack import CausalSpanAttack
@@ -254,11 +254,6 @@ def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(m
     where = int((grower.screen.vocab == tokenizer.convert_tokens_to_ids("was")).nonzero())
     end = 4 * (where // 4 + 1)
     assert found.index.tolist() == list(range(end)) and end < len(grower.screen.vocab)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return smollm2_or_skip()
 
 
 SMOL_TEXT = "it 's a charming and often affecting journey ."

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _decoders import smollm2_or_skip
 
 from gradaudit import capture, select_modules
 from gradaudit.model.batch import make_batch
 from gradaudit.model.families import layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return smollm2_or_skip()
 
 
 def test_smollm2_layer_2_query_gradient_spans_the_tokens_it_saw(smollm2):
