@@ -22,6 +22,7 @@ import torch
 from gradaudit.attacks.causal.prefix import KV, PrefixRunner, concat
 
 RIDGE = 1e-3  # ridge weight, relative to the features' mean squared norm
+PRIOR_PULL = 0.1  # the same, towards a prior regression (1.0 measured alike)
 NEAREST_KEPT = 256  # regressions whose nearest tokens are remembered
 SKETCH = 128  # random directions of the complement that estimate a prediction's residual
 SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
@@ -95,13 +96,21 @@ class Ranker:
             gauss = torch.randn(outside, SKETCH, generator=seeded) / SKETCH**0.5
             self.sketch = gauss.to(device=features.device, dtype=torch.float32)
 
-    def fit(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The regression (f, width), fitted on tokens `index` and their inputs `x`."""
+    def fit(
+        self, index: torch.Tensor, x: torch.Tensor, toward: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The regression (f, width), fitted on tokens `index` and their inputs `x`: ridge
+        towards zero, or with `toward` (a regression fitted before) pulled towards that one,
+        so that the few hundred tokens checked at one prefix can correct a neighbour's fit."""
         feats = self.features[index]
         gram = feats.T @ feats
+        rhs = feats.T @ x
         ridge = RIDGE * float(gram.diagonal().mean())
+        if toward is not None:
+            ridge = PRIOR_PULL * float(gram.diagonal().mean())
+            rhs = rhs + ridge * toward
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        return torch.linalg.solve(gram + ridge * eye, feats.T @ x)
+        return torch.linalg.solve(gram + ridge * eye, rhs)
 
     def predicted_residual(self, coef: torch.Tensor) -> torch.Tensor:
         """Relative residual (V,) of every token's input as `coef` predicts it: one matmul
@@ -238,8 +247,10 @@ class Screen:
     ) -> Checked:
         """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until one
         fits: the `prior_count` that `prior` (a regression fitted before) puts nearest the
-        row space; then the `sample`, and `count` doubling each round, led by `ranker`'s
-        regression refitted on everything checked."""
+        row space, then `count` doubling each round by the prior refitted on them (pulled
+        towards it); then the `sample`, and `count` doubling each round, led by `ranker`'s
+        regression refitted on everything checked. The refitted prior costs a fraction of the
+        sample where the prior nearly fits (docs/span-method.md, "The screen")."""
         sample, count, fits = effort.sample, effort.count, effort.fits
         index, residual = sample[:0], self.basis.new_zeros(0)
         x = self.basis.new_zeros(0, self.basis.shape[1])
@@ -255,6 +266,11 @@ class Screen:
             add(self.nearest(prior, index, effort.prior_count, ranker))
             if bool(fits(residual).any()):
                 return Checked(index, residual, coef)
+            for k in range(effort.rounds):  # the prior corrected by what this prefix checked
+                coef = ranker.fit(index, x, toward=prior)
+                add(self.nearest(coef, index, count << k, ranker))
+                if bool(fits(residual).any()):
+                    return Checked(index, residual, coef)
         add(sample[~torch.isin(sample, index)])
         for k in range(effort.rounds):  # at least one round: a sample token's fit can be an echo
             coef = ranker.fit(index, x)
