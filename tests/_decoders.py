@@ -35,10 +35,13 @@ def decoder_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(*, classifier: bool = False, seed: int = 0, layers: int = 2, hidden: int = 48):
-    """A random Llama (causal LM, or a 2-label classifier) over `WORDS`, context 32."""
+def tiny_llama(
+    *, classifier: bool = False, seed: int = 0, layers: int = 2, hidden: int = 48, vocab: int = 0
+):
+    """A random Llama (causal LM, or a 2-label classifier) over `WORDS` (or `vocab` token ids
+    without a tokenizer), context 32."""
     config = LlamaConfig(
-        vocab_size=len(WORDS) + 2,
+        vocab_size=vocab or len(WORDS) + 2,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

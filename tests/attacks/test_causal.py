@@ -236,6 +236,49 @@ def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovere
     assert chosen(picked)[1] < 1e-9 and repaired == [(1, 3)]
 
 
+def test_a_sentence_whose_first_token_the_screen_missed_is_found_again_on_the_whole_vocabulary():
+    # The position-0 screen stops once as many tokens fit as there are sentences; a first
+    # token it misses leaves that sentence copying another's path from position 0.
+    from gradaudit.attacks.causal.repair import repair
+    from gradaudit.attacks.causal.solve import choose, uncovered
+
+    texts = ["the movie was very good", "a film is not boring"]
+    tokenizer, basis, grower, lengths, plan, done = grown(texts)
+    done[0] = done[0].take(torch.tensor([int(choose(done, basis)[0])]))  # its own path only
+    done[1] = dataclasses.replace(done[0], sentence=torch.ones_like(done[0].sentence))
+    picked = choose(done, basis)
+    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()]) > 0.1
+    picked, repaired = repair(grower, done, picked, lengths, plan, basis)
+    texts = [tokenizer.decode(done[b].tokens[r]) for b, r in sorted(picked.items())]
+    assert texts == ["the movie was very", "a film is not"] and repaired == [(1, 0)]
+    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()]) < 1e-9
+
+
+def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vocabulary():
+    # ffn_in@4 takes its screen's features from layer 2: position 0 is led by their
+    # regression and stops once as many tokens fit as there are sentences.
+    from gradaudit.attacks.causal.attack import make_screen
+    from gradaudit.attacks.causal.grow import Grower
+    from gradaudit.attacks.causal.options import CausalOptions
+    from gradaudit.gradients.spectrum import spectrum
+    from gradaudit.model.families import layout
+
+    model, size = tiny_llama(layers=5, vocab=2000), 2000
+    ids = torch.randint(0, size, (4, 5), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    module = layout(model).component_name("ffn_in", 4)
+    snapshot = capture(model, batch, [module])
+    spec = spectrum(snapshot.weight_gradient(module), noisy=False, min_gap=50.0, name=module)
+    opts = CausalOptions(frequent=64, sample=64)
+    screen, _ = make_screen(model, layout(model), module, spec.basis, torch.arange(size), opts, 0)
+    effort = Grower(screen, opts, torch.Generator().manual_seed(0), opts.rounds).effort
+    none = spec.basis[:0]
+    checked = screen.first_position(effort, none, exhaustive=False, enough=4)
+    fits = checked.index[checked.residual <= opts.tol]
+    assert sorted(fits.tolist()) == sorted(ids[:, 0].tolist())
+    assert len(checked.index) < size // 2
+
+
 def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(monkeypatch):
     # Chunks of 4 instead of 4,096, in vocabulary order (no regression fitted yet): after
     # "the movie", the check stops with the chunk that holds "was".

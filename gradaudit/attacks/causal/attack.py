@@ -27,7 +27,7 @@ from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.order import Orderer, position_free
 from gradaudit.attacks.causal.prefix import PrefixRunner
 from gradaudit.attacks.causal.repair import repair
-from gradaudit.attacks.causal.screen import Screen
+from gradaudit.attacks.causal.screen import Screen, relative_residual
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all, uncovered
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
@@ -255,7 +255,7 @@ class CausalSpanAttack(Attack):
     ) -> dict[int, torch.Tensor]:
         """Prefixes of a position-free module (see `order`): the token set, ordered."""
         vocab = screen.vocab
-        residual = screen.residuals(screen.runner.empty(), torch.zeros_like(vocab), 0, vocab)
+        residual = relative_residual(screen.inputs_first(), screen.basis)
         tokens = vocab[residual <= self.options.tol]
         info["token_set"] = tokens.tolist()
         info["order"] = (

@@ -80,17 +80,19 @@ class Grower:
         return first_tokens(self.screen, effort, opts.stand_ins, sentences)
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
-        """`fits` at position 0: every row is the empty prefix, so the whole vocabulary is
-        checked exactly once."""
+        """`fits` at position 0: every row is the empty prefix, so the tokens are checked once
+        for all (see `Screen.first_position`)."""
         screen, opts = self.screen, self.options
-        n, size = int(beam.tokens.shape[0]), int(screen.vocab.shape[0])
-        one = torch.zeros(size, dtype=torch.long, device=beam.score.device)
-        res = screen.residuals(beam.kv, one, 0, screen.vocab)
+        n = int(beam.tokens.shape[0])
+        none = screen.basis.new_zeros(0, screen.basis.shape[1])
+        checked = screen.first_position(self.effort, none, exhaustive=False, enough=n)
+        res = checked.residual
         best, arg = res.min(0)
-        index = ((res <= opts.tol) & (res <= best * opts.ratio)).nonzero()[:, 0]
-        rows = torch.arange(n, device=one.device)
-        fits = Fits(rows.repeat_interleave(len(index)), index.repeat(n), res[index].repeat(n))
-        return fits, best.expand(n), arg.expand(n)
+        ok = (res <= opts.tol) & (res <= best * opts.ratio)
+        index, res = checked.index[ok], res[ok]
+        rows = torch.arange(n, device=index.device)
+        fits = Fits(rows.repeat_interleave(len(index)), index.repeat(n), res.repeat(n))
+        return fits, best.expand(n), checked.index[arg].expand(n)
 
     def fits(
         self, beam: Beam, position: int, ending: int, quick: torch.Tensor | None = None

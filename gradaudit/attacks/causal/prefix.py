@@ -86,6 +86,8 @@ def select(kv: KV, rows: torch.Tensor) -> KV:
 
 def truncate(kv: KV, length: int) -> KV:
     """`kv` cut to its first `length` positions: the cache of each row's prefix that long."""
+    if length == 0:
+        return [None] * len(kv)
     return [None if e is None else (e[0][:, :, :length], e[1][:, :, :length]) for e in kv]
 
 

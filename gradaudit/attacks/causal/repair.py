@@ -77,7 +77,7 @@ def find_new_row(
     `searched` and not searched again."""
     screen, opts = grower.screen, grower.options
     own = orthonormal_rows(torch.cat([done[b].inputs[r] for b, r in picked.items()]))
-    for length in range(max(1, plan.first_seen), longest):
+    for length in range(plan.first_seen, longest):
         if length in plan.fixed:
             continue
         for b, r in picked.items():
@@ -85,8 +85,11 @@ def find_new_row(
             if len(prefix) < length or prefix in searched:
                 continue
             searched.add(prefix)
-            head = cut(done[b], r, length)
-            checked = screen.check(head.kv, 0, length, grower.effort, own)
+            if length == 0:  # a first token growth's screen missed: the whole vocabulary
+                checked = screen.first_position(grower.effort, own, exhaustive=True)
+            else:
+                head = cut(done[b], r, length)
+                checked = screen.check(head.kv, 0, length, grower.effort, own)
             low, arg = checked.residual.min(0)
             if float(low) <= opts.tol:
                 return NewRow(b, r, length, int(checked.index[arg]), float(low))

@@ -26,13 +26,18 @@ PRIOR_PULL = 0.1  # the same, towards a prior regression (1.0 measured alike)
 NEAREST_KEPT = 256  # regressions whose nearest tokens are remembered
 SKETCH = 128  # random directions of the complement that estimate a prediction's residual
 SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
+FIRST_ROUNDS = 6  # most rounds of the position-0 search (64 to 2,048 tokens)
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """|x - V^T V x| / |x| per row, in float64."""
+    """|x - V^T V x| / |x| per row, in float64; 1 for a zero row (a token whose input is zero,
+    such as a padding embedding, adds no row to the gradient: nothing confirms it)."""
     x = x.to(basis.dtype)
     outside = x - (x @ basis.T) @ basis
-    return outside.norm(dim=-1) / x.norm(dim=-1).clamp_min(torch.finfo(basis.dtype).tiny)
+    norm = x.norm(dim=-1)
+    return (outside.norm(dim=-1) / norm.clamp_min(torch.finfo(basis.dtype).tiny)).masked_fill(
+        norm == 0, 1.0
+    )
 
 
 def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +161,7 @@ class Screen:
         self.tol = tol  # a fit, and an echo: a relative residual at most this
         self.anchor = anchor  # the token id the features follow
         self._ranker: Ranker | None = None
+        self._first_ranker: Ranker | None = None
         self._nearest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -173,6 +179,52 @@ class Screen:
             x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab, runner)
             self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
         return self._ranker
+
+    @property
+    def first_ranker(self) -> Ranker | None:
+        """The regression over every candidate's input to the feature module at position 0
+        (no prefix), or None where that module is the observed one (its inputs are exact)."""
+        if self.feature_runner is self.runner:
+            return None
+        if self._first_ranker is None:
+            x = self.inputs_first(self.feature_runner)
+            self._first_ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
+        return self._first_ranker
+
+    def inputs_first(
+        self, runner: PrefixRunner | None = None, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Inputs at position 0 (no prefix) of vocabulary indices `index` (all by default)."""
+        ids = self.vocab if index is None else self.vocab[index]
+        runner = runner or self.runner
+        return self.inputs(runner.empty(), torch.zeros_like(ids), 0, ids, runner)
+
+    def first_position(
+        self, effort: Effort, own: torch.Tensor, exhaustive: bool, enough: int = 1
+    ) -> Checked:
+        """Tokens checked at position 0: the whole vocabulary when `exhaustive` or without a
+        shallower feature module; else the `sample`, then `FIRST_ROUNDS` rounds of `count`
+        (doubling) that the regression from the feature module's position-0 inputs puts
+        nearest the row space, stopping once `enough` fit (as many as sentences). A first
+        token it misses loses its sentence, which repair finds again on the whole vocabulary."""
+        ranker = None if exhaustive else self.first_ranker
+        if ranker is None:
+            every = torch.arange(int(self.vocab.shape[0]), device=self.vocab.device)
+            return Checked(every, self.novel_residual(self.inputs_first(index=every), own))
+        index = effort.sample
+        x = self.inputs_first(index=index)
+        residual = self.novel_residual(x, own)
+        coef = None
+        for k in range(FIRST_ROUNDS):
+            if int(effort.fits(residual).sum()) >= enough:
+                break
+            coef = ranker.fit(index, x)
+            top = self.nearest(coef, index, effort.count << k, ranker)
+            new = self.inputs_first(index=top)
+            new_residual = self.novel_residual(new, own)
+            index, x = torch.cat([index, top]), torch.cat([x, new])
+            residual = torch.cat([residual, new_residual])
+        return Checked(index, residual, coef)
 
     @torch.no_grad()
     def inputs(
@@ -192,10 +244,6 @@ class Screen:
             x, _ = runner.run(kv, rows[part], position, ids=ids[part])
             out.append(x.to(self.basis.dtype))
         return torch.cat(out) if out else self.basis.new_zeros(0, self.basis.shape[1])
-
-    def residuals(self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor):
-        """Exact relative residual (M,) of token `ids` (M,) after prefix rows `rows` (M,)."""
-        return relative_residual(self.inputs(kv, rows, position, ids), self.basis)
 
     def nearest(
         self, coef: torch.Tensor, checked: torch.Tensor, count: int, ranker: Ranker | None = None
