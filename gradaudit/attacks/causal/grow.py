@@ -18,7 +18,7 @@ import torch
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.pairs import first_tokens
 from gradaudit.attacks.causal.prefix import KV, select
-from gradaudit.attacks.causal.screen import Effort, Screen, orthonormal_rows
+from gradaudit.attacks.causal.screen import Checked, Effort, Screen, orthonormal_rows
 
 
 @dataclass
@@ -110,44 +110,71 @@ class Grower:
         fits = self.effort.fits
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
         prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]
-        checked, shared = [], None
+        checked: dict[int, Checked] = {}  # per head: the first row of its prefix
+        efforts: dict[int, Effort] = {}
         first_row: dict[tuple[int, ...], int] = {}  # sentences share prefixes: check each once
+        shared = None
         for row in range(n):
             if prefixes[row] in first_row:
-                checked.append(checked[first_row[prefixes[row]]])
                 continue
             first_row[prefixes[row]] = row
             prior = self._fitted.get(prefixes[row][:-1], shared)
             thorough = quick is None or not bool(quick[row]) or prior is None
-            effort = self.effort if thorough else self.effort.quick()
-            c = self.screen.check(beam.kv, row, position, effort, spans[row], prior)
+            efforts[row] = self.effort if thorough else self.effort.quick()
+            c = self.screen.check(beam.kv, row, position, efforts[row], spans[row], prior, False)
             shared = c.coef if shared is None else shared
-            checked.append(c)
-        # Prefixes that fitted everywhere but got no next token from the screen: as many as
-        # the sentences that end here may have ended; more mean a miss, so check them whole.
+            checked[row] = c
+        # Every live sentence's prefixes are carried in the others' beams too, so a sentence
+        # that just ended leaves its prefix a dead end there. Where the prior stage found a
+        # next token after as many prefixes as there are live sentences, the rest are such
+        # dead ends; where it found fewer, they are searched further.
+        found = sum(bool(fits(c.residual).any()) for c in checked.values())
+        if quick is not None or found < int(beam.sentence.unique().numel()):
+            self._search_further(beam, position, ending, checked, efforts, spans, quick)
+        per_row = [checked[first_row[prefix]] for prefix in prefixes]
+        self._fitted = {p: c.coef for p, c in zip(prefixes, per_row) if c.coef is not None}
+        fitting, best, best_index = [], [], []
+        for row, c in enumerate(per_row):
+            low, arg = c.residual.min(0)
+            ok = (c.residual <= opts.tol) & (c.residual <= low * opts.ratio)
+            fitting.append(Fits(torch.full_like(c.index[ok], row), c.index[ok], c.residual[ok]))
+            best.append(low)
+            best_index.append(c.index[arg])
+        merged = Fits(
+            *(torch.cat([getattr(f, k) for f in fitting]) for k in ("rows", "index", "residual"))
+        )
+        return merged, torch.stack(best), torch.stack(best_index)
+
+    def _search_further(
+        self,
+        beam: Beam,
+        position: int,
+        ending: int,
+        checked: dict[int, Checked],
+        efforts: dict[int, Effort],
+        spans: list[torch.Tensor],
+        quick: torch.Tensor | None,
+    ) -> None:
+        """The sampled stage for every prefix (head row) the prior stage found no next token
+        after; then, where more such prefixes fitted everywhere than the `ending` sentences
+        explain, the rest of the vocabulary for them (`Screen.complete`)."""
+        fits = self.effort.fits
+        for head, c in checked.items():
+            if not bool(fits(c.residual).any()):
+                checked[head] = self.screen.resume(
+                    beam.kv, head, position, efforts[head], spans[head], c
+                )
         stuck = [
             head
-            for head in first_row.values()
-            if float(beam.score[head]) <= opts.tol and not bool(fits(checked[head].residual).any())
+            for head, c in checked.items()
+            if float(beam.score[head]) <= self.options.tol
+            and (quick is None or not bool(quick[head]))
+            and not bool(fits(c.residual).any())
         ]
-        stuck = [head for head in stuck if quick is None or not bool(quick[head])]
         for head in stuck if len(stuck) > ending else []:
             checked[head] = self.screen.complete(
                 beam.kv, head, position, checked[head], spans[head]
             )
-        checked = [checked[first_row[prefix]] for prefix in prefixes]
-        self._fitted = {p: c.coef for p, c in zip(prefixes, checked) if c.coef is not None}
-        found, best, best_index = [], [], []
-        for row, c in enumerate(checked):
-            low, arg = c.residual.min(0)
-            ok = (c.residual <= opts.tol) & (c.residual <= low * opts.ratio)
-            found.append(Fits(torch.full_like(c.index[ok], row), c.index[ok], c.residual[ok]))
-            best.append(low)
-            best_index.append(c.index[arg])
-        merged = Fits(
-            *(torch.cat([getattr(f, k) for f in found]) for k in ("rows", "index", "residual"))
-        )
-        return merged, torch.stack(best), torch.stack(best_index)
 
     def step(
         self, beam: Beam, position: int, ending: int = 0, quick: torch.Tensor | None = None

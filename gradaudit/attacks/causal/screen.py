@@ -270,20 +270,32 @@ class Screen:
         effort: Effort,
         own: torch.Tensor,
         prior: torch.Tensor | None = None,
+        sampled: bool = True,
     ) -> Checked:
-        """Next tokens after prefix row `row` checked until one fits (see `search`). A token
+        """Next tokens after prefix row `row` checked until one fits (see `search`; without
+        `sampled`, only its prior stage where there is a prior: `resume` goes on). A token
         whose input the prefix's own inputs (`own`, orthonormal rows) already span is an
         echo, not a new row of the gradient (a Llama repeats its first token's input when
         that token follows it): its residual is set to infinity."""
-
-        def evaluate(ids: torch.Tensor) -> torch.Tensor:
-            return self.inputs_after(kv, row, position, ids)
-
+        evaluate = self.evaluator(kv, row, position)
+        if prior is not None and not sampled:
+            return self.search_near(evaluate, self.ranker, effort, own, prior)
         return self.search(evaluate, self.ranker, effort, own, prior)
 
-    def inputs_after(self, kv: KV, row: int, position: int, ids: torch.Tensor) -> torch.Tensor:
-        """Module inputs (M, width) of vocabulary indices `ids` (M,) after prefix row `row`."""
-        return self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+    def resume(
+        self, kv: KV, row: int, position: int, effort: Effort, own: torch.Tensor, before: Checked
+    ) -> Checked:
+        """`check`'s sampled stage after its prior stage `before` found no fit."""
+        evaluate = self.evaluator(kv, row, position)
+        return self.search_sampled(evaluate, self.ranker, effort, own, before)
+
+    def evaluator(self, kv: KV, row: int, position: int):
+        """Module inputs (M, width) of vocabulary indices (M,) after prefix row `row`."""
+
+        def evaluate(ids: torch.Tensor) -> torch.Tensor:
+            return self.inputs(kv, ids.new_full(ids.shape, row), position, self.vocab[ids])
+
+        return evaluate
 
     def search(
         self,
@@ -294,41 +306,57 @@ class Screen:
         prior: torch.Tensor | None = None,
     ) -> Checked:
         """Tokens (vocabulary indices) whose inputs `evaluate(indices)` are checked until one
-        fits: the `prior_count` that `prior` (a regression fitted before) puts nearest the
-        row space, then `count` doubling each round by the prior refitted on them (pulled
-        towards it); then the `sample`, and `count` doubling each round, led by `ranker`'s
-        regression refitted on everything checked. The refitted prior costs a fraction of the
-        sample where the prior nearly fits (docs/span-method.md, "The screen")."""
-        sample, count, fits = effort.sample, effort.count, effort.fits
-        index, residual = sample[:0], self.basis.new_zeros(0)
-        x = self.basis.new_zeros(0, self.basis.shape[1])
-
-        def add(ids: torch.Tensor) -> None:
-            nonlocal index, x, residual
-            new = evaluate(ids)
-            index, x = torch.cat([index, ids]), torch.cat([x, new])
-            residual = torch.cat([residual, self.novel_residual(new, own)])
-
-        coef = prior
+        fits: the prior stage where there is a `prior` (`search_near`), then the sampled one
+        (`search_sampled`)."""
+        checked = Checked(effort.sample[:0], self.basis.new_zeros(0), prior)
         if prior is not None:
-            add(self.nearest(prior, index, effort.prior_count, ranker))
-            if bool(fits(residual).any()):
-                return Checked(index, residual, coef)
-            for k in range(effort.rounds):  # the prior corrected by what this prefix checked
-                coef = ranker.fit(index, x, toward=prior)
-                add(self.nearest(coef, index, count << k, ranker))
-                if bool(fits(residual).any()):
-                    return Checked(index, residual, coef)
-        add(sample[~torch.isin(sample, index)])
+            checked = self.search_near(evaluate, ranker, effort, own, prior)
+            if bool(effort.fits(checked.residual).any()):
+                return checked
+        return self.search_sampled(evaluate, ranker, effort, own, checked)
+
+    def search_near(
+        self, evaluate, ranker: Ranker, effort: Effort, own: torch.Tensor, prior: torch.Tensor
+    ) -> Checked:
+        """The `prior_count` tokens that `prior` (a regression fitted before) puts nearest the
+        row space, then `count` doubling each round by the prior refitted on them (pulled
+        towards it), until one fits: a fraction of the sample's cost where the prior nearly
+        fits (docs/span-method.md, "The screen")."""
+        index = self.nearest(prior, effort.sample[:0], effort.prior_count, ranker)
+        x = evaluate(index)
+        residual = self.novel_residual(x, own)
+        coef = prior
+        for k in range(effort.rounds):
+            if bool(effort.fits(residual).any()):
+                break
+            coef = ranker.fit(index, x, toward=prior)
+            top = self.nearest(coef, index, effort.count << k, ranker)
+            new = evaluate(top)
+            index, x = torch.cat([index, top]), torch.cat([x, new])
+            residual = torch.cat([residual, self.novel_residual(new, own)])
+        return Checked(index, residual, coef)
+
+    def search_sampled(
+        self, evaluate, ranker: Ranker, effort: Effort, own: torch.Tensor, before: Checked
+    ) -> Checked:
+        """`before` and the `sample`, then `count` doubling each round, led by `ranker`'s
+        regression refitted on the sample and the rounds, until one fits."""
+        index = effort.sample[~torch.isin(effort.sample, before.index)]
+        x = evaluate(index)
+        residual = self.novel_residual(x, own)
+        coef = before.coef
         for k in range(effort.rounds):  # at least one round: a sample token's fit can be an echo
             coef = ranker.fit(index, x)
-            top = self.nearest(coef, index, count << k, ranker)
+            top = self.nearest(coef, torch.cat([before.index, index]), effort.count << k, ranker)
             if top.numel() == 0:
                 break
-            add(top)
-            if bool(fits(residual).any()):
+            new = evaluate(top)
+            index, x = torch.cat([index, top]), torch.cat([x, new])
+            residual = torch.cat([residual, self.novel_residual(new, own)])
+            if bool(effort.fits(residual).any()):
                 break
-        return Checked(index, residual, coef)
+        index = torch.cat([before.index, index])
+        return Checked(index, torch.cat([before.residual, residual]), coef)
 
     def novel_residual(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         """The relative residual of inputs `x` against the row space, infinite for echoes of
@@ -353,7 +381,7 @@ class Screen:
             ids = ids[self.ranker.predicted_residual(checked.coef)[ids].argsort()]
         for start in range(0, int(ids.shape[0]), SHORTLIST):
             part = ids[start : start + SHORTLIST]
-            x = self.inputs_after(kv, row, position, part)
+            x = self.evaluator(kv, row, position)(part)
             residual = torch.cat([checked.residual, self.novel_residual(x, own)])
             checked = Checked(torch.cat([checked.index, part]), residual, checked.coef)
             if bool((checked.residual <= self.tol).any()):
