@@ -156,8 +156,9 @@ class Grower:
         quick: torch.Tensor | None,
     ) -> None:
         """The sampled stage for every prefix (head row) the prior stage found no next token
-        after; then, where more such prefixes fitted everywhere than the `ending` sentences
-        explain, the rest of the vocabulary for them (`Screen.complete`)."""
+        after; then, while more such prefixes fitted everywhere than the `ending` sentences
+        explain, the rest of the vocabulary for them (`Screen.complete`), a chunk each in
+        turn: a prefix that ended a sentence is a dead end the whole vocabulary cannot fit."""
         fits = self.effort.fits
         for head, c in checked.items():
             if not bool(fits(c.residual).any()):
@@ -171,10 +172,17 @@ class Grower:
             and (quick is None or not bool(quick[head]))
             and not bool(fits(c.residual).any())
         ]
-        for head in stuck if len(stuck) > ending else []:
-            checked[head] = self.screen.complete(
-                beam.kv, head, position, checked[head], spans[head]
-            )
+        size = int(self.screen.vocab.shape[0])
+        while len(stuck) > ending:
+            for head in stuck:
+                checked[head] = self.screen.complete(
+                    beam.kv, head, position, checked[head], spans[head], chunks=1
+                )
+            stuck = [
+                head
+                for head in stuck
+                if not bool(fits(checked[head].residual).any()) and len(checked[head].index) < size
+            ]
 
     def step(
         self, beam: Beam, position: int, ending: int = 0, quick: torch.Tensor | None = None

@@ -74,10 +74,13 @@ def find_new_row(
 ) -> NewRow | None:
     """The first next token, over the chosen prefixes shortest first (up to `longest` tokens),
     whose input is a new row (see the module docstring); every prefix searched is added to
-    `searched` and not searched again."""
+    `searched` and not searched again. The empty prefix comes last: a first token the growth's
+    screen missed is searched on the whole vocabulary, the price of the unscreened pass."""
     screen, opts = grower.screen, grower.options
     own = orthonormal_rows(torch.cat([done[b].inputs[r] for b, r in picked.items()]))
-    for length in range(plan.first_seen, longest):
+    lengths = list(range(max(1, plan.first_seen), longest))
+    lengths += [0] if plan.first_seen == 0 else []
+    for length in lengths:
         if length in plan.fixed:
             continue
         for b, r in picked.items():
@@ -85,7 +88,7 @@ def find_new_row(
             if len(prefix) < length or prefix in searched:
                 continue
             searched.add(prefix)
-            if length == 0:  # a first token growth's screen missed: the whole vocabulary
+            if length == 0:
                 checked = screen.first_position(grower.effort, own, exhaustive=True)
             else:
                 head = cut(done[b], r, length)

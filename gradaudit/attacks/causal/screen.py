@@ -368,18 +368,24 @@ class Screen:
         return residual
 
     def complete(
-        self, kv: KV, row: int, position: int, checked: Checked, own: torch.Tensor
+        self,
+        kv: KV,
+        row: int,
+        position: int,
+        checked: Checked,
+        own: torch.Tensor,
+        chunks: int | None = None,
     ) -> Checked:
         """`checked` and the rest of the vocabulary, checked exactly after prefix row `row` in
-        the last regression's order, `SHORTLIST` tokens at a time until one fits: the first
-        4,096 held 10 of 12 stuck prefixes' next tokens on SmolLM2 ffn_out@1, and the rest
-        ranked up to 39,158th."""
+        the last regression's order, `SHORTLIST` tokens at a time until one fits (or after
+        `chunks` of them): the first 4,096 held 10 of 12 stuck prefixes' next tokens on
+        SmolLM2 ffn_out@1, and the rest ranked up to 39,158th."""
         rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device)
         rest[checked.index] = False
         ids = rest.nonzero()[:, 0]
         if checked.coef is not None:
             ids = ids[self.ranker.predicted_residual(checked.coef)[ids].argsort()]
-        for start in range(0, int(ids.shape[0]), SHORTLIST):
+        for start in range(0, int(ids.shape[0]), SHORTLIST)[:chunks]:
             part = ids[start : start + SHORTLIST]
             x = self.evaluator(kv, row, position)(part)
             residual = torch.cat([checked.residual, self.novel_residual(x, own)])
