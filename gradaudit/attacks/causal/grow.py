@@ -172,7 +172,6 @@ class Grower:
             and (quick is None or not bool(quick[head]))
             and not bool(fits(c.residual).any())
         ]
-        size = int(self.screen.vocab.shape[0])
         while len(stuck) > ending:
             for head in stuck:
                 checked[head] = self.screen.complete(
@@ -181,7 +180,7 @@ class Grower:
             stuck = [
                 head
                 for head in stuck
-                if not bool(fits(checked[head].residual).any()) and len(checked[head].index) < size
+                if not bool(fits(checked[head].residual).any()) and len(checked[head].rest)
             ]
 
     def step(

@@ -57,6 +57,7 @@ class Checked:
     index: torch.Tensor
     residual: torch.Tensor
     coef: torch.Tensor | None = None
+    rest: torch.Tensor | None = None  # the unchecked ones in the regression's order (complete)
 
 
 @dataclass(frozen=True)
@@ -380,16 +381,22 @@ class Screen:
         the last regression's order, `SHORTLIST` tokens at a time until one fits (or after
         `chunks` of them): the first 4,096 held 10 of 12 stuck prefixes' next tokens on
         SmolLM2 ffn_out@1, and the rest ranked up to 39,158th."""
-        rest = torch.ones(int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device)
-        rest[checked.index] = False
-        ids = rest.nonzero()[:, 0]
-        if checked.coef is not None:
-            ids = ids[self.ranker.predicted_residual(checked.coef)[ids].argsort()]
+        ids = checked.rest
+        if ids is None:
+            unchecked = torch.ones(
+                int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device
+            )
+            unchecked[checked.index] = False
+            ids = unchecked.nonzero()[:, 0]
+            if checked.coef is not None:
+                ids = ids[self.ranker.predicted_residual(checked.coef)[ids].argsort()]
+            checked = replace(checked, rest=ids)
         for start in range(0, int(ids.shape[0]), SHORTLIST)[:chunks]:
             part = ids[start : start + SHORTLIST]
             x = self.evaluator(kv, row, position)(part)
             residual = torch.cat([checked.residual, self.novel_residual(x, own)])
-            checked = Checked(torch.cat([checked.index, part]), residual, checked.coef)
+            index = torch.cat([checked.index, part])
+            checked = Checked(index, residual, checked.coef, ids[start + SHORTLIST :])
             if bool((checked.residual <= self.tol).any()):
                 break
         return checked
