@@ -299,6 +299,24 @@ def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(m
     assert found.index.tolist() == list(range(end)) and end < len(grower.screen.vocab)
 
 
+def test_completion_one_chunk_at_a_time_resumes_where_it_stopped(monkeypatch):
+    # Stuck prefixes take turns a chunk each (a dead end must not scan the whole vocabulary
+    # before a live prefix gets its turn): each call checks the next chunk of the same order.
+    import gradaudit.attacks.causal.screen as screen_module
+    from gradaudit.attacks.causal.repair import cut
+    from gradaudit.attacks.causal.screen import Checked, orthonormal_rows
+
+    monkeypatch.setattr(screen_module, "SHORTLIST", 4)
+    _, _, grower, _, _, done = grown(["the movie was very good and funny"])
+    head = cut(done[0], 0, 2)
+    empty = Checked(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+    own = orthonormal_rows(head.inputs[0])
+    once = grower.screen.complete(head.kv, 0, 2, empty, own, chunks=1)
+    twice = grower.screen.complete(head.kv, 0, 2, once, own, chunks=1)
+    assert once.index.tolist() == [0, 1, 2, 3] and twice.index.tolist() == list(range(8))
+    assert twice.rest.tolist() == list(range(8, len(grower.screen.vocab)))
+
+
 SMOL_TEXT = "it 's a charming and often affecting journey ."
 
 
