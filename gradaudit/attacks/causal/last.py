@@ -56,35 +56,32 @@ class LastTokens:
 
     def jacobian(self, prefix: torch.Tensor) -> torch.Tensor:
         """J (H, out): the final hidden state at the prefix's last position differentiated in
-        the module's output there, by one batched pass of H copies after the cached rest."""
+        the module's output there: one pass of the last token after the cached rest, and H
+        backward passes batched over the rows of the identity (autograd's vmap)."""
         size = int(self.heads.shape[1])
         cache = DynamicCache()
         if prefix.shape[0] > 1:
             with torch.no_grad():
                 self.model(input_ids=prefix[None, :-1], use_cache=True, **{self.cache_arg: cache})
-            data = [
-                (layer.keys.expand(size, -1, -1, -1), layer.values.expand(size, -1, -1, -1))
-                for layer in cache.layers
-            ]
-            cache = DynamicCache(ddp_cache_data=data)
-        delta = torch.zeros(size, 1, self.weight.shape[0], device=prefix.device)
+        delta = torch.zeros(1, 1, self.weight.shape[0], device=prefix.device)
         delta.requires_grad_(True)
         hook = self.module.register_forward_hook(lambda m, a, o: o + delta)
-        position = torch.full((size, 1), int(prefix.shape[0]) - 1, device=prefix.device)
+        position = torch.full((1, 1), int(prefix.shape[0]) - 1, device=prefix.device)
         try:
             with torch.enable_grad():
                 out = self.model(
-                    input_ids=prefix[-1:].expand(size, 1),
+                    input_ids=prefix[None, -1:],
                     position_ids=position,
                     use_cache=True,
                     output_hidden_states=True,
                     **{self.cache_arg: cache},
                 )
-                hidden = out.hidden_states[-1][:, 0]
-                (jac,) = torch.autograd.grad(hidden.diagonal().sum(), delta)
+                hidden = out.hidden_states[-1][0, 0]
+                rows = torch.eye(size, dtype=hidden.dtype, device=hidden.device)
+                (jac,) = torch.autograd.grad(hidden, delta, rows, is_grads_batched=True)
         finally:
             hook.remove()
-        return jac[:, 0].double()
+        return jac[:, 0, 0].double()
 
     def signals(self, prefixes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward signals (B, out) at each sentence's last prefix position, from the
