@@ -72,6 +72,11 @@ class Grower:
         prior_count = max(options.screen, int(screen.basis.shape[0]))
         self.effort = Effort(sample, options.screen, rounds, options.tol, prior_count)
 
+    def regression(self) -> torch.Tensor | None:
+        """A regression fitted at the last position grown (its nearest tokens are the batch's
+        tokens at any position), or None."""
+        return next(iter(self._fitted.values()), None)
+
     def first_tokens(self, sentences: int) -> torch.Tensor:
         """Vocabulary indices of first tokens a query's gradient implies, at most one per
         sentence (see `pairs`)."""
