@@ -399,27 +399,6 @@ def test_the_screen_takes_mixed_inputs_features_from_their_own_layer_and_others_
     assert features("ffn_out") == lay.component_name("ffn_out", 4)
 
 
-def test_attn_output_features_add_the_new_tokens_value_projection():
-    # attn_output's input is a mix of the prefix's values and the new token's value: the
-    # value projection's outputs (a fused qkv one in GPT-2) join the features.
-    from gradaudit.attacks.base import candidate_token_ids
-    from gradaudit.attacks.causal.attack import anchor_token, make_screen
-    from gradaudit.attacks.causal.options import CausalOptions
-    from gradaudit.model.families import layout
-
-    tokenizer = decoder_tokenizer()
-    vocab = candidate_token_ids(tokenizer)
-    for model, values in ((tiny_llama(), "value"), (tiny_gpt2(), "qkv")):
-        lay = layout(model)
-        module = lay.component_name("attn_output", 1)
-        basis = torch.eye(48, dtype=torch.float64)[:3]
-        anchor = anchor_token(tokenizer)
-        screen = make_screen(model, lay, module, basis, vocab, CausalOptions(), anchor)[0]
-        width = model.get_submodule(lay.component_name(values, 1)).weight.numel() // 48
-        assert screen.feature_outputs is model.get_submodule(lay.component_name(values, 1))
-        assert screen.ranker.features.shape == (len(vocab), 48 + width + 1)
-
-
 def test_a_tokenizer_without_a_full_stop_token_gets_one_error_naming_the_anchor():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -41,9 +41,6 @@ FEATURE_LAYER = 2
 # ... except for components whose input is not the normalised residual stream (an attention
 # mix, an FFN activation): layer 2's features stand for it poorly (docs/span-method.md).
 OWN_LAYER_FEATURES = ("attn_output", "ffn_out")
-# attn_output's input mixes the values of the prefix and of the new token: that token's value
-# projection (or a fused query-key-value one) joins its features.
-MIXED_VALUES = ("value", "qkv")
 
 THREAT_MODEL = (
     "weights, tokenizer and sentence lengths known; the text (input ids, and a causal LM's "
@@ -154,10 +151,6 @@ def make_screen(
     if component not in OWN_LAYER_FEATURES:
         layer = min(layer, FEATURE_LAYER)
     features = lay.component_name(component, layer)
-    source = next((c for c in MIXED_VALUES if c in lay.family.components), None)
-    outputs = None
-    if component == "attn_output" and source is not None:
-        outputs = model.get_submodule(lay.component_name(source, layer))
     screen = Screen(
         PrefixRunner(model, module, lay.num_layers),
         basis,
@@ -166,7 +159,6 @@ def make_screen(
         opts.tol,
         anchor,
         PrefixRunner(model, features, lay.num_layers) if features != module else None,
-        outputs,
     )
     return screen, features
 

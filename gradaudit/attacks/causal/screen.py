@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from math import inf
 
 import torch
-from torch import nn
 
 from gradaudit.attacks.causal.prefix import KV, PrefixRunner, concat
 
@@ -160,11 +159,9 @@ class Screen:
         tol: float,
         anchor: int,
         feature_runner: PrefixRunner | None = None,
-        feature_outputs: nn.Module | None = None,
     ) -> None:
         self.runner = runner
         self.feature_runner = feature_runner or runner
-        self.feature_outputs = feature_outputs
         self.basis = basis
         self.vocab = vocab  # candidate token ids (V,)
         self.forward_batch = forward_batch
@@ -178,8 +175,7 @@ class Screen:
     def ranker(self) -> Ranker:
         """The regression over every candidate's features: its input to the feature module
         (this module, or the same component at a shallow layer) at position 1 after the
-        anchor, the outputs of `feature_outputs` in the same pass (scaled to the inputs' mean
-        norm), and a constant; computed on first use (position 0 needs none)."""
+        anchor, and a constant; computed on first use (position 0 needs none)."""
         if self._ranker is None:
             runner, device = self.feature_runner, self.vocab.device
             one = torch.zeros(1, dtype=torch.long, device=device)
@@ -187,24 +183,8 @@ class Screen:
                 _, kv = runner.run(
                     runner.empty(), one, 0, ids=torch.tensor([self.anchor], device=device)
                 )
-            outputs: list[torch.Tensor] = []
-            hook = None
-            if self.feature_outputs is not None:
-                hook = self.feature_outputs.register_forward_hook(
-                    lambda m, a, o: outputs.append(o.detach().reshape(o.shape[0], -1))
-                )
-            try:
-                x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab, runner)
-            finally:
-                if hook is not None:
-                    hook.remove()
-            parts = [x]
-            if outputs:
-                extra = torch.cat(outputs).to(x.dtype)
-                scale = x.norm(dim=1).mean() / extra.norm(dim=1).mean().clamp_min(1e-30)
-                parts.append(extra * scale)
-            parts.append(torch.ones_like(x[:, :1]))
-            self._ranker = Ranker(torch.cat(parts, 1), self.basis)
+            x = self.inputs(kv, torch.zeros_like(self.vocab), 1, self.vocab, runner)
+            self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
         return self._ranker
 
     @property
