@@ -112,7 +112,6 @@ class Grower:
             return self.first(beam)
         opts = self.options
         n = int(beam.tokens.shape[0])
-        fits = self.effort.fits
         spans = [orthonormal_rows(beam.inputs[row]) for row in range(n)]
         prefixes = [tuple(beam.tokens[row].tolist()) for row in range(n)]
         checked: dict[int, Checked] = {}  # per head: the first row of its prefix
@@ -129,13 +128,7 @@ class Grower:
             c = self.screen.check(beam.kv, row, position, efforts[row], spans[row], prior, False)
             shared = c.coef if shared is None else shared
             checked[row] = c
-        # Every live sentence's prefixes are carried in the others' beams too, so a sentence
-        # that just ended leaves its prefix a dead end there. Where the prior stage found a
-        # next token after as many prefixes as there are live sentences, the rest are such
-        # dead ends; where it found fewer, they are searched further.
-        found = sum(bool(fits(c.residual).any()) for c in checked.values())
-        if quick is not None or found < int(beam.sentence.unique().numel()):
-            self._search_further(beam, position, ending, checked, efforts, spans, quick)
+        self._search_further(beam, position, ending, checked, efforts, spans, quick)
         per_row = [checked[first_row[prefix]] for prefix in prefixes]
         self._fitted = {p: c.coef for p, c in zip(prefixes, per_row) if c.coef is not None}
         fitting, best, best_index = [], [], []
