@@ -355,6 +355,8 @@ class Screen:
         """`before` and the `sample`, then `count` doubling each round, led by `ranker`'s
         regression refitted on the sample and the rounds, until one fits."""
         index = effort.sample[~torch.isin(effort.sample, before.index)]
+        if index.numel() == 0:  # the prior stage checked the whole sample (a small vocabulary)
+            return before
         x = evaluate(index)
         residual = self.novel_residual(x, own)
         coef = before.coef
