@@ -258,6 +258,7 @@ def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vo
     # ffn_in@4 takes its screen's features from layer 2: position 0 is led by their
     # regression and stops once as many tokens fit as there are sentences.
     from gradaudit.attacks.causal.attack import make_screen
+    from gradaudit.attacks.causal.first import FirstPosition
     from gradaudit.attacks.causal.grow import Grower
     from gradaudit.attacks.causal.options import CausalOptions
     from gradaudit.gradients.spectrum import spectrum
@@ -273,7 +274,7 @@ def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vo
     screen, _ = make_screen(model, layout(model), module, spec.basis, torch.arange(size), opts, 0)
     effort = Grower(screen, opts, torch.Generator().manual_seed(0), opts.rounds).effort
     none = spec.basis[:0]
-    checked = screen.first_position(effort, none, exhaustive=False, enough=4)
+    checked = FirstPosition(screen).check(effort, none, exhaustive=False, enough=4)
     fits = checked.index[checked.residual <= opts.tol]
     assert sorted(fits.tolist()) == sorted(ids[:, 0].tolist())
     assert len(checked.index) < size // 2

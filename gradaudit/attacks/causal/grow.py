@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from gradaudit.attacks.causal.first import FirstPosition
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.pairs import first_tokens
 from gradaudit.attacks.causal.prefix import KV, select
@@ -60,6 +61,7 @@ class Grower:
         self, screen: Screen, options: CausalOptions, generator: torch.Generator, rounds: int
     ) -> None:
         self.screen = screen
+        self.first_position = FirstPosition(screen)
         self.options = options
         self._fitted: dict[tuple[int, ...], torch.Tensor] = {}  # per prefix: its regression
         size = int(screen.vocab.shape[0])
@@ -86,11 +88,11 @@ class Grower:
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """`fits` at position 0: every row is the empty prefix, so the tokens are checked once
-        for all (see `Screen.first_position`)."""
+        for all (see `first`)."""
         screen, opts = self.screen, self.options
         n = int(beam.tokens.shape[0])
         none = screen.basis.new_zeros(0, screen.basis.shape[1])
-        checked = screen.first_position(self.effort, none, exhaustive=False, enough=n)
+        checked = self.first_position.check(self.effort, none, exhaustive=False, enough=n)
         res = checked.residual
         best, arg = res.min(0)
         ok = (res <= opts.tol) & (res <= best * opts.ratio)

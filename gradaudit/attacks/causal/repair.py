@@ -109,7 +109,7 @@ def _first_new_row(
             if len(prefix) < length or prefix in searched:
                 continue
             if length == 0:
-                checked = screen.first_position(grower.effort, own, exhaustive=True)
+                checked = grower.first_position.check(grower.effort, own, exhaustive=True)
             elif near is not None:
                 head = cut(done[b], r, length)
                 checked = screen.check(head.kv, 0, length, near[0], own, near[1], False)

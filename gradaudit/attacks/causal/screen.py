@@ -28,7 +28,6 @@ NEAREST_KEPT = 256  # regressions whose nearest tokens are remembered
 SKETCH = 128  # random directions of the complement that estimate a prediction's residual
 SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
 POOL = 2048  # tokens a prior regression puts nearest, among which its refits rank
-FIRST_ROUNDS = 6  # most rounds of the position-0 search (64 to 2,048 tokens)
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -168,7 +167,6 @@ class Screen:
         self.tol = tol  # a fit, and an echo: a relative residual at most this
         self.anchor = anchor  # the token id the features follow
         self._ranker: Ranker | None = None
-        self._first_ranker: Ranker | None = None
         self._nearest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -187,17 +185,6 @@ class Screen:
             self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
         return self._ranker
 
-    @property
-    def first_ranker(self) -> Ranker | None:
-        """The regression over every candidate's input to the feature module at position 0
-        (no prefix), or None where that module is the observed one (its inputs are exact)."""
-        if self.feature_runner is self.runner:
-            return None
-        if self._first_ranker is None:
-            x = self.inputs_first(self.feature_runner)
-            self._first_ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
-        return self._first_ranker
-
     def inputs_first(
         self, runner: PrefixRunner | None = None, index: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -205,33 +192,6 @@ class Screen:
         ids = self.vocab if index is None else self.vocab[index]
         runner = runner or self.runner
         return self.inputs(runner.empty(), torch.zeros_like(ids), 0, ids, runner)
-
-    def first_position(
-        self, effort: Effort, own: torch.Tensor, exhaustive: bool, enough: int = 1
-    ) -> Checked:
-        """Tokens checked at position 0: the whole vocabulary when `exhaustive` or without a
-        shallower feature module; else the `sample`, then `FIRST_ROUNDS` rounds of `count`
-        (doubling) that the regression from the feature module's position-0 inputs puts
-        nearest the row space, stopping once `enough` fit (as many as sentences). A first
-        token it misses loses its sentence, which repair finds again on the whole vocabulary."""
-        ranker = None if exhaustive else self.first_ranker
-        if ranker is None:
-            every = torch.arange(int(self.vocab.shape[0]), device=self.vocab.device)
-            return Checked(every, self.novel_residual(self.inputs_first(index=every), own))
-        index = effort.sample
-        x = self.inputs_first(index=index)
-        residual = self.novel_residual(x, own)
-        coef = None
-        for k in range(FIRST_ROUNDS):
-            if int(effort.fits(residual).sum()) >= enough:
-                break
-            coef = ranker.fit(index, x)
-            top = self.nearest(coef, index, effort.count << k, ranker)
-            new = self.inputs_first(index=top)
-            new_residual = self.novel_residual(new, own)
-            index, x = torch.cat([index, top]), torch.cat([x, new])
-            residual = torch.cat([residual, new_residual])
-        return Checked(index, residual, coef)
 
     @torch.no_grad()
     def inputs(

@@ -1,0 +1,62 @@
+"""Position 0, where every sentence starts from the empty prefix: one search for all.
+
+Checking the whole vocabulary costs one pass through the observed module's layers per token
+(75 s at SmolLM2 layer 15 on one core). Where the screen's features come from a shallower
+module, a regression from every token's position-0 input to that module leads the search
+instead (docs/span-method.md, "Position 0").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradaudit.attacks.causal.screen import Checked, Effort, Ranker, Screen
+
+ROUNDS = 6  # most rounds of the led search (64 to 2,048 tokens)
+
+
+class FirstPosition:
+    """Tokens whose position-0 inputs lie in the row space of `screen`'s module."""
+
+    def __init__(self, screen: Screen) -> None:
+        self.screen = screen
+        self._ranker: Ranker | None = None
+
+    @property
+    def ranker(self) -> Ranker | None:
+        """The regression over every candidate's input to the feature module at position 0,
+        or None where that module is the observed one (its inputs are exact)."""
+        screen = self.screen
+        if screen.feature_runner is screen.runner:
+            return None
+        if self._ranker is None:
+            x = screen.inputs_first(screen.feature_runner)
+            self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), screen.basis)
+        return self._ranker
+
+    def check(
+        self, effort: Effort, own: torch.Tensor, exhaustive: bool, enough: int = 1
+    ) -> Checked:
+        """Tokens checked at position 0: the whole vocabulary when `exhaustive` or without a
+        shallower feature module; else the `sample`, then `ROUNDS` rounds of `count`
+        (doubling) that the regression puts nearest the row space, stopping once `enough`
+        fit (as many as sentences). A first token it misses loses its sentence, which repair
+        finds again on the whole vocabulary. `own`: inputs counted as echoes."""
+        screen = self.screen
+        ranker = None if exhaustive else self.ranker
+        if ranker is None:
+            every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
+            return Checked(every, screen.novel_residual(screen.inputs_first(index=every), own))
+        index = effort.sample
+        x = screen.inputs_first(index=index)
+        residual = screen.novel_residual(x, own)
+        coef = None
+        for k in range(ROUNDS):
+            if int(effort.fits(residual).sum()) >= enough:
+                break
+            coef = ranker.fit(index, x)
+            top = screen.nearest(coef, index, effort.count << k, ranker)
+            new = screen.inputs_first(index=top)
+            index, x = torch.cat([index, top]), torch.cat([x, new])
+            residual = torch.cat([residual, screen.novel_residual(new, own)])
+        return Checked(index, residual, coef)
