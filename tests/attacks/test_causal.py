@@ -283,16 +283,17 @@ def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vo
 def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(monkeypatch):
     # Chunks of 4 instead of 4,096, in vocabulary order (no regression fitted yet): after
     # "the movie", the check stops with the chunk that holds "was".
-    import gradaudit.attacks.causal.screen as screen_module
+    import gradaudit.attacks.causal.grow as grow_module
+    from gradaudit.attacks.causal.grow import complete
     from gradaudit.attacks.causal.repair import cut
     from gradaudit.attacks.causal.screen import Checked, orthonormal_rows
 
-    monkeypatch.setattr(screen_module, "SHORTLIST", 4)
+    monkeypatch.setattr(grow_module, "CHUNK", 4)
     tokenizer, _, grower, _, _, done = grown(["the movie was very good and funny"])
     head = cut(done[0], 0, 2)
     empty = Checked(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
     own = orthonormal_rows(head.inputs[0])
-    found = grower.screen.complete(head.kv, 0, 2, empty, own)
+    found = complete(grower.screen, head.kv, 0, 2, empty, own)
     fits = found.index[found.residual <= grower.options.tol]
     assert tokenizer.convert_ids_to_tokens(grower.screen.vocab[fits].tolist()) == ["was"]
     where = int((grower.screen.vocab == tokenizer.convert_tokens_to_ids("was")).nonzero())
@@ -303,17 +304,18 @@ def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(m
 def test_completion_one_chunk_at_a_time_resumes_where_it_stopped(monkeypatch):
     # Stuck prefixes take turns a chunk each (a dead end must not scan the whole vocabulary
     # before a live prefix gets its turn): each call checks the next chunk of the same order.
-    import gradaudit.attacks.causal.screen as screen_module
+    import gradaudit.attacks.causal.grow as grow_module
+    from gradaudit.attacks.causal.grow import complete
     from gradaudit.attacks.causal.repair import cut
     from gradaudit.attacks.causal.screen import Checked, orthonormal_rows
 
-    monkeypatch.setattr(screen_module, "SHORTLIST", 4)
+    monkeypatch.setattr(grow_module, "CHUNK", 4)
     _, _, grower, _, _, done = grown(["the movie was very good and funny"])
     head = cut(done[0], 0, 2)
     empty = Checked(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
     own = orthonormal_rows(head.inputs[0])
-    once = grower.screen.complete(head.kv, 0, 2, empty, own, chunks=1)
-    twice = grower.screen.complete(head.kv, 0, 2, once, own, chunks=1)
+    once = complete(grower.screen, head.kv, 0, 2, empty, own, chunks=1)
+    twice = complete(grower.screen, head.kv, 0, 2, once, own, chunks=1)
     assert once.index.tolist() == [0, 1, 2, 3] and twice.index.tolist() == list(range(8))
     assert twice.rest.tolist() == list(range(8, len(grower.screen.vocab)))
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, decode
+from gradaudit.attacks.causal.first import FirstPosition
 from gradaudit.attacks.causal.grow import Grower
 from gradaudit.attacks.causal.last import LastTokens
 from gradaudit.attacks.causal.options import CausalOptions
@@ -255,7 +256,7 @@ class CausalSpanAttack(Attack):
     ) -> dict[int, torch.Tensor]:
         """Prefixes of a position-free module (see `order`): the token set, ordered."""
         vocab = screen.vocab
-        residual = relative_residual(screen.inputs_first(), screen.basis)
+        residual = relative_residual(FirstPosition(screen).inputs(), screen.basis)
         tokens = vocab[residual <= self.options.tol]
         info["token_set"] = tokens.tolist()
         info["order"] = (

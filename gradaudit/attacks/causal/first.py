@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gradaudit.attacks.causal.prefix import PrefixRunner
 from gradaudit.attacks.causal.screen import Checked, Effort, Ranker, Screen
 
 ROUNDS = 6  # most rounds of the led search (64 to 2,048 tokens)
@@ -30,9 +31,19 @@ class FirstPosition:
         if screen.feature_runner is screen.runner:
             return None
         if self._ranker is None:
-            x = screen.inputs_first(screen.feature_runner)
+            x = self.inputs(screen.feature_runner)
             self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), screen.basis)
         return self._ranker
+
+    def inputs(
+        self, runner: PrefixRunner | None = None, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Inputs at position 0 of vocabulary indices `index` (all by default), to the module
+        `runner` stops at (the observed one by default)."""
+        screen = self.screen
+        ids = screen.vocab if index is None else screen.vocab[index]
+        runner = runner or screen.runner
+        return screen.inputs(runner.empty(), torch.zeros_like(ids), 0, ids, runner)
 
     def check(
         self, effort: Effort, own: torch.Tensor, exhaustive: bool, enough: int = 1
@@ -46,9 +57,9 @@ class FirstPosition:
         ranker = None if exhaustive else self.ranker
         if ranker is None:
             every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
-            return Checked(every, screen.novel_residual(screen.inputs_first(index=every), own))
+            return Checked(every, screen.novel_residual(self.inputs(index=every), own))
         index = effort.sample
-        x = screen.inputs_first(index=index)
+        x = self.inputs(index=index)
         residual = screen.novel_residual(x, own)
         coef = None
         for k in range(ROUNDS):
@@ -56,7 +67,7 @@ class FirstPosition:
                 break
             coef = ranker.fit(index, x)
             top = screen.nearest(coef, index, effort.count << k, ranker)
-            new = screen.inputs_first(index=top)
+            new = self.inputs(index=top)
             index, x = torch.cat([index, top]), torch.cat([x, new])
             residual = torch.cat([residual, screen.novel_residual(new, own)])
         return Checked(index, residual, coef)

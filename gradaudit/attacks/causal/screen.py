@@ -185,14 +185,6 @@ class Screen:
             self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), self.basis)
         return self._ranker
 
-    def inputs_first(
-        self, runner: PrefixRunner | None = None, index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Inputs at position 0 (no prefix) of vocabulary indices `index` (all by default)."""
-        ids = self.vocab if index is None else self.vocab[index]
-        runner = runner or self.runner
-        return self.inputs(runner.empty(), torch.zeros_like(ids), 0, ids, runner)
-
     @torch.no_grad()
     def inputs(
         self,
@@ -341,39 +333,6 @@ class Screen:
             echo = relative_residual(x, own) <= self.tol
             residual = residual.masked_fill(echo, float("inf"))
         return residual
-
-    def complete(
-        self,
-        kv: KV,
-        row: int,
-        position: int,
-        checked: Checked,
-        own: torch.Tensor,
-        chunks: int | None = None,
-    ) -> Checked:
-        """`checked` and the rest of the vocabulary, checked exactly after prefix row `row` in
-        the last regression's order, `SHORTLIST` tokens at a time until one fits (or after
-        `chunks` of them): the first 4,096 held 10 of 12 stuck prefixes' next tokens on
-        SmolLM2 ffn_out@1, and the rest ranked up to 39,158th."""
-        ids = checked.rest
-        if ids is None:
-            unchecked = torch.ones(
-                int(self.vocab.shape[0]), dtype=torch.bool, device=checked.index.device
-            )
-            unchecked[checked.index] = False
-            ids = unchecked.nonzero()[:, 0]
-            if checked.coef is not None:
-                ids = ids[self.ranker.predicted_residual(checked.coef)[ids].argsort()]
-            checked = replace(checked, rest=ids)
-        for start in range(0, int(ids.shape[0]), SHORTLIST)[:chunks]:
-            part = ids[start : start + SHORTLIST]
-            x = self.evaluator(kv, row, position)(part)
-            residual = torch.cat([checked.residual, self.novel_residual(x, own)])
-            index = torch.cat([checked.index, part])
-            checked = Checked(index, residual, checked.coef, ids[start + SHORTLIST :])
-            if bool((checked.residual <= self.tol).any()):
-                break
-        return checked
 
     @torch.no_grad()
     def extend(
