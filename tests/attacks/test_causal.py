@@ -280,11 +280,10 @@ def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vo
     assert len(checked.index) < size // 2
 
 
-def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(monkeypatch):
-    # Chunks of 4 instead of 4,096, in vocabulary order (no regression fitted yet): after
-    # "the movie", the check stops with the chunk that holds "was".
+def stuck_after_the_movie(monkeypatch):
+    """Chunks of 4 instead of 4,096: the grower of "the movie was very good and funny", the
+    prefix "the movie", nothing checked after it yet, and its own inputs' span."""
     import gradaudit.attacks.causal.grow as grow_module
-    from gradaudit.attacks.causal.grow import complete
     from gradaudit.attacks.causal.repair import cut
     from gradaudit.attacks.causal.screen import Checked, orthonormal_rows
 
@@ -292,7 +291,15 @@ def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(m
     tokenizer, _, grower, _, _, done = grown(["the movie was very good and funny"])
     head = cut(done[0], 0, 2)
     empty = Checked(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
-    own = orthonormal_rows(head.inputs[0])
+    return tokenizer, grower, head, empty, orthonormal_rows(head.inputs[0])
+
+
+def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(monkeypatch):
+    # In vocabulary order (no regression fitted yet): after "the movie", the check stops with
+    # the chunk that holds "was".
+    from gradaudit.attacks.causal.grow import complete
+
+    tokenizer, grower, head, empty, own = stuck_after_the_movie(monkeypatch)
     found = complete(grower.screen, head.kv, 0, 2, empty, own)
     fits = found.index[found.residual <= grower.options.tol]
     assert tokenizer.convert_ids_to_tokens(grower.screen.vocab[fits].tolist()) == ["was"]
@@ -304,16 +311,9 @@ def test_a_stuck_prefix_checks_the_vocabulary_a_chunk_at_a_time_until_one_fits(m
 def test_completion_one_chunk_at_a_time_resumes_where_it_stopped(monkeypatch):
     # Stuck prefixes take turns a chunk each (a dead end must not scan the whole vocabulary
     # before a live prefix gets its turn): each call checks the next chunk of the same order.
-    import gradaudit.attacks.causal.grow as grow_module
     from gradaudit.attacks.causal.grow import complete
-    from gradaudit.attacks.causal.repair import cut
-    from gradaudit.attacks.causal.screen import Checked, orthonormal_rows
 
-    monkeypatch.setattr(grow_module, "CHUNK", 4)
-    _, _, grower, _, _, done = grown(["the movie was very good and funny"])
-    head = cut(done[0], 0, 2)
-    empty = Checked(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
-    own = orthonormal_rows(head.inputs[0])
+    _, grower, head, empty, own = stuck_after_the_movie(monkeypatch)
     once = complete(grower.screen, head.kv, 0, 2, empty, own, chunks=1)
     twice = complete(grower.screen, head.kv, 0, 2, once, own, chunks=1)
     assert once.index.tolist() == [0, 1, 2, 3] and twice.index.tolist() == list(range(8))
