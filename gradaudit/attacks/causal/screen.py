@@ -16,7 +16,6 @@ nothing and a sentence cannot have ended.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from math import inf
 
 import torch
 
@@ -27,7 +26,6 @@ PRIOR_PULL = 0.1  # the same, towards a prior regression (1.0 measured alike)
 NEAREST_KEPT = 256  # regressions whose nearest tokens are remembered
 SKETCH = 128  # random directions of the complement that estimate a prediction's residual
 SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
-POOL = 2048  # tokens a prior regression puts nearest, among which its refits rank
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -136,10 +134,6 @@ class Ranker:
         score[short] = exact
         return score
 
-    def pool_residual(self, coef: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-        """The exact predicted relative residual of tokens `pool` only (P,)."""
-        return self._ratio(self.single[pool] @ (coef @ self.frame.T).float())
-
     def _ratio(self, y: torch.Tensor) -> torch.Tensor:
         """|complement part| / |y| per row of `y` in frame coordinates."""
         total = torch.linalg.vector_norm(y, dim=1).clamp_min(torch.finfo(y.dtype).tiny)
@@ -210,9 +204,8 @@ class Screen:
         """The `count` unchecked tokens whose inputs `coef` (of `ranker`, by default the
         next-token one) predicts nearest the row space (remembered per `coef` when nothing is
         checked: a regression is tried again one position later, and guesses share one)."""
-        known = self._nearest.get(id(coef)) if checked.numel() == 0 else None
-        if known is not None and len(known[1]) >= count:
-            return known[1][:count]
+        if checked.numel() == 0 and id(coef) in self._nearest:
+            return self._nearest[id(coef)][1][:count]
         score = (ranker or self.ranker).predicted_residual(coef)
         score[checked] = float("inf")
         top = score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]
@@ -280,10 +273,9 @@ class Screen:
     ) -> Checked:
         """The `prior_count` tokens that `prior` (a regression fitted before) puts nearest the
         row space, then `count` doubling each round by the prior refitted on them (pulled
-        towards it) among the prior's nearest `POOL`, until one fits: a fraction of the
-        sample's cost where the prior nearly fits (docs/span-method.md, "The screen")."""
-        pool = self.nearest(prior, effort.sample[:0], max(POOL, effort.prior_count), ranker)
-        index = pool[: effort.prior_count]
+        towards it), until one fits: a fraction of the sample's cost where the prior nearly
+        fits (docs/span-method.md, "The screen")."""
+        index = self.nearest(prior, effort.sample[:0], effort.prior_count, ranker)
         x = evaluate(index)
         residual = self.novel_residual(x, own)
         coef = prior
@@ -291,11 +283,7 @@ class Screen:
             if bool(effort.fits(residual).any()):
                 break
             coef = ranker.fit(index, x, toward=prior)
-            score = ranker.pool_residual(coef, pool).masked_fill(torch.isin(pool, index), inf)
-            top = pool[score.argsort()[: effort.count << k]]
-            top = top[~torch.isin(top, index)]
-            if top.numel() == 0:
-                break
+            top = self.nearest(coef, index, effort.count << k, ranker)
             new = evaluate(top)
             index, x = torch.cat([index, top]), torch.cat([x, new])
             residual = torch.cat([residual, self.novel_residual(new, own)])
