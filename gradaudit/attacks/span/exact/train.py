@@ -4,7 +4,8 @@ With embedding dropout every token occurrence has its own input `m * u / (1 - p)
 are distinct and each is found in the span with its mask (`dropout.find_rows`). One
 least-squares solve then gives every token's backward signal, and for query and key modules
 the membership test (signals in their own sentence's partners' span) sorts the tokens into
-sentences. The check re-draws nothing: the found inputs must explain the gradient to rounding.
+sentences, for value modules the signals' shared direction per sentence (`cohesion`). The
+check re-draws nothing: the found inputs must explain the gradient to rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import candidate_token_ids, content_mask
+from gradaudit.attacks.span.exact.cohesion import cohere
 from gradaudit.attacks.span.exact.dropout import Finder, FoundRows, find_rows
 from gradaudit.attacks.span.exact.masks import (
     MASK_EXACT,
@@ -135,7 +137,7 @@ def solve_train(
     fit = float((target - signals.T @ rows).norm() / target.norm())
     details["explained_residual"] = fit
     ids, assignment = place_rows(
-        model, module, batch, target, slots, found, rows, signals, ids, content
+        model, lay, module, batch, target, slots, found, rows, signals, ids, content
     )
     details.update(assignment)
     return ids.cpu(), details
@@ -282,6 +284,7 @@ def token_groups(
 
 def place_rows(
     model: nn.Module,
+    lay: ModelLayout,
     module: str,
     batch: dict[str, torch.Tensor],
     target: torch.Tensor,
@@ -292,9 +295,10 @@ def place_rows(
     ids: torch.Tensor,
     content: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Each found input given to a sentence holding its slot: by the membership annealing
-    for query and key modules (scored on the found inputs and their signals), else in the
-    order found. Returns the token ids and how the assignment was decided."""
+    """Each found input given to a sentence holding its slot: by the first-token masks or the
+    membership annealing for key and query modules (scored on the found inputs and their
+    signals), by the signals' cohesion for value modules, else in the order found. Returns the
+    token ids and how the assignment was decided."""
     by_anchor = anchor_index(found, batch["attention_mask"].cpu(), slots)
     slots, pools = token_groups(slots, found, ids.cpu(), content.cpu())
     index = torch.full_like(batch["input_ids"], -1).cpu()
@@ -318,8 +322,11 @@ def place_rows(
         blind = membership.blind()
         if by_anchor is None and len(blind) > 1:
             details["assignment"] += f" (blind between sentences {blind}: longer than a head)"
+    elif len(index) > 1 and by_anchor is None and complete and lay.locate(module)[0] == "value":
+        index, margin = cohere(index, slots, pools, signals)
+        details.update(assignment="signal cohesion", cohesion_margin=margin)
     elif len(index) > 1 and by_anchor is None:
-        why = "no membership test for this module" if plain is None else "inputs missing"
+        why = "no membership test for this module" if complete else "inputs missing"
         details["assignment"] = f"unverified ({why}): tokens sit at their positions"
     tokens = torch.tensor(found.tokens + [0])  # -1 (nothing found) reads as token 0 ([PAD])
     out = ids.clone().cpu()
