@@ -23,12 +23,13 @@ def cohere(
     """Row per (sentence, column) matched to the sentences' mean signal directions.
 
     `index` (batch x length, -1 where no row) is the start; `slots` and `pools` are the slot
-    groups and their found rows (every group holding at least as many rows as sentences);
-    `signals` are the rows' backward signals. Per group shared by several sentences the rows go
-    to the sentences by a Hungarian match on cosine to each sentence's mean direction (first
-    from the rows of groups only one sentence holds, e.g. its [SEP] at its length), the means
-    recomputed, until nothing moves. Returns the index and the smallest margin by which a
-    shared row is nearer its own sentence's mean than another's (how clear the sort was).
+    groups and their found rows (-1 for none: where a group has fewer rows than sentences, the
+    sentences matched least well get none); `signals` are the rows' backward signals. Per group
+    shared by several sentences the rows go to the sentences by a Hungarian match on cosine to
+    each sentence's mean direction (first from the rows of groups only one sentence holds, e.g.
+    its [SEP] at its length), the means recomputed, until nothing moves. Returns the index and
+    the smallest margin by which a shared row is nearer its own sentence's mean than another's
+    (how clear the sort was).
     """
     unit = torch.nn.functional.normalize(signals.double(), dim=1)
     index = index.clone()
@@ -42,12 +43,13 @@ def cohere(
     for _ in range(ROUNDS):
         moved = False
         for slot, pool in shared:
-            rows, sentences = pool.tolist(), list(slot.sentences)
+            rows, sentences = [r for r in pool.tolist() if r >= 0], list(slot.sentences)
+            before = index[sentences, slot.column].clone()
+            index[sentences, slot.column] = -1  # where rows are missing, some sentence gets none
             cost = -(means[sentences] @ unit[rows].T)
-            picked = linear_sum_assignment(cost.cpu().numpy())
-            for s, r in zip(*picked):
-                moved |= int(index[sentences[s], slot.column]) != rows[r]
+            for s, r in zip(*linear_sum_assignment(cost.cpu().numpy())):
                 index[sentences[s], slot.column] = rows[r]
+            moved |= bool((before != index[sentences, slot.column]).any())
         means = _means(unit, index)
         if not moved:
             break
@@ -67,7 +69,7 @@ def _margin(
 ) -> float:
     margin = float("inf")
     for slot, _ in shared:
-        sentences = list(slot.sentences)
+        sentences = [b for b in slot.sentences if index[b, slot.column] >= 0]
         similarity = means[sentences] @ unit[index[sentences, slot.column]].T
         own = similarity.diagonal()
         other = similarity.masked_fill(torch.eye(len(sentences), dtype=torch.bool), -2).amax(0)

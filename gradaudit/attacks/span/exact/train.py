@@ -322,9 +322,11 @@ def place_rows(
         blind = membership.blind()
         if by_anchor is None and len(blind) > 1:
             details["assignment"] += f" (blind between sentences {blind}: longer than a head)"
-    elif len(index) > 1 and by_anchor is None and complete and lay.locate(module)[0] == "value":
+    elif len(index) > 1 and by_anchor is None and lay.locate(module)[0] == "value":
         index, margin = cohere(index, slots, pools, signals)
         details.update(assignment="signal cohesion", cohesion_margin=margin)
+        if not complete:
+            details["assignment"] += " (inputs missing: their places are left empty)"
     elif len(index) > 1 and by_anchor is None:
         why = "no membership test for this module" if complete else "inputs missing"
         details["assignment"] = f"unverified ({why}): tokens sit at their positions"
