@@ -67,6 +67,15 @@ def test_train_mode_recovers_and_assigns_a_batch_of_four(tiny):
     assert result.info["explained_residual"] < 1e-5
 
 
+def test_train_mode_sorts_a_value_batch_of_four_by_its_signals_cohesion(tiny):
+    model, tokenizer = tiny
+    truth, result = run(model, tokenizer, BATCH, "value")
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.info["assignment"] == "signal cohesion"
+    assert result.info["cohesion_margin"] > 0
+    assert result.info["explained_residual"] < 1e-5
+
+
 def test_the_descent_makes_a_true_tokens_mask_exact_and_leaves_a_false_one_far(tiny):
     model, tokenizer = tiny
     lay = layout(model)
@@ -119,7 +128,8 @@ def test_dropout_it_cannot_model_is_said_and_not_trusted(tiny, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("component", "assignment"), [("query", "membership"), ("key", "first-token masks")]
+    ("component", "assignment"),
+    [("query", "membership"), ("key", "first-token masks"), ("value", "signal cohesion")],
 )
 def test_train_mode_batch_of_four_on_minilm(
     minilm, sst2_path, one_torch_thread, component, assignment
@@ -133,7 +143,10 @@ def test_train_mode_batch_of_four_on_minilm(
     assert result.info["inputs_found"] == result.info["inputs_expected"] == 74
     assert result.info["explained_residual"] < 1e-5
     assert result.info["assignment"] == assignment
-    assert result.info["membership_score"] < 1e-6
+    if component == "value":
+        assert result.info["cohesion_margin"] > 0.05  # 0.083 measured
+    else:
+        assert result.info["membership_score"] < 1e-6
 
 
 def test_a_saturated_batch_is_stated_not_scored_as_safe(tmp_path):
