@@ -12,42 +12,49 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from gradaudit.attacks.span.exact.membership import distinct_inputs
 from gradaudit.attacks.span.exact.screening import Slot
+from gradaudit.model.families import ModelLayout
 
 ROUNDS = 10  # matching rounds at most (the measured batches settled after one)
 
 
 def cohere(
-    index: torch.Tensor, slots: list[Slot], pools: list[torch.Tensor], signals: torch.Tensor
+    index: torch.Tensor,
+    slots: list[Slot],
+    pools: list[torch.Tensor],
+    signals: torch.Tensor,
+    share: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Row per (sentence, column) matched to the sentences' mean signal directions.
 
     `index` (batch x length, -1 where no row) is the start; `slots` and `pools` are the slot
-    groups and their found rows (-1 for none: where a group has fewer rows than sentences, the
-    sentences matched least well get none); `signals` are the rows' backward signals. Per group
+    groups and their rows (-1 for none); `signals` are the rows' backward signals. Per group
     shared by several sentences the rows go to the sentences by a Hungarian match on cosine to
-    each sentence's mean direction (first from the rows of groups only one sentence holds, e.g.
-    its [SEP] at its length), the means recomputed, until nothing moves. Returns the index and
-    the smallest margin by which a shared row is nearer its own sentence's mean than another's
-    (how clear the sort was).
+    each sentence's mean direction (first from the rows outside those groups, e.g. its [SEP] at
+    its length), the means recomputed, until nothing moves. Where a group has fewer rows than
+    sentences, the sentences matched least well get none, or with `share` (eval mode, where
+    equal inputs are one row) their nearest row. Returns the index and the smallest margin by
+    which a row is nearer its own sentence's mean than another's (how clear the sort was).
     """
     unit = torch.nn.functional.normalize(signals.double(), dim=1)
     index = index.clone()
     shared = [(s, p) for s, p in zip(slots, pools) if len(s.sentences) > 1]
-    fixed = torch.full_like(index, -1)
-    for slot, pool in zip(slots, pools):
-        if len(slot.sentences) == 1:
-            fixed[slot.sentences[0], slot.column] = pool[0]
-    held = (fixed >= 0).any(1, keepdim=True)
-    means = _means(unit, torch.where(held, fixed, index))
+    seeds = index.clone()
+    for slot, _ in shared:
+        seeds[list(slot.sentences), slot.column] = -1
+    held = (seeds >= 0).any(1, keepdim=True)
+    means = _means(unit, torch.where(held, seeds, index))
     for _ in range(ROUNDS):
         moved = False
         for slot, pool in shared:
             rows, sentences = [r for r in pool.tolist() if r >= 0], list(slot.sentences)
             before = index[sentences, slot.column].clone()
-            index[sentences, slot.column] = -1  # where rows are missing, some sentence gets none
-            cost = -(means[sentences] @ unit[rows].T)
-            for s, r in zip(*linear_sum_assignment(cost.cpu().numpy())):
+            similarity = means[sentences] @ unit[rows].T
+            index[sentences, slot.column] = -1
+            if share and rows:
+                index[sentences, slot.column] = torch.tensor(rows)[similarity.argmax(1)]
+            for s, r in zip(*linear_sum_assignment(-similarity.cpu().numpy())):
                 index[sentences[s], slot.column] = rows[r]
             moved |= bool((before != index[sentences, slot.column]).any())
         means = _means(unit, index)
@@ -56,9 +63,40 @@ def cohere(
     return index, _margin(unit, means, index, shared)
 
 
+def cohesion_order(
+    lay: ModelLayout,
+    batch: dict[str, torch.Tensor],
+    target: torch.Tensor,
+    ids: torch.Tensor,
+    slots: list[Slot],
+) -> torch.Tensor:
+    """Eval mode: the hypothesis `ids` (each content slot's candidate tokens, one per sentence
+    holding it) with its tokens sorted into sentences by their signals' cohesion; the signals
+    come from `target` = D^T H over the hypothesis' distinct inputs H."""
+    mask = batch["attention_mask"].bool()
+    inputs, inverse = distinct_inputs(lay, batch, ids)
+    signals = torch.linalg.lstsq(inputs.T, target.T.double(), driver="gelsd").solution
+    index = torch.full_like(ids, -1)
+    index[mask] = inverse
+    pools = [index[list(s.sentences), s.column].unique() for s in slots]
+    index, _ = cohere(index, slots, pools, signals, share=True)
+    tokens = torch.zeros(len(inputs), dtype=ids.dtype, device=ids.device)
+    tokens[inverse] = ids[mask]
+    out = ids.clone()
+    out[mask] = tokens[index[mask]]
+    return out
+
+
 def _means(unit: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Each sentence's mean unit signal over the rows `index` gives it."""
-    return torch.stack([unit[row[row >= 0]].mean(0) for row in index])
+    """Each sentence's mean unit signal over the rows `index` gives it alone (a row several
+    sentences hold, e.g. eval mode's one [CLS] input, carries their signals' sum)."""
+    counts = torch.bincount(index[index >= 0], minlength=len(unit))
+    means = []
+    for row in index:
+        rows = row[row >= 0]
+        own = rows[counts[rows] == 1]
+        means.append(unit[own if len(own) else rows].mean(0))
+    return torch.stack(means)
 
 
 def _margin(

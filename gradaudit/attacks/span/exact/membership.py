@@ -95,22 +95,13 @@ class Membership:
     def signals(self, ids: torch.Tensor) -> Signals:
         """Distinct inputs of the hypothesis `ids` (batch x length) and their signals."""
         mask = self.batch["attention_mask"].bool()
-        positions = self.lay.position_ids(self.batch["attention_mask"])[mask]
-        segments = self.batch["token_type_ids"][mask]
-        tokens = ids[mask]
-        code = (tokens * (positions.max() + 1) + positions) * (segments.max() + 1) + segments
-        unique, inverse = torch.unique(code, return_inverse=True)
-        first = torch.zeros(len(unique), dtype=torch.long, device=ids.device)
-        first.scatter_(0, inverse, torch.arange(len(code), device=ids.device))
-        offsets = self.lay.position_embeddings.weight.detach()[positions[first]]
-        offsets = offsets + self.lay.token_type_embeddings.weight.detach()[segments[first]]
-        inputs = layer0_inputs(self.lay, tokens[first], offsets.to(torch.float64))
+        inputs, inverse = distinct_inputs(self.lay, self.batch, ids)
         signals = torch.linalg.lstsq(inputs.T, self.target.T, driver="gelsd").solution
         # Rows on an exact dependency (a word pair repeated at a pair of positions, e.g. two
         # punctuation marks) get an arbitrary share of the signal: leave them untested.
         left, sv, _ = torch.linalg.svd(inputs, full_matrices=True)
         dependent = left[:, int((sv > sv[0] * DEPENDENT).sum()) :].norm(dim=1) > DEPENDENT_SHARE
-        shared = torch.bincount(inverse, minlength=len(unique)) > 1
+        shared = torch.bincount(inverse, minlength=len(inputs)) > 1
         partners = inputs @ self.weight.T + (self.bias if self.component == "key" else 0)
         split = lambda m: m.reshape(len(m), self.heads, -1).transpose(0, 1)  # noqa: E731
         rows = [r.tolist() for r in inverse.split(mask.sum(1).tolist())]
@@ -163,6 +154,25 @@ class Membership:
             for rows, span in zip(state.rows, spans)
         ]
         return own, spans, self.shared_score(state, state.rows, spans)
+
+
+def distinct_inputs(
+    lay: ModelLayout, batch: dict[str, torch.Tensor], ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct layer-0 inputs (float64) of the hypothesis `ids` (eval mode: a token at a
+    position and segment is one input, whoever holds it) and each real token's index into them,
+    in the order of `ids[attention_mask]`."""
+    mask = batch["attention_mask"].bool()
+    positions = lay.position_ids(batch["attention_mask"])[mask]
+    segments = batch["token_type_ids"][mask]
+    tokens = ids[mask]
+    code = (tokens * (positions.max() + 1) + positions) * (segments.max() + 1) + segments
+    unique, inverse = torch.unique(code, return_inverse=True)
+    first = torch.zeros(len(unique), dtype=torch.long, device=ids.device)
+    first.scatter_(0, inverse, torch.arange(len(code), device=ids.device))
+    offsets = lay.position_embeddings.weight.detach()[positions[first]]
+    offsets = offsets + lay.token_type_embeddings.weight.detach()[segments[first]]
+    return layer0_inputs(lay, tokens[first], offsets.to(torch.float64)), inverse
 
 
 def assign(

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradaudit.attacks.span.exact.cohesion import cohesion_order
 from gradaudit.attacks.span.exact.membership import MEMBERSHIP_EXACT, Membership, assign
 from gradaudit.attacks.span.exact.screening import Slot
+from gradaudit.model.families import layout
 
 EXACT_RESIDUAL = 1e-4  # relative gradient residual of a solved batch (~1e-6 when exact)
 RESTARTS = 4  # annealing runs from shuffled starts, while none is exact
@@ -93,6 +95,13 @@ class Search:
                 if score < MEMBERSHIP_EXACT:
                     break
             ids, residual = self.order_by_label(best_ids)
+            if residual < EXACT_RESIDUAL:
+                return ids, residual
+        else:  # value modules and LoRA parts: start from the signals' cohesion
+            lay = layout(self.model)
+            ids, residual = self.order_by_label(
+                cohesion_order(lay, self.batch, self.target, ids, slots)
+            )
             if residual < EXACT_RESIDUAL:
                 return ids, residual
         return self.descend(ids, slots, pools, sweeps, kept)
