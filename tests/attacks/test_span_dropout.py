@@ -191,7 +191,7 @@ def test_a_training_loops_gradient_is_attacked_with_dropout_on_by_an_eval_mode_m
     assert result.token_ids == [batch["input_ids"][0].tolist()]
 
 
-def test_an_assignment_between_sentences_longer_than_a_head_is_called_blind(tiny):
+def test_an_assignment_between_sentences_longer_than_a_head_is_called_a_ranking(tiny):
     from transformers import BertConfig, BertForSequenceClassification
 
     _, tokenizer = tiny
@@ -209,5 +209,5 @@ def test_an_assignment_between_sentences_longer_than_a_head_is_called_blind(tiny
     _, result = run(model, tokenizer, [long_one, long_two])
     assert result.info["inputs_found"] == result.info["inputs_expected"] == 50
     assert result.info["assignment"] == (
-        "membership (blind between sentences [0, 1]: longer than a head)"
+        "membership (windowed between sentences [0, 1], longer than a head: a ranking, not exact)"
     )

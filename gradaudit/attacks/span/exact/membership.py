@@ -25,6 +25,8 @@ DEPENDENT_SHARE = 1e-3  # a row's weight in such a dependency that leaves its si
 ANNEAL_STEPS = 50  # annealing moves per (shared slot, sentence)
 TEMPERATURE = 0.03  # of the membership score (a sum of relative residuals), at the start
 RUN = 8  # longest run of slots swapped between two sentences in one move
+WINDOW_SPARE = 3  # a long sentence's windows hold a head's width less this many partners
+WINDOW_STEP = 4  # positions that share a window
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Membership:
     heads: int
     target: torch.Tensor
     batch: dict[str, torch.Tensor]
+    window: bool = False  # test long sentences' tokens against windows (`span`)
 
     @classmethod
     def build(
@@ -107,28 +110,50 @@ class Membership:
         rows = [r.tolist() for r in inverse.split(mask.sum(1).tolist())]
         return Signals(split(signals), split(partners), rows, shared.tolist(), dependent.tolist())
 
-    def blind(self) -> list[int]:
-        """The sentences whose partners span a head's whole width (more than 32 tokens in
-        MiniLM): any signal lies in their span, so the test cannot tell which of two such
-        sentences holds a token at a slot they share."""
+    def windowed(self) -> list[int]:
+        """The sentences longer than a head (32 tokens in MiniLM): their partners span a
+        head's whole width, so any signal lies in their span. With `window` each of their
+        tokens is tested against its nearest partners only: a ranking, not an exact test."""
         width = self.weight.shape[0] // self.heads
         spare = 1 if self.component == "query" else 0  # a query signal uses key differences
         lengths = self.batch["attention_mask"].sum(1).tolist()
         return [b for b, n in enumerate(lengths) if n - spare >= width]
 
     def span(self, state: Signals, rows: list[int]) -> torch.Tensor:
-        """Orthonormal per-head basis (heads x head width x k) of one sentence's partners."""
+        """Orthonormal per-head basis (heads x head width x k) of one sentence's partners; with
+        `window`, for a sentence longer than a head one per token (tokens x heads x head width
+        x k), of the partners in a window around it and the sentence's first and last (where
+        trained models' attention mostly goes)."""
         vectors = state.partners[:, rows]
+        width, n = vectors.shape[-1], len(rows)
+        spare = 1 if self.component == "query" else 0
+        windows = None
+        if self.window and n - spare >= width:
+            windows, inverse = _windows(n, width - WINDOW_SPARE).unique(dim=0, return_inverse=True)
+            vectors = vectors[:, windows.to(vectors.device)]
         if self.component == "query":  # softmax ignores a shared shift: key differences
-            vectors = vectors[:, 1:] - vectors[:, :1]
-        return torch.linalg.qr(vectors.transpose(1, 2)).Q
+            vectors = vectors[..., 1:, :] - vectors[..., :1, :]
+        basis = torch.linalg.qr(vectors.transpose(-1, -2)).Q
+        return basis if windows is None else basis.transpose(0, 1)[inverse]
 
     def residual(self, state: Signals, members: list[int], span: torch.Tensor) -> float:
-        """Relative residual of the `members`' signals against `span`."""
+        """Relative residual of the `members`' signals against `span` (one basis)."""
         if not members:
             return 0.0
         sig = state.signals[:, members]
         res = sig - (sig @ span) @ span.transpose(1, 2)
+        return float(res.square().sum() / sig.square().sum().clamp_min(1e-300))
+
+    def sentence_residual(self, state: Signals, rows: list[int], span: torch.Tensor) -> float:
+        """Relative residual of a sentence's tested signals against its `span`."""
+        if span.dim() == 3:
+            return self.residual(state, [i for i in rows if state.tested[i]], span)
+        keep = [p for p, i in enumerate(rows) if state.tested[i]]
+        if not keep:
+            return 0.0
+        sig = state.signals[:, [rows[p] for p in keep]].unsqueeze(-2)  # heads x m x 1 x hw
+        basis = span[keep].transpose(0, 1)  # heads x m x hw x k
+        res = sig - (sig @ basis) @ basis.transpose(-1, -2)
         return float(res.square().sum() / sig.square().sum().clamp_min(1e-300))
 
     def shared_score(
@@ -142,18 +167,33 @@ class Membership:
         total = 0.0
         for i, bs in owners.items():
             if state.shared[i] and not state.dependent[i]:
-                union = torch.linalg.qr(torch.cat([spans[b] for b in bs], -1)).Q
+                parts = [_own_basis(spans[b], rows[b], i) for b in bs]
+                union = torch.linalg.qr(torch.cat(parts, -1)).Q
                 total += self.residual(state, [i], union)
         return total
 
     def score(self, state: Signals) -> tuple[list[float], list[torch.Tensor], float]:
         """Each sentence's score and span, and the shared rows' score; all ~0 when right."""
         spans = [self.span(state, rows) for rows in state.rows]
-        own = [
-            self.residual(state, [i for i in rows if state.tested[i]], span)
-            for rows, span in zip(state.rows, spans)
-        ]
+        own = [self.sentence_residual(state, rows, span) for rows, span in zip(state.rows, spans)]
         return own, spans, self.shared_score(state, state.rows, spans)
+
+
+def _windows(n: int, size: int) -> torch.Tensor:
+    """Per position of a sentence of `n` tokens, `size` positions: its first and last and
+    `size - 2` others around it, centred on the position's block of `WINDOW_STEP` (neighbours
+    share a window: fewer bases to compute) (n x size, ascending)."""
+    near = size - 2
+    centre = torch.arange(n) // WINDOW_STEP * WINDOW_STEP + WINDOW_STEP // 2
+    start = (centre - near // 2).clamp(1, n - 1 - near)
+    return torch.cat(
+        [torch.zeros(n, 1), start[:, None] + torch.arange(near), torch.full((n, 1), n - 1)], 1
+    ).long()
+
+
+def _own_basis(span: torch.Tensor, rows: list[int], i: int) -> torch.Tensor:
+    """The basis a sentence tests its row `i` against (its window's, for a long sentence)."""
+    return span if span.dim() == 3 else span[rows.index(i)]
 
 
 def distinct_inputs(
@@ -217,8 +257,7 @@ def assign(
         trial_spans, trial_own = list(spans), list(own)
         for x in (b, c):
             trial_spans[x] = membership.span(state, rows[x])
-            tested = [i for i in rows[x] if state.tested[i]]
-            trial_own[x] = membership.residual(state, tested, trial_spans[x])
+            trial_own[x] = membership.sentence_residual(state, rows[x], trial_spans[x])
         trial_shared = shared_score
         if any(state.shared[rows[x][index[x][col]]] for x in (b, c) for col in cols):
             trial_shared = membership.shared_score(state, rows, trial_spans)

@@ -10,6 +10,7 @@ check re-draws nothing: the found inputs must explain the gradient to rounding.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,9 +320,12 @@ def place_rows(
             details["assignment"] = "membership"
         own, _, shared = membership.score(membership.signals(index))
         details["membership_score"] = sum(own) + shared
-        blind = membership.blind()
-        if by_anchor is None and len(blind) > 1:
-            details["assignment"] += f" (blind between sentences {blind}: longer than a head)"
+        windowed = membership.windowed()
+        if by_anchor is None and len(windowed) > 1:
+            details["assignment"] += (
+                f" (windowed between sentences {windowed}, longer than a head: a ranking, not "
+                "exact)"
+            )
     elif len(index) > 1 and by_anchor is None and lay.locate(module)[0] == "value":
         index, margin = cohere(index, slots, pools, signals)
         details.update(assignment="signal cohesion", cohesion_margin=margin)
@@ -340,7 +344,9 @@ def place_rows(
 def anneal(
     membership: RowMembership, index: torch.Tensor, slots: list[Slot], pools: list[torch.Tensor]
 ) -> torch.Tensor:
-    """The membership annealing from shuffled starts, then the greedy polish."""
+    """The membership annealing from shuffled starts, then the greedy polish; then sentences
+    longer than a head (to which every signal belongs) are polished among themselves by the
+    windowed test."""
     generator = torch.Generator().manual_seed(0)
     best = float("inf")
     for _ in range(RESTARTS):
@@ -349,7 +355,18 @@ def anneal(
             best, index = score, trial
         if score < 1e-6:
             break
-    return polish(membership, index, slots, best)[0]
+    index = polish(membership, index, slots, best)[0]
+    long = set(membership.windowed())
+    if len(long) < 2:
+        return index
+    windowed = dataclasses.replace(membership, window=True)
+    among = [
+        dataclasses.replace(s, sentences=tuple(b for b in s.sentences if b in long)) for s in slots
+    ]
+    among = [s for s in among if len(s.sentences) > 1]
+    held = [index[list(s.sentences), s.column] for s in among]
+    index, best = assign(windowed, index, among, held, generator)
+    return polish(windowed, index, among, best)[0]
 
 
 def anchor_index(
