@@ -37,7 +37,7 @@ def cohere(
     equal inputs are one row) their nearest row. Returns the index and the smallest margin by
     which a row is nearer its own sentence's mean than another's (how clear the sort was).
     """
-    unit = torch.nn.functional.normalize(signals.double(), dim=1)
+    unit = torch.nn.functional.normalize(signals.double(), dim=1).to(index.device)
     index = index.clone()
     shared = [(s, p) for s, p in zip(slots, pools) if len(s.sentences) > 1]
     seeds = index.clone()
@@ -53,7 +53,8 @@ def cohere(
             similarity = means[sentences] @ unit[rows].T
             index[sentences, slot.column] = -1
             if share and rows:
-                index[sentences, slot.column] = torch.tensor(rows)[similarity.argmax(1)]
+                nearest = similarity.argmax(1).to(index.device)
+                index[sentences, slot.column] = torch.tensor(rows, device=index.device)[nearest]
             for s, r in zip(*linear_sum_assignment(-similarity.cpu().numpy())):
                 index[sentences[s], slot.column] = rows[r]
             moved |= bool((before != index[sentences, slot.column]).any())
@@ -110,6 +111,7 @@ def _margin(
         sentences = [b for b in slot.sentences if index[b, slot.column] >= 0]
         similarity = means[sentences] @ unit[index[sentences, slot.column]].T
         own = similarity.diagonal()
-        other = similarity.masked_fill(torch.eye(len(sentences), dtype=torch.bool), -2).amax(0)
+        eye = torch.eye(len(sentences), dtype=torch.bool, device=similarity.device)
+        other = similarity.masked_fill(eye, -2).amax(0)
         margin = min(margin, float((own - other).min()))
     return margin
