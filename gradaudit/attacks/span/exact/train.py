@@ -56,12 +56,10 @@ class RowMembership(Membership):
         mask = self.batch["attention_mask"].bool()
         index = ids[mask]
         inputs, signals = self.rows[index], self.row_signals[index]
-        partners = inputs @ self.weight.T + (self.bias if self.component == "key" else 0)
-        split = lambda m: m.reshape(len(m), self.heads, -1).transpose(0, 1)  # noqa: E731
-        order = torch.arange(len(index)).split(mask.sum(1).tolist())
+        order = [o.tolist() for o in torch.arange(len(index)).split(mask.sum(1).tolist())]
         n = len(index)
         return Signals(
-            split(signals), split(partners), [o.tolist() for o in order], [False] * n, [False] * n
+            self.per_head(signals), *self.projections(inputs), order, [False] * n, [False] * n
         )
 
 
