@@ -97,11 +97,9 @@ class Search:
             ids, residual = self.order_by_label(best_ids)
             if residual < EXACT_RESIDUAL:
                 return ids, residual
-        else:  # value modules and LoRA parts: start from the signals' cohesion
-            lay = layout(self.model)
-            ids, residual = self.order_by_label(
-                cohesion_order(lay, self.batch, self.target, ids, slots)
-            )
+        else:  # value modules and LoRA parts: the pools' order or the signals' cohesion
+            sorted_ids = cohesion_order(layout(self.model), self.batch, self.target, ids, slots)
+            ids, residual = min(map(self.order_by_label, (ids, sorted_ids)), key=lambda r: r[1])
             if residual < EXACT_RESIDUAL:
                 return ids, residual
         return self.descend(ids, slots, pools, sweeps, kept)
