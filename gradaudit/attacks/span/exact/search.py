@@ -97,11 +97,18 @@ class Search:
             ids, residual = self.order_by_label(best_ids)
             if residual < EXACT_RESIDUAL:
                 return ids, residual
-        else:  # value modules and LoRA parts: the pools' order or the signals' cohesion
+        else:  # value modules and LoRA parts: from the signals' cohesion, then the pools' order
             sorted_ids = cohesion_order(layout(self.model), self.batch, self.target, ids, slots)
-            ids, residual = min(map(self.order_by_label, (ids, sorted_ids)), key=lambda r: r[1])
-            if residual < EXACT_RESIDUAL:
-                return ids, residual
+            best, best_ids = math.inf, ids
+            for start in (sorted_ids, ids):  # neither start's search wins on every batch
+                found, residual = self.order_by_label(start)
+                if residual >= EXACT_RESIDUAL:
+                    found, residual = self.descend(found, slots, pools, sweeps, kept)
+                if residual < best:
+                    best, best_ids = residual, found
+                if best < EXACT_RESIDUAL:
+                    break
+            return best_ids, best
         return self.descend(ids, slots, pools, sweeps, kept)
 
     def descend(
