@@ -344,7 +344,7 @@ def anneal(
 ) -> torch.Tensor:
     """The membership annealing from shuffled starts, then the greedy polish; then sentences
     longer than a head (to which every signal belongs) are polished among themselves by the
-    windowed test."""
+    windowed test (greedily: as exact as annealing on the batches measured, 4x faster)."""
     generator = torch.Generator().manual_seed(0)
     best = float("inf")
     for _ in range(RESTARTS):
@@ -361,10 +361,8 @@ def anneal(
     among = [
         dataclasses.replace(s, sentences=tuple(b for b in s.sentences if b in long)) for s in slots
     ]
-    among = [s for s in among if len(s.sentences) > 1]
-    held = [index[list(s.sentences), s.column] for s in among]
-    index, best = assign(windowed, index, among, held, generator)
-    return polish(windowed, index, among, best)[0]
+    own, _, shared = windowed.score(windowed.signals(index))
+    return polish(windowed, index, [s for s in among if len(s.sentences) > 1], sum(own) + shared)[0]
 
 
 def anchor_index(
