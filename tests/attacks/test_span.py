@@ -256,10 +256,7 @@ def test_exact_peels_verified_sentences_and_solves_the_rest(minilm, sst2_path):
     # SST-2 dev sentences 4-7 (13, 25, 8 and 15 tokens): the joint search gets three right and
     # the 25-token one wrong (ROUGE-1 0.95, gradient residual 0.32); taken off the gradient,
     # the three leave one sentence, which the row space decides alone.
-    model, tokenizer = minilm
-    texts, labels = load_examples(str(sst2_path)).batches(4, 2)[1]
-    module = layout(model).component_name("query", 0)
-    truth, result = run(model, tokenizer, texts, labels, module)
+    truth, result = run_sst2(minilm, sst2_path, 1, "query")
     assert result.info["peeled"]
     assert result.token_ids == truth
     assert result.info["gradient_residual"] < 1e-4
@@ -270,12 +267,16 @@ def test_eval_mode_value_batch_starts_from_its_signals_cohesion(minilm, sst2_pat
     # SST-2 dev sentences 0-3: from the slots' pools in screening order the coordinate search
     # ended at ROUGE-1 0.54 (gradient residual 0.79); sorted by the signals' cohesion first,
     # the gradient match is exact.
-    model, tokenizer = minilm
-    texts, labels = load_examples(str(sst2_path)).batches(4, 1)[0]
-    module = layout(model).component_name("value", 0)
-    truth, result = run(model, tokenizer, texts, labels, module)
+    truth, result = run_sst2(minilm, sst2_path, 0, "value")
     assert result.token_ids == truth
     assert result.info["gradient_residual"] < 1e-4
+
+
+def run_sst2(minilm, sst2_path, index, component):
+    """`run` on SST-2 dev's batch of four number `index` at `component`@0."""
+    model, tokenizer = minilm
+    texts, labels = load_examples(str(sst2_path)).batches(4, index + 1)[index]
+    return run(model, tokenizer, texts, labels, layout(model).component_name(component, 0))
 
 
 def split_words(model, tokenizer, texts, module):
