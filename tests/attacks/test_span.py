@@ -263,10 +263,12 @@ def test_exact_peels_verified_sentences_and_solves_the_rest(minilm, sst2_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_eval_mode_value_batch_starts_from_its_signals_cohesion(minilm, sst2_path):
     # SST-2 dev sentences 0-3: from the slots' pools in screening order the coordinate search
     # ended at ROUGE-1 0.54 (gradient residual 0.79); sorted by the signals' cohesion first,
-    # the gradient match is exact.
+    # the gradient match is exact. On one thread, as the bench runs: with two the rounding
+    # differs and the search ends at a wrong pair ("is '" for "' s", residual 0.20).
     truth, result = run_sst2(minilm, sst2_path, 0, "value")
     assert result.token_ids == truth
     assert result.info["gradient_residual"] < 1e-4
