@@ -48,3 +48,13 @@ def test_a_missing_row_leaves_one_place_empty_or_shared_in_eval_mode():
     shared, _ = cohere(start, slots, pools, signals, share=True)
     assert int(shared[2, 3]) in pools[SENTENCES + 2].tolist()
     assert torch.equal(shared[:2], truth[:2])
+
+
+def test_a_sentence_with_no_row_found_gets_none_and_the_others_theirs():
+    truth, start, slots, pools, signals = batch_of_rows(torch.Generator().manual_seed(2))
+    lost = truth[2].tolist()
+    pools = [p[~torch.isin(p, torch.tensor(lost))] for p in pools]
+    start[torch.isin(start, torch.tensor(lost))] = -1
+    index, _ = cohere(start, slots, pools, signals)
+    assert (index[2] == -1).all()
+    assert torch.equal(index[:2], truth[:2])

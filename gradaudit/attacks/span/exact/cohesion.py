@@ -90,13 +90,15 @@ def cohesion_order(
 
 def _means(unit: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Each sentence's mean unit signal over the rows `index` gives it alone (a row several
-    sentences hold, e.g. eval mode's one [CLS] input, carries their signals' sum)."""
+    sentences hold, e.g. eval mode's one [CLS] input, carries their signals' sum); 0 for a
+    sentence none of whose rows was found (it matches nothing better than anything)."""
     counts = torch.bincount(index[index >= 0], minlength=len(unit))
     means = []
     for row in index:
         rows = row[row >= 0]
         own = rows[counts[rows] == 1]
-        means.append(unit[own if len(own) else rows].mean(0))
+        pick = own if len(own) else rows
+        means.append(unit[pick].mean(0) if len(pick) else unit.new_zeros(unit.shape[1]))
     return torch.stack(means)
 
 
