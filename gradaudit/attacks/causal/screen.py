@@ -204,8 +204,9 @@ class Screen:
         """The `count` unchecked tokens whose inputs `coef` (of `ranker`, by default the
         next-token one) predicts nearest the row space (remembered per `coef` when nothing is
         checked: a regression is tried again one position later, and guesses share one)."""
-        if checked.numel() == 0 and id(coef) in self._nearest:
-            return self._nearest[id(coef)][1][:count]
+        known = self._nearest.get(id(coef)) if checked.numel() == 0 else None
+        if known is not None and len(known[1]) >= count:  # a quick effort keeps fewer
+            return known[1][:count]
         score = (ranker or self.ranker).predicted_residual(coef)
         score[checked] = float("inf")
         top = score.topk(min(count, int(score.shape[0]) - int(checked.shape[0])), largest=False)[1]

@@ -127,20 +127,21 @@ class Membership:
         """The sentences longer than a head (32 tokens in MiniLM): their partners span a
         head's whole width, so any signal lies in their span. With `window` each of their
         tokens is tested against the partners it attends to most: a ranking, not exact."""
-        width = self.weight.shape[0] // self.heads
-        spare = 1 if self.component == "query" else 0  # a query signal uses key differences
         lengths = self.batch["attention_mask"].sum(1).tolist()
-        return [b for b, n in enumerate(lengths) if n - spare >= width]
+        return [b for b, n in enumerate(lengths) if self._longer_than_a_head(n)]
+
+    def _longer_than_a_head(self, n: int) -> bool:
+        """Whether a sentence of `n` tokens has partners spanning a head's whole width."""
+        spare = 1 if self.component == "query" else 0  # a query signal uses key differences
+        return n - spare >= self.weight.shape[0] // self.heads
 
     def span(self, state: Signals, rows: list[int]) -> torch.Tensor:
         """Orthonormal per-head basis (heads x head width x k) of one sentence's partners; with
         `window`, for a sentence longer than a head one per token (tokens x heads x head width
         x k), of the partners that token's attention weighs most."""
         vectors = state.partners[:, rows]
-        width, n = vectors.shape[-1], len(rows)
-        spare = 1 if self.component == "query" else 0
-        if self.window and n - spare >= width:
-            return self.attended(state, rows, width - WINDOW_SPARE)
+        if self.window and self._longer_than_a_head(len(rows)):
+            return self.attended(state, rows, vectors.shape[-1] - WINDOW_SPARE)
         if self.component == "query":  # softmax ignores a shared shift: key differences
             vectors = vectors[:, 1:] - vectors[:, :1]
         return torch.linalg.qr(vectors.transpose(1, 2)).Q
