@@ -30,6 +30,7 @@ def audit_of(
         rougeL=s.rougeL,
         token_recall=s.token_recall,
         exact=s.exact,
+        batch_rouge1=s.batch_rouge1,
         seconds=1.5,
         options={"seed": 0, "budget": 1.0},
         step=step,
@@ -43,3 +44,5 @@ def audit_of(
 LOW = ["music the slow movie .", "never help card bank ."]
 SHUFFLED = ["journey it 's charming a and affecting often .", "boring is nothing the but plot ."]
 EXACT = list(REFERENCES)
+# Every word of the batch, but half of each sentence's words in the other sentence.
+SCRAMBLED = ["it 's a charming nothing but boring .", "the plot is and often affecting journey ."]

@@ -38,8 +38,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         default=[],
         type=_threshold,
         metavar="METRIC=VALUE",
-        help="exit with code 1 when any audit's METRIC (rouge1, rouge2, token_recall, exact) "
-        "exceeds VALUE, e.g. rouge1=0.5; repeatable, for CI pipelines",
+        help="exit with code 1 when any audit's METRIC (rouge1, rouge2, token_recall, exact, "
+        "batch_rouge1) exceeds VALUE, e.g. rouge1=0.5; repeatable, for CI pipelines",
     )
     add_attack_arguments(parser)
     parser.set_defaults(func=run)

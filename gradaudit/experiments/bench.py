@@ -284,7 +284,7 @@ def render_table(result: dict[str, Any]) -> str:
     lines = [
         f"gradients captured in {mode} mode; budgets: {budgets} (speed-ups compare these budgets)",
         f"{'dataset':<16}{'module':<22}{'B':>3}  {'attack':<10}{'R1':>7}{'R2':>7}"
-        f"{'recall':>8}{'s/batch':>9}{'vs gradmatch':>14}  regime",
+        f"{'recall':>8}{'batchR1':>8}{'s/batch':>9}{'vs gradmatch':>14}  regime",
     ]
     for c in result["cells"]:
 
@@ -299,7 +299,8 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{c['dataset']:<16}{_cell_name(c):<22}{c['batch_size']:>3}  "
             f"{c['attack']:<10}{fmt(c['rouge1']):>7}{fmt(c['rouge2']):>7}"
-            f"{fmt(c['token_recall']):>8}{fmt(c['seconds'], '.1f'):>9}{ratio:>14}  "
+            f"{fmt(c['token_recall']):>8}{fmt(c.get('batch_rouge1')):>8}"
+            f"{fmt(c['seconds'], '.1f'):>9}{ratio:>14}  "
             f"{', '.join(c.get('regimes') or [])}{_cut_short(c)}".rstrip()
         )
     return "\n".join(lines)

@@ -58,8 +58,7 @@ def _thresholds(prefix: str, values: dict[str, float | None]) -> dict[str, float
 def _check_ran(function: str, audits: list[AuditResult]) -> None:
     __tracebackhide__ = True  # pytest shows the caller's line, not these helpers' internals
     for i, audit in enumerate(audits):
-        unscored = any(getattr(audit, m) is None for m in METRICS)
-        why = audit.error or ("no scores" if unscored else None)
+        why = audit.error or ("no scores" if audit.rouge1 is None else None)
         if why is None and audit.unattacked_reason is not None:
             why = f"not attacked: {audit.unattacked_reason}"
         if why is not None:
@@ -72,7 +71,7 @@ def _check_ran(function: str, audits: list[AuditResult]) -> None:
 def _worst_sentence(audit: AuditResult, metric: str) -> str:
     if not audit.sentences:
         return "  (no per-sentence scores)"
-    key = "rouge1" if metric == "exact" else metric
+    key = "rouge1" if metric in ("exact", "batch_rouge1") else metric
     s = max(audit.sentences, key=lambda s: float(s[key]))
     head = f"  most leaked sentence ({key} {float(s[key]):.3f}):"
     if audit.redacted or not audit.references:
@@ -109,6 +108,11 @@ def _check(function: str, target: Audits, limits: dict[str, float], upper: bool)
     op, name = (">", "max") if upper else ("<", "min")
     failures: dict[int, list[tuple[str, str]]] = {}
     for metric, limit in limits.items():
+        if any(getattr(a, metric) is None for a in audits):
+            raise GradAuditError(
+                f"an audit has no {metric} (a report written before gradaudit scored it): "
+                f"drop the {name}_{metric} threshold or audit again"
+            )
         i = max(range(len(audits)), key=lambda k: getattr(audits[k], metric))
         value = getattr(audits[i], metric)
         if (value > limit) if upper else (value < limit):
@@ -131,6 +135,7 @@ def assert_no_leakage(
     max_rouge2: float | None = None,
     max_token_recall: float | None = None,
     max_exact: float | None = 0,
+    max_batch_rouge1: float | None = None,
 ) -> None:
     """Fail when any audit's score exceeds a threshold (by default: any sentence recovered exactly).
 
@@ -140,7 +145,7 @@ def assert_no_leakage(
     limits = _thresholds(
         "max",
         {"rouge1": max_rouge1, "rouge2": max_rouge2, "token_recall": max_token_recall,
-         "exact": max_exact},
+         "exact": max_exact, "batch_rouge1": max_batch_rouge1},
     )  # fmt: skip
     _check("assert_no_leakage", result, limits, upper=True)
 
@@ -152,6 +157,7 @@ def assert_leaks(
     min_rouge2: float | None = None,
     min_token_recall: float | None = None,
     min_exact: float | None = None,
+    min_batch_rouge1: float | None = None,
 ) -> None:
     """Fail unless the worst-case audit reaches every given threshold (at least one needed).
 
@@ -161,7 +167,7 @@ def assert_leaks(
     limits = _thresholds(
         "min",
         {"rouge1": min_rouge1, "rouge2": min_rouge2, "token_recall": min_token_recall,
-         "exact": min_exact},
+         "exact": min_exact, "batch_rouge1": min_batch_rouge1},
     )  # fmt: skip
     if not limits:
         raise GradAuditError("assert_leaks needs a threshold, e.g. min_rouge1=0.5")

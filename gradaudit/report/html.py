@@ -81,11 +81,12 @@ def _verdict(report: dict[str, Any]) -> str:
     rows = [
         f"<tr><td>{escape(modules_label(key.split(', ')))}</td>"
         f'<td class="num">{s["audits"]}</td><td class="num">{s["errors"]}</td>'
-        + "".join(_score_cell(s[k]) for k in ("rouge1", "rouge2", "token_recall", "exact"))
+        + "".join(_score_cell(s.get(k)) for k in SUMMARY_KEYS)
         + "</tr>"
         for key, s in report["summary"].items()
     ]
-    head = ["modules", "audits", "errors", "ROUGE-1", "ROUGE-2", "token recall", "exact"]
+    head = ["modules", "audits", "errors", "ROUGE-1", "ROUGE-2", "token recall", "exact",
+            "batch ROUGE-1"]  # fmt: skip
     lines = "".join(
         f'<li><strong class="level">{escape(v.level)}</strong> — {escape(v.modules)}: '
         f"{escape(v.sentence)}</li>"
@@ -97,8 +98,8 @@ def _verdict(report: dict[str, Any]) -> str:
         '<p class="headline"><strong>Worst case over '
         f"{summarized_audits(report)} audit(s):</strong> "
         f"ROUGE-1 {score(worst['rouge1'])} · ROUGE-2 {score(worst['rouge2'])} · "
-        f"token recall {score(worst['token_recall'])} · exact {score(worst['exact'])}"
-        f" · ε {escape(eps)}</p>"
+        f"token recall {score(worst['token_recall'])} · exact {score(worst['exact'])} · "
+        f"batch ROUGE-1 {score(worst['batch_rouge1'])} · ε {escape(eps)}</p>"
         f"{_table(head, rows)}"
         '<p class="scores">Worst (highest) score per audited module set; shading grows with '
         "the share of text recovered.</p></section>"
@@ -194,7 +195,8 @@ def plots(report: dict[str, Any]) -> list[tuple[str, bytes, str]]:
 
 def _audit_table(report: dict[str, Any]) -> str:
     head = ["#", "step", "modules", "attack", "gradient", "B", "ROUGE-1", "ROUGE-2", "ROUGE-L",
-            "token recall", "exact", "ε", "seconds", "device", "error"]  # fmt: skip
+            "token recall", "exact", "batch ROUGE-1", "ε", "seconds", "device",
+            "error"]  # fmt: skip
     rows = []
     for i, a in enumerate(report["audits"]):
         rows.append(
@@ -203,7 +205,7 @@ def _audit_table(report: dict[str, Any]) -> str:
             f'<td title="{escape(", ".join(a["modules"]))}">{escape(modules_label(a["modules"]))}'
             f"</td><td>{escape(a['attack'])}</td><td>{escape(a['gradient'])}</td>"
             f'<td class="num">{a["batch_size"]}</td>'
-            + "".join(_score_cell(a[k]) for k in SCORE_KEYS)
+            + "".join(_score_cell(a.get(k)) for k in SCORE_KEYS)
             + f'<td class="num">{number(a["epsilon"])}</td>'
             f'<td class="num">{a["seconds"]:.1f}</td>'
             f"<td>{escape(str((a.get('info') or {}).get('device', '-')))}</td>"
@@ -215,13 +217,17 @@ def _audit_table(report: dict[str, Any]) -> str:
     )
 
 
+# The worst-case columns per module set, in the order of the summary table.
+SUMMARY_KEYS = ("rouge1", "rouge2", "token_recall", "exact", "batch_rouge1")
 COLUMNS = (
     "step: the training step audited (- outside training); gradient: what was attacked (raw, "
     "clipped by max_grad_norm, or noised as DP-SGD releases it); B: sentences in the batch; "
     "ROUGE-1/2/L: F-measure of the reconstruction against the batch (1 = every word, in "
     "order); token recall: share of tokens recovered at their own position; exact: share of "
-    "sentences rebuilt word for word; ε: privacy spent up to that step; seconds: the attack's "
-    "time on the device named; error: why an audit has no scores."
+    "sentences rebuilt word for word; batch ROUGE-1: ROUGE-1 of the batch's words pooled over "
+    "its sentences (the words learnt, sorted into sentences or not); ε: privacy spent up to "
+    "that step; seconds: the attack's time on the device named; error: why an audit has no "
+    "scores."
 )
 
 

@@ -40,7 +40,8 @@ def _head(report: dict[str, Any]) -> list[str]:
         levels_line(),
         "",
         f"**Worst case:** ROUGE-1 {score(worst['rouge1'])}, ROUGE-2 "
-        f"{score(worst['rouge2'])}, token recall {score(worst['token_recall'])}"
+        f"{score(worst['rouge2'])}, token recall {score(worst['token_recall'])}, batch ROUGE-1 "
+        f"{score(worst['batch_rouge1'])}"
         + ("" if epsilon is None else f"; ε = {number(epsilon)}")
         + f" ({summarized_audits(report)} audits).",
         "",
@@ -57,14 +58,14 @@ def _summary_table(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Worst case per module",
         "",
-        "| modules | audits | errors | ROUGE-1 | ROUGE-2 | token recall | exact |",
-        "|---|---|---|---|---|---|---|",
+        "| modules | audits | errors | ROUGE-1 | ROUGE-2 | token recall | exact | batch ROUGE-1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for modules, s in report["summary"].items():
         lines.append(
             f"| {modules_label(modules.split(', '))} | {s['audits']} | {s['errors']} | "
             f"{score(s['rouge1'])} | {score(s['rouge2'])} | "
-            f"{score(s['token_recall'])} | {score(s['exact'])} |"
+            f"{score(s['token_recall'])} | {score(s['exact'])} | {score(s.get('batch_rouge1'))} |"
         )
     return lines
 
@@ -75,8 +76,8 @@ def _audit_table(report: dict[str, Any]) -> list[str]:
         "## Audits",
         "",
         "| # | step | modules | attack | gradient | B | ROUGE-1 | ROUGE-2 | ROUGE-L | recall "
-        "| ε | s | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch R-1 | ε | s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, a in enumerate(report["audits"]):
         lines.append(
@@ -84,7 +85,8 @@ def _audit_table(report: dict[str, Any]) -> list[str]:
             f"{modules_label(a['modules'])} | {a['attack']} | {a['gradient']} | "
             f"{a['batch_size']} | {score(a['rouge1'])} | {score(a['rouge2'])} | "
             f"{score(a['rougeL'])} | {score(a['token_recall'])} | "
-            f"{number(a['epsilon'])} | {a['seconds']:.1f} | {a['error'] or ''} |"
+            f"{score(a.get('batch_rouge1'))} | {number(a['epsilon'])} | {a['seconds']:.1f} | "
+            f"{a['error'] or ''} |"
         )
     return lines
 

@@ -61,8 +61,9 @@ def summarize(audits: Iterable[AuditResult]) -> dict[str, dict[str, Any]]:
             entry["errors"] += 1
             continue
         for k in SCORE_KEYS:
-            value = getattr(audit, k)
-            entry[k] = value if entry[k] is None else max(entry[k], value)
+            value = getattr(audit, k)  # None: a score this audit's version did not compute
+            if value is not None:
+                entry[k] = value if entry[k] is None else max(entry[k], value)
     return out
 
 
@@ -91,7 +92,7 @@ def worst_case(report: dict[str, Any]) -> dict[str, float | None]:
     """The highest of each score over every module set (None when no audit ran)."""
     out: dict[str, float | None] = {}
     for key in SCORE_KEYS:
-        values = [s[key] for s in report["summary"].values() if s[key] is not None]
+        values = [s[key] for s in report["summary"].values() if s.get(key) is not None]
         out[key] = max(values) if values else None
     return out
 

@@ -16,7 +16,10 @@ HIGH_ROUGE1 = 0.8
 MEDIUM_ROUGE1 = 0.4
 MEDIUM_ROUGE2 = 0.2
 LEVELS = {
-    "HIGH": f"a batch rebuilt word for word, or ROUGE-1 ≥ {HIGH_ROUGE1}",
+    "HIGH": (
+        f"a batch rebuilt word for word, or ROUGE-1 ≥ {HIGH_ROUGE1} per sentence or of the batch's "
+        "words pooled (batch ROUGE-1: the words learnt, sorted into sentences or not)"
+    ),
     "MEDIUM": f"ROUGE-1 ≥ {MEDIUM_ROUGE1} or ROUGE-2 ≥ {MEDIUM_ROUGE2}",
     "LOW": "below those: what this attack rebuilt, a lower bound, not a proof of safety",
     "NOT MEASURED": "no audit of the module set ran (each one's error says why)",
@@ -75,8 +78,18 @@ def _verdict(label: str, audits: list[dict[str, Any]]) -> Verdict:
     unscored = len(audits) - len(scored)
     counts += f" ({unscored} more did not run)" if unscored else ""
     scores = f"worst ROUGE-1 {score(rouge1)}, ROUGE-2 {score(rouge2)}"
+    pooled = [a["batch_rouge1"] for a in scored if a.get("batch_rouge1") is not None]
+    if pooled and max(pooled) > rouge1:  # words found but not sorted into their sentences
+        scores += f", batch ROUGE-1 {score(max(pooled))}"
     if rebuilt or rouge1 >= HIGH_ROUGE1:
         return Verdict("HIGH", label, f"{counts}; {scores}")
+    if pooled and max(pooled) >= HIGH_ROUGE1:
+        return Verdict(
+            "HIGH",
+            label,
+            f"{counts}; {scores}: the batch's words were learnt, though not "
+            "which sentence holds each",
+        )
     stopped = sum(1 for a in scored if (a.get("info") or {}).get("out_of_time"))
     if stopped:  # a search cut short measured less than it could
         scores += (

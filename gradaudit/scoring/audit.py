@@ -84,6 +84,7 @@ def audit_snapshot(
         rougeL=scores.rougeL,
         token_recall=scores.token_recall,
         exact=scores.exact,
+        batch_rouge1=scores.batch_rouge1,
         seconds=rec.seconds,
         modules=list(snapshot.modules),
         attack=rec.attack,

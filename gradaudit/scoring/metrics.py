@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from gradaudit.errors import GradAuditError
 
 # The scores of a result, in the order every table and log lists them.
-SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "token_recall", "exact")
+SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "token_recall", "exact", "batch_rouge1")
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", "<s>", "</s>", "<pad>", "<mask>")
 METRIC_CONFIG: dict[str, Any] = {
     "rouge": "rouge-score F-measure, use_stemmer=False, default tokenizer (lowercase, alnum)",
@@ -26,6 +26,10 @@ METRIC_CONFIG: dict[str, Any] = {
     "special_tokens": "stripped from references and reconstructions before scoring",
     "token_recall": "share of reference token ids recovered at their own position",
     "exact": "share of sentences whose ROUGE tokens equal the reference's",
+    "batch_rouge1": (
+        "ROUGE-1 F of the batch's words pooled over its sentences (order and sentence "
+        "boundaries ignored): the words learnt, sorted into sentences or not"
+    ),
     "aggregate": "mean over sentences",
 }
 _SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -59,6 +63,7 @@ class Scores:
     rougeL: float
     token_recall: float
     exact: float
+    batch_rouge1: float
     sentences: list[SentenceScore] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=lambda: dict(METRIC_CONFIG))
 
@@ -124,6 +129,7 @@ def score(
         rougeL=mean("rougeL"),
         token_recall=mean("token_recall"),
         exact=mean("exact"),
+        batch_rouge1=float(_SCORER.score(" ".join(refs), " ".join(recs))["rouge1"].fmeasure),
         sentences=sentences,
     )
 

@@ -27,6 +27,7 @@ class AuditResult:
     rougeL: float | None = None
     token_recall: float | None = None
     exact: float | None = None
+    batch_rouge1: float | None = None
     seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     gradient: str = "raw"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _audits import EXACT, LOW, REFERENCES, SHUFFLED, audit_of
+from _audits import EXACT, LOW, REFERENCES, SCRAMBLED, SHUFFLED, audit_of
 
 import gradaudit
 from gradaudit import AuditResult, GradAuditError, assert_leaks, assert_no_leakage
@@ -13,6 +13,17 @@ from gradaudit.report import build_report, write_report
 def test_exported_from_the_package():
     assert gradaudit.assert_no_leakage is assert_no_leakage
     assert gradaudit.assert_leaks is assert_leaks
+
+
+def test_a_batch_rouge1_threshold_catches_words_not_sorted_into_sentences():
+    scrambled = audit_of(SCRAMBLED)
+    assert_no_leakage(scrambled, max_rouge1=0.6)
+    with pytest.raises(AssertionError, match="batch_rouge1 = 1.000 > max_batch_rouge1 = 0.600"):
+        assert_no_leakage(scrambled, max_rouge1=0.6, max_batch_rouge1=0.6)
+    assert_leaks(scrambled, min_batch_rouge1=1.0)
+    scrambled.batch_rouge1 = None  # as read from a report written before the score existed
+    with pytest.raises(GradAuditError, match="has no batch_rouge1.*drop the max_batch_rouge1"):
+        assert_no_leakage(scrambled, max_batch_rouge1=0.6)
 
 
 def test_low_leakage_passes_and_shuffled_text_fails_with_a_full_message():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _audits import LOW, REFERENCES, SHUFFLED, audit_of
 
-from gradaudit import AuditResult, GradAuditError
+from gradaudit import AuditResult, GradAuditError, assert_no_leakage
 from gradaudit.cli.main import main
 from gradaudit.model.families import locate_name, modules_label
 from gradaudit.privacy import privacy_statement
@@ -242,6 +242,17 @@ def test_bad_report_directories(tmp_path, capsys):
     (tmp_path / "report.json").write_text('{"schema_version": 1}')
     with pytest.raises(GradAuditError, match="lacks threat_model"):
         read_report(tmp_path)
+
+
+def test_a_report_written_before_batch_rouge1_still_renders_and_asserts(tmp_path):
+    report = json.loads(json.dumps(build_report([audit_of(SHUFFLED)], config={})))
+    for entry in [*report["summary"].values(), *report["audits"]]:
+        del entry["batch_rouge1"]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "batch ROUGE-1 -" in (tmp_path / "report.md").read_text()
+    with pytest.raises(AssertionError, match="rouge1 = 1.000 > max_rouge1"):
+        assert_no_leakage(tmp_path, max_rouge1=0.5)
 
 
 def test_module_names_are_located_without_a_model():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from _audits import EXACT, LOW, audit_of
+from _audits import EXACT, LOW, SCRAMBLED, audit_of
 
 from gradaudit.report import build_report, write_report
 from gradaudit.report.verdict import verdicts
@@ -16,6 +16,12 @@ def test_a_batch_rebuilt_word_for_word_is_high_and_counted():
     (verdict,) = verdicts(_report(audit_of(EXACT), audit_of(EXACT)))
     assert verdict.level == "HIGH"
     assert "2 of 2 audited batch(es) rebuilt word for word" in verdict.sentence
+
+
+def test_the_batch_s_words_learnt_but_not_sorted_into_sentences_is_high():
+    (verdict,) = verdicts(_report(audit_of(SCRAMBLED)))
+    assert verdict.level == "HIGH" and "batch ROUGE-1 1.000" in verdict.sentence
+    assert "not which sentence holds each" in verdict.sentence
 
 
 def test_a_low_score_says_it_is_a_lower_bound_and_what_the_spectrum_allows():

@@ -26,6 +26,14 @@ def test_permuted_batch_is_matched_by_hungarian_assignment():
     assert sorted((x.reference, x.reconstruction) for x in s.sentences) == [(0, 1), (1, 2), (2, 0)]
 
 
+def test_words_exchanged_between_sentences_keep_the_batch_rouge1_only():
+    refs = ["it 's a charming and often affecting journey .", "the plot is nothing but boring ."]
+    recs = ["it 's a charming nothing but boring .", "the plot is and often affecting journey ."]
+    s = score(refs, recs)
+    assert s.batch_rouge1 == 1.0 and s.rouge1 < 0.6 and s.exact == 0.0
+    assert score(refs, ["music the slow movie .", "never help card bank ."]).batch_rouge1 < 0.2
+
+
 def test_bag_of_words_gets_rouge1_but_not_rouge2_or_recall():
     s = score(["the cast was great"], ["great was cast the"])
     assert s.rouge1 == 1.0
