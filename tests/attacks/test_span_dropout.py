@@ -9,10 +9,11 @@ from test_span import BATCH, WORDS
 from torch import nn
 
 from gradaudit.attacks import get_attack
-from gradaudit.attacks.span.exact.dropout import embedding_dropout
+from gradaudit.attacks.span.exact.dropout import Finder, embedding_dropout
 from gradaudit.attacks.span.exact.masks import (
     MASK_EXACT,
     MaskFit,
+    decode_masks,
     descend_masks,
     masked_residual,
     most_dropped,
@@ -93,6 +94,29 @@ def test_the_descent_makes_a_true_tokens_mask_exact_and_leaves_a_false_one_far(t
     assert before[0] > 0.1  # a random mask: far from the span
     assert fit.residual[0] < MASK_EXACT < 0.05 < fit.residual[1]
     assert (~fit.kept[0]).sum() < 0.25 * width  # about p x width coordinates dropped
+
+
+def test_a_key_rows_anchor_that_dropped_its_outlier_coordinate_is_decoded():
+    # A first-token input with one coordinate far above the rest (MiniLM's: 7.04, median
+    # 0.07); sentence 0's first-token mask dropped it, the two others kept it.
+    g = torch.Generator().manual_seed(0)
+    width, most = 96, most_dropped(96, 0.1)
+    anchor = torch.randn(width, generator=g, dtype=torch.float64) * 0.3
+    anchor[5] = 8.0
+    rows, tokens = [], None
+    for sentence in range(3):
+        anchor_kept = torch.rand(width, generator=g, dtype=torch.float64) >= 0.1
+        anchor_kept[5] = sentence != 0
+        u = torch.randn(12, width, generator=g, dtype=torch.float64)
+        kept = torch.rand(12, width, generator=g, dtype=torch.float64) >= 0.1
+        rows.append(u * kept - anchor * anchor_kept)
+        tokens = u if sentence == 0 else tokens
+    basis = torch.linalg.qr(torch.cat(rows).T).Q.T
+    plain = decode_masks(tokens, basis, most, anchor)
+    plain = descend_masks(plain, tokens, basis, most, anchor)
+    assert (plain.residual < MASK_EXACT).sum() == 0  # the l1 decoding spreads the big error
+    fit = Finder(basis, most, anchor).rank(tokens)
+    assert bool((fit.residual < MASK_EXACT).all()) and not fit.anchor_kept[:, 5].any()
 
 
 class DropoutFirst(nn.Module):

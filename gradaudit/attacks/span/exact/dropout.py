@@ -15,6 +15,8 @@ import torch
 from gradaudit.attacks.span.exact.masks import (
     MASK_EXACT,
     MaskFit,
+    anchor_outliers,
+    best_fit,
     box_masks,
     decode_masks,
     descend_masks,
@@ -97,13 +99,19 @@ class Finder:
         from the box relaxation (its ADMM in float32: it is only rounded), for key from
         sparse-error decoding against the span and the anchor. SST-2 dev 8-15, query@0,
         B = 8 (rank 234): 208 of 219 true (slot, token) pairs exact from the box, 152 from
-        the decoding, no false one from either."""
-        if self.anchor is not None:
-            fit = decode_masks(inputs, self.basis, self.most, self.anchor)
-        else:
+        the decoding, no false one from either. Key: once per guess of which of the anchor's
+        outlier coordinates were dropped (`anchor_outliers`), the best kept per row."""
+        if self.anchor is None:
             rough = box_masks(inputs.float(), self.basis.float(), self.most)
             fit = MaskFit(rough.residual.to(inputs.dtype), rough.kept)
-        return descend_masks(fit, inputs, self.basis, self.most, self.anchor)
+            return descend_masks(fit, inputs, self.basis, self.most)
+        fits = [
+            decode_masks(inputs, self.basis, self.most, self.anchor, dropped)
+            for dropped in anchor_outliers(self.anchor)
+        ]
+        return best_fit(
+            [descend_masks(f, inputs, self.basis, self.most, self.anchor) for f in fits]
+        )
 
     def restart(self, rows: torch.Tensor, draws: list[int], seed: int) -> MaskFit:
         """The descent from `draws[i]` random starting masks of each of `rows`, one batch
