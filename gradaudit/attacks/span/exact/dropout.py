@@ -136,11 +136,13 @@ def find_rows(
     candidates: list[torch.Tensor],
     counts: list[int],
     rate: float,
+    restart: bool = True,
 ) -> FoundRows:
     """Per slot `j` (position + segment embedding `offsets[j]`), up to `counts[j]` inputs
     `m * u / (1 - p)` in the span among its `candidates[j]` tokens: ranked together
-    (`Finder.rank`), then, while a slot lacks inputs, restarts (`more_masks`; a key module's
-    slots are searched again per sentence, with each sentence's first-token mask known)."""
+    (`Finder.rank`), then, while a slot lacks inputs and `restart`, restarts (`more_masks`;
+    a key module's slots are searched again per sentence, with each sentence's first-token
+    mask known)."""
     sizes = [len(c) for c in candidates]
     slot_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     inputs = layer0_inputs(lay, torch.cat(candidates).to(offsets.device), offsets[slot_of])
@@ -157,7 +159,7 @@ def find_rows(
             for i in res.argsort().tolist()
             if res[i] < MASK_EXACT
         }
-        if len(chosen) < counts[j] and finder.anchor is None:  # key: `train.sentence_pass`
+        if len(chosen) < counts[j] and restart and finder.anchor is None:  # key: sentence_pass
             more_masks(finder, rows, res, chosen, counts[j])
         picked = [(i, m) for i in chosen for m in chosen[i]][: counts[j]]
         for i, (kept, anchor) in picked:
