@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -227,6 +228,9 @@ def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any
         )
     except GradAuditError as error:  # e.g. a module the attack refuses: that cell's outcome
         return {"error": str(error)}
+    except Exception as error:  # noqa: BLE001 - an attack's bug loses one cell, not the run
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error} (an attack bug: please report it)"}
     if result.error is not None:  # e.g. span on a saturated gradient: not attacked, no scores
         return {"error": result.error}
     return {

@@ -58,3 +58,13 @@ def test_a_sentence_with_no_row_found_gets_none_and_the_others_theirs():
     index, _ = cohere(start, slots, pools, signals)
     assert (index[2] == -1).all()
     assert torch.equal(index[:2], truth[:2])
+
+
+def test_with_no_shared_slot_holding_two_rows_the_margin_is_none_not_an_error():
+    truth, start, slots, pools, signals = batch_of_rows(torch.Generator().manual_seed(3))
+    lost = truth[1:, 1:].flatten()  # only sentence 0 keeps rows at the shared columns
+    pools = [p[~torch.isin(p, lost)] for p in pools]
+    start[torch.isin(start, lost)] = -1
+    index, margin = cohere(start, slots, pools, signals)
+    assert margin is None
+    assert torch.equal(index[0], truth[0]) and (index[1:, 1:] == -1).all()

@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import make_tiny_model
 
+from gradaudit.attacks.gradmatch import GradMatchAttack
+from gradaudit.attacks.registry import register_attack
 from gradaudit.errors import GradAuditError
 from gradaudit.experiments.bench import (
     DATASET_FILES,
@@ -130,3 +132,26 @@ def test_table_counts_the_batches_whose_search_ran_out_of_time():
     assert render_table(result).endswith("span; 1 of 2 out of time")
     result["cells"] = [{**cell, "out_of_time": 0}]
     assert render_table(result).endswith("  span")
+
+
+class BrokenAttack(GradMatchAttack):
+    """An attack with a bug: it raises something other than a GradAuditError."""
+
+    name = "broken"
+
+    def _reconstruct(self, *args, **kwargs):
+        raise IndexError("an attack bug")
+
+
+def test_an_attack_that_crashes_costs_its_cell_not_the_run(tiny_tokenizer, data_dir, capsys):
+    register_attack("broken", BrokenAttack)
+    model = make_tiny_model(tiny_tokenizer.vocab_size)
+    grid = BenchGrid(
+        datasets=["sst2"], components=["query"], layers=[0], attacks=["broken", "span"],
+        batch_sizes=[1], sentences=1,
+    )  # fmt: skip
+    result = run_bench(model, tiny_tokenizer, data_dir, grid)
+    broken, span = sorted(result["rows"], key=lambda r: r["attack"])
+    assert broken["error"].startswith("IndexError: an attack bug")
+    assert span["error"] is None and span["rouge1"] == 1.0
+    assert "IndexError" in capsys.readouterr().err  # the traceback is shown, not hidden

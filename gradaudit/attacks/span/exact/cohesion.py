@@ -25,7 +25,7 @@ def cohere(
     pools: list[torch.Tensor],
     signals: torch.Tensor,
     share: bool = False,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float | None]:
     """Row per (sentence, column) matched to the sentences' mean signal directions.
 
     `index` (batch x length, -1 where no row) is the start; `slots` and `pools` are the slot
@@ -35,7 +35,8 @@ def cohere(
     its length), the means recomputed, until nothing moves. Where a group has fewer rows than
     sentences, the sentences matched least well get none, or with `share` (eval mode, where
     equal inputs are one row) their nearest row. Returns the index and the smallest margin by
-    which a row is nearer its own sentence's mean than another's (how clear the sort was).
+    which a row is nearer its own sentence's mean than another's (how clear the sort was;
+    None where no slot has rows of two sentences to compare).
     """
     unit = torch.nn.functional.normalize(signals.double(), dim=1).to(index.device)
     index = index.clone()
@@ -107,13 +108,16 @@ def _margin(
     means: torch.Tensor,
     index: torch.Tensor,
     shared: list[tuple[Slot, torch.Tensor]],
-) -> float:
-    margin = float("inf")
+) -> float | None:
+    margin = None
     for slot, _ in shared:
         sentences = [b for b in slot.sentences if index[b, slot.column] >= 0]
+        if len(sentences) < 2:  # rows missing: nothing to compare here
+            continue
         similarity = means[sentences] @ unit[index[sentences, slot.column]].T
         own = similarity.diagonal()
         eye = torch.eye(len(sentences), dtype=torch.bool, device=similarity.device)
         other = similarity.masked_fill(eye, -2).amax(0)
-        margin = min(margin, float((own - other).min()))
+        gap = float((own - other).min())
+        margin = gap if margin is None else min(margin, gap)
     return margin
