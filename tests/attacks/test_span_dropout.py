@@ -9,7 +9,7 @@ from test_span import BATCH, WORDS
 from torch import nn
 
 from gradaudit.attacks import get_attack
-from gradaudit.attacks.span.exact.dropout import Finder, embedding_dropout
+from gradaudit.attacks.span.exact.dropout import Finder, FoundRows, embedding_dropout
 from gradaudit.attacks.span.exact.masks import (
     MASK_EXACT,
     MaskFit,
@@ -18,7 +18,8 @@ from gradaudit.attacks.span.exact.masks import (
     masked_residual,
     most_dropped,
 )
-from gradaudit.attacks.span.exact.screening import layer0_inputs
+from gradaudit.attacks.span.exact.screening import Slot, layer0_inputs
+from gradaudit.attacks.span.exact.train import anchor_index
 from gradaudit.gradients.capture import capture
 from gradaudit.gradients.spectrum import spectrum
 from gradaudit.model.batch import make_batch
@@ -235,3 +236,21 @@ def test_an_assignment_between_sentences_longer_than_a_head_is_called_a_ranking(
     assert result.info["assignment"] == (
         "membership (windowed between sentences [0, 1], longer than a head: a ranking, not exact)"
     )
+
+
+def test_key_rows_of_a_wide_span_are_placed_by_their_first_token_masks_as_far_as_found():
+    # Three sentences (lengths 4, 4, 3; [SEP] = 9): sentence 0 complete, one sentence of
+    # length 4 with its [SEP] unfound, the third with no row found.
+    masks = torch.eye(3, 64, dtype=torch.bool).repeat_interleave(20, 1)[:, :64]
+    slots = [Slot(c, c, 0, (0, 1, 2) if c < 3 else (0, 1)) for c in range(4)]
+    rows = [(1, 5, 0), (2, 6, 0), (3, 9, 0), (0, 1, 1), (1, 7, 1), (2, 8, 1), (0, 1, 0)]
+    found = FoundRows(
+        tokens=[t for _, t, _ in rows], slots=[j for j, _, _ in rows],
+        inputs=[torch.zeros(64)] * len(rows), anchors=[masks[g] for _, _, g in rows],
+    )  # fmt: skip
+    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]])
+    index, note = anchor_index(found, attention, slots, ends={3: 9, 2: 9})
+    assert index[0].tolist() == [6, 0, 1, 2]  # its [SEP] found: sure
+    assert index[1].tolist() == [3, 4, 5, -1] and (index[2] == -1).all()
+    assert "1 of 2 sentences placed by length, a guess" in note
+    assert "4 inputs missing" in note and "1 sentences with no row found" in note

@@ -93,6 +93,7 @@ class Finder:
     basis: torch.Tensor
     most: int
     anchor: torch.Tensor | None
+    paired_box: bool = False  # key: also the box relaxation over row and anchor masks
 
     def rank(self, inputs: torch.Tensor) -> MaskFit:
         """Masks for many rows at once, then the one-coordinate descent: for query and value
@@ -100,7 +101,9 @@ class Finder:
         sparse-error decoding against the span and the anchor. SST-2 dev 8-15, query@0,
         B = 8 (rank 234): 208 of 219 true (slot, token) pairs exact from the box, 152 from
         the decoding, no false one from either. Key: once per guess of which of the anchor's
-        outlier coordinates were dropped (`anchor_outliers`), the best kept per row."""
+        outlier coordinates were dropped (`anchor_outliers`), and with `paired_box` from the
+        box relaxation over both masks too (float64: slow, for wide spans), the best kept per
+        row."""
         if self.anchor is None:
             rough = box_masks(inputs.float(), self.basis.float(), self.most)
             fit = MaskFit(rough.residual.to(inputs.dtype), rough.kept)
@@ -109,6 +112,8 @@ class Finder:
             decode_masks(inputs, self.basis, self.most, self.anchor, dropped)
             for dropped in anchor_outliers(self.anchor)
         ]
+        if self.paired_box:
+            fits.append(box_masks(inputs, self.basis, self.most, self.anchor))
         return best_fit(
             [descend_masks(f, inputs, self.basis, self.most, self.anchor) for f in fits]
         )

@@ -124,6 +124,10 @@ def solve_train(
     finder = Finder(basis, most_dropped(basis.shape[1], rate), anchor)
     first_pass = candidates if anchor is None else [c[:ANCHOR_PASS] for c in candidates]
     found = find_rows(lay, finder, offsets, first_pass, counts, rate)
+    groups = anchor_groups(found) if anchor is not None else None
+    if anchor is not None and (groups is None or len(groups[1]) < len(batch["input_ids"])):
+        finder = dataclasses.replace(finder, paired_box=True)  # a wide span: decoding failed
+        found = find_rows(lay, finder, offsets, first_pass, counts, rate)
     if anchor is not None:
         first_tokens(found, anchor, basis, first, int(candidates[first][0]))
         last = sentence_ends(batch, content, slots)
@@ -332,7 +336,8 @@ def place_rows(
     membership annealing for key and query modules (scored on the found inputs and their
     signals), by the signals' cohesion for value modules, else in the order found. Returns the
     token ids and how the assignment was decided."""
-    by_anchor = anchor_index(found, batch["attention_mask"].cpu(), slots)
+    ends = sentence_ends(batch, content, slots)
+    by_anchor = anchor_index(found, batch["attention_mask"].cpu(), slots, ends)
     slots, pools = token_groups(slots, found, ids.cpu(), content.cpu())
     index = torch.full_like(batch["input_ids"], -1).cpu()
     for slot, pool in zip(slots, pools):
@@ -342,8 +347,8 @@ def place_rows(
     plain = Membership.build(model, model.get_submodule(module), batch, target)
     complete = all(len(p) >= len(s.sentences) and p[0] >= 0 for p, s in zip(pools, slots))
     if len(index) > 1 and by_anchor is not None:
-        index = by_anchor
-        details["assignment"] = "first-token masks"
+        index, note = by_anchor
+        details["assignment"] = "first-token masks" + note
     if len(index) > 1 and plain is not None and complete:
         fields = {f: getattr(plain, f) for f in plain.__dataclass_fields__}
         membership = RowMembership(**fields, rows=rows, row_signals=signals)
@@ -404,11 +409,14 @@ def anneal(
 
 
 def anchor_index(
-    found: FoundRows, attention: torch.Tensor, slots: list[Slot]
-) -> torch.Tensor | None:
-    """Row index per (sentence, column) from a key module's first-token masks: the rows that
-    came with one mask form one sentence, given to an unplaced sentence of its length (None if
-    the masks do not form the batch's sentences)."""
+    found: FoundRows, attention: torch.Tensor, slots: list[Slot], ends: dict[int, int]
+) -> tuple[torch.Tensor, str] | None:
+    """Row per (sentence, column) from a key module's first-token masks: the rows that came
+    with one mask form one sentence, given to the unplaced sentence of its length where its
+    last token (`ends`: slot -> [SEP]) is among them or it is complete, else to the shortest
+    unplaced sentence longer than its rows reach (a guess: which sentence is not known; the
+    text is). Places without a row stay -1. None without masks, or where every input was
+    found but the masks do not form the sentences; with the index, what was guessed."""
     groups = anchor_groups(found)
     if groups is None:
         return None
@@ -416,15 +424,33 @@ def anchor_index(
     lengths = attention.sum(1).tolist()
     index = torch.full(attention.shape, -1, dtype=torch.long)
     free = list(range(len(lengths)))
-    for g in range(len(masks)):
-        columns = {slots[found.slots[i]].column: i for i, k in enumerate(group) if k == g}
-        b = next((b for b in free if lengths[b] == max(columns) + 1), None)
-        if b is None or len(columns) != lengths[b]:
+    members = [{slots[found.slots[i]].column: i for i, k in enumerate(group) if k == g}
+               for g in range(len(masks))]  # fmt: skip
+    whole = [  # its [SEP] found (pairs, whose [SEP] is not known: every row found)
+        any(ends.get(found.slots[i]) == found.tokens[i] for i in columns.values())
+        or (not ends and len(columns) == max(columns) + 1)
+        for columns in members
+    ]
+    guessed = []
+    for g in sorted(range(len(masks)), key=lambda g: (not whole[g], -max(members[g]))):
+        columns, end = members[g], max(members[g]) + 1
+        sure = [b for b in free if lengths[b] == end and whole[g]]
+        fits = sorted((b for b in free if lengths[b] > end), key=lambda b: lengths[b])
+        if not sure:
+            guessed.append(g)
+        b = (sure or fits or [None])[0]
+        if b is None:
             return None
         free.remove(b)
         for column, i in columns.items():
             index[b, column] = i
-    return index if not free else None
+    missing = int((index[attention.bool()] < 0).sum())
+    if (guessed or free) and len(found.tokens) == int(attention.sum()):
+        return None  # every input found, the masks not the sentences: the membership decides
+    note = f"; {len(guessed)} of {len(masks)} sentences placed by length, a guess" * bool(guessed)
+    note += f"; {missing} inputs missing, their places left empty" * bool(missing)
+    note += f"; {len(free)} sentences with no row found" * bool(free)
+    return index, note
 
 
 def polish(
