@@ -102,8 +102,7 @@ class Finder:
         B = 8 (rank 234): 208 of 219 true (slot, token) pairs exact from the box, 152 from
         the decoding, no false one from either. Key: once per guess of which of the anchor's
         outlier coordinates were dropped (`anchor_outliers`), and with `paired_box` from the
-        box relaxation over both masks too (float64: slow, for wide spans), the best kept per
-        row."""
+        box relaxation over both masks too (slow: for wide spans), the best kept per row."""
         if self.anchor is None:
             rough = box_masks(inputs.float(), self.basis.float(), self.most)
             fit = MaskFit(rough.residual.to(inputs.dtype), rough.kept)
@@ -112,8 +111,9 @@ class Finder:
             decode_masks(inputs, self.basis, self.most, self.anchor, dropped)
             for dropped in anchor_outliers(self.anchor)
         ]
-        if self.paired_box:
-            fits.append(box_masks(inputs, self.basis, self.most, self.anchor))
+        if self.paired_box:  # float32, as for query and value: it is only rounded
+            basis, anchor = self.basis.float(), self.anchor.float()
+            fits.append(box_masks(inputs.float(), basis, self.most, anchor))
         return best_fit(
             [descend_masks(f, inputs, self.basis, self.most, self.anchor) for f in fits]
         )

@@ -129,9 +129,16 @@ def solve_train(
         finder = dataclasses.replace(finder, paired_box=True)  # a wide span: decoding failed
         found = find_rows(lay, finder, offsets, first_pass, counts, rate)
     if anchor is not None:
-        first_tokens(found, anchor, basis, first, int(candidates[first][0]))
         last = sentence_ends(batch, content, slots)
-        sentence_pass(lay, finder, found, anchor, offsets, candidates, counts, rate, last)
+        for again in (False, True):
+            first_tokens(found, anchor, basis, first, int(candidates[first][0]))
+            sentence_pass(lay, finder, found, anchor, offsets, candidates, counts, rate, last)
+            if (
+                again
+                or not finder.paired_box
+                or not new_sentences(lay, finder, found, offsets, candidates, counts, rate)
+            ):
+                break
     target = snapshot.weight_gradient(module).to(device, torch.float64)
     rows = found.stack()
     details: dict[str, Any] = {
@@ -194,9 +201,10 @@ def first_tokens(
     off = first_token_residuals(rows, anchor, masks, basis)
     keep = (off.min(1).values < MASK_EXACT).tolist()  # a false pair fits its own made-up mask
     found.anchors = [masks[int(g)] for g in off.argmin(1)]
+    held = {int(g) for g, j, k in zip(off.argmin(1), found.slots, keep) if j == slot and k}
     for name in ("tokens", "slots", "inputs", "anchors"):
         setattr(found, name, [x for x, k in zip(getattr(found, name), keep) if k])
-    for mask in masks:
+    for mask in (m for g, m in enumerate(masks) if g not in held):  # no first row yet
         found.tokens.append(token)
         found.slots.append(slot)
         found.inputs.append(anchor * mask)
@@ -225,6 +233,44 @@ def refine_anchor(
             break
         mask = new
     return mask
+
+
+def new_sentences(
+    lay: ModelLayout,
+    finder: Finder,
+    found: FoundRows,
+    offsets: torch.Tensor,
+    candidates: list[torch.Tensor],
+    counts: list[int],
+    rate: float,
+) -> bool:
+    """A key module's slots still lacking inputs searched among the candidates the first pass
+    left (it took each slot's best `ANCHOR_PASS`), for rows of sentences no first-token mask
+    yet holds; True when some were added (their sentences then get the sentence pass)."""
+    missing = list(counts)
+    for j in found.slots:
+        missing[j] -= 1
+    lacking = [j for j, n in enumerate(missing) if n > 0 and len(candidates[j]) > ANCHOR_PASS]
+    groups = anchor_groups(found)
+    if not lacking or groups is None:
+        return False
+    more = find_rows(  # each row's fit is its own: the first pass's candidates would fit alike
+        lay,
+        finder,
+        offsets[lacking],
+        [candidates[j][ANCHOR_PASS:] for j in lacking],
+        [missing[j] for j in lacking],
+        rate,
+    )
+    added = False
+    for token, j, row, mask in zip(more.tokens, more.slots, more.inputs, more.anchors):
+        if min(int((mask != m).sum()) for m in groups[1]) >= SAME_ANCHOR:  # a new sentence's
+            found.tokens.append(token)
+            found.slots.append(lacking[j])
+            found.inputs.append(row)
+            found.anchors.append(mask)
+            added = True
+    return added
 
 
 def sentence_ends(
