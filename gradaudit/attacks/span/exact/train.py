@@ -122,23 +122,12 @@ def solve_train(
         lay, screen_basis, slots, offsets, batch["input_ids"], content, tokenizer, chunk
     )
     finder = Finder(basis, most_dropped(basis.shape[1], rate), anchor)
-    first_pass = candidates if anchor is None else [c[:ANCHOR_PASS] for c in candidates]
-    found = find_rows(lay, finder, offsets, first_pass, counts, rate)
-    groups = anchor_groups(found) if anchor is not None else None
-    if anchor is not None and (groups is None or len(groups[1]) < len(batch["input_ids"])):
-        finder = dataclasses.replace(finder, paired_box=True)  # a wide span: decoding failed
-        found = find_rows(lay, finder, offsets, first_pass, counts, rate)
-    if anchor is not None:
+    if anchor is None:
+        found = find_rows(lay, finder, offsets, candidates, counts, rate)
+    else:
         last = sentence_ends(batch, content, slots)
-        for again in (False, True):
-            first_tokens(found, anchor, basis, first, int(candidates[first][0]))
-            sentence_pass(lay, finder, found, anchor, offsets, candidates, counts, rate, last)
-            if (
-                again
-                or not finder.paired_box
-                or not new_sentences(lay, finder, found, offsets, candidates, counts, rate)
-            ):
-                break
+        sentences = len(batch["input_ids"])
+        found = key_rows(lay, finder, offsets, candidates, counts, rate, first, last, sentences)
     target = snapshot.weight_gradient(module).to(device, torch.float64)
     rows = found.stack()
     details: dict[str, Any] = {
@@ -157,6 +146,37 @@ def solve_train(
     )
     details.update(assignment)
     return ids.cpu(), details
+
+
+def key_rows(
+    lay: ModelLayout,
+    finder: Finder,
+    offsets: torch.Tensor,
+    candidates: list[torch.Tensor],
+    counts: list[int],
+    rate: float,
+    first: int,
+    last: dict[int, int],
+    sentences: int,
+) -> FoundRows:
+    """A key module's inputs: a first pass over each slot's best candidates, for every
+    sentence's first-token mask (again with the paired box relaxation where the decoding left
+    sentences without one: a wide span), the first-token rows, the sentence pass; on a wide
+    span once more for the sentences still without a mask (`new_sentences`)."""
+    first_pass = [c[:ANCHOR_PASS] for c in candidates]
+    found = find_rows(lay, finder, offsets, first_pass, counts, rate)
+    groups = anchor_groups(found)
+    if groups is None or len(groups[1]) < sentences:
+        finder = dataclasses.replace(finder, paired_box=True)
+        found = find_rows(lay, finder, offsets, first_pass, counts, rate)
+    for again in (False, True):
+        first_tokens(found, finder.anchor, finder.basis, first, int(candidates[first][0]))
+        sentence_pass(lay, finder, found, finder.anchor, offsets, candidates, counts, rate, last)
+        if again or not finder.paired_box:
+            break
+        if not new_sentences(lay, finder, found, offsets, candidates, counts, rate):
+            break
+    return found
 
 
 def anchor_groups(found: FoundRows) -> tuple[list[int], list[torch.Tensor]] | None:
