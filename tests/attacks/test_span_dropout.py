@@ -10,6 +10,7 @@ from torch import nn
 
 from gradaudit.attacks import get_attack
 from gradaudit.attacks.span.exact.dropout import Finder, FoundRows, embedding_dropout
+from gradaudit.attacks.span.exact.keys import anchor_index
 from gradaudit.attacks.span.exact.masks import (
     MASK_EXACT,
     MaskFit,
@@ -19,7 +20,6 @@ from gradaudit.attacks.span.exact.masks import (
     most_dropped,
 )
 from gradaudit.attacks.span.exact.screening import Slot, layer0_inputs
-from gradaudit.attacks.span.exact.train import anchor_index
 from gradaudit.gradients.capture import capture
 from gradaudit.gradients.spectrum import spectrum
 from gradaudit.model.batch import make_batch
