@@ -87,8 +87,8 @@ def _verdict(label: str, audits: list[dict[str, Any]]) -> Verdict:
         return Verdict(
             "HIGH",
             label,
-            f"{counts}; {scores}: the batch's words were learnt, though not "
-            "which sentence holds each",
+            f"{counts}; {scores}: the batch's words were learnt, though not all sorted into "
+            "their sentences",
         )
     stopped = sum(1 for a in scored if (a.get("info") or {}).get("out_of_time"))
     if stopped:  # a search cut short measured less than it could
