@@ -68,9 +68,7 @@ def new_sentences(
     """A key module's slots still lacking inputs searched among the candidates the first pass
     left (it took each slot's best `ANCHOR_PASS`), for rows of sentences no first-token mask
     yet holds; True when some were added (their sentences then get the sentence pass)."""
-    missing = list(counts)
-    for j in found.slots:
-        missing[j] -= 1
+    missing = still_missing(found, counts)
     lacking = [j for j, n in enumerate(missing) if n > 0 and len(candidates[j]) > ANCHOR_PASS]
     groups = anchor_groups(found)
     if not lacking or groups is None:
@@ -112,9 +110,7 @@ def sentence_pass(
     then among all with them where rows still lack (restarts for one sentence at another's
     slots cannot succeed: SST-2 dev 0-7, B = 8, 92 s against 266 s), one row per slot, and
     where its last token (`last`: slot -> [SEP]) is found, before it only."""
-    missing = list(counts)
-    for j in found.slots:
-        missing[j] -= 1
+    missing = still_missing(found, counts)
     groups = anchor_groups(found)
     phases = ((ANCHOR_PASS, False), (None, True))  # the best candidates, then all and restarts
     for (best, restart), mask in product(phases, groups[1] if groups is not None else []):
@@ -145,6 +141,14 @@ def sentence_pass(
             found.inputs.append(row)
             found.anchors.append(mask)
             missing[lacking[j]] -= 1
+
+
+def still_missing(found: FoundRows, counts: list[int]) -> list[int]:
+    """Per slot, how many of its `counts` inputs `found` does not hold yet."""
+    missing = list(counts)
+    for j in found.slots:
+        missing[j] -= 1
+    return missing
 
 
 def sentence_ends(

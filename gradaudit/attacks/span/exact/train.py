@@ -115,12 +115,12 @@ def solve_train(
         lay, screen_basis, slots, offsets, batch["input_ids"], content, tokenizer, chunk
     )
     finder = Finder(basis, most_dropped(basis.shape[1], rate), anchor)
+    ends = sentence_ends(batch, content, slots)
     if anchor is None:
         found = find_rows(lay, finder, offsets, candidates, counts, rate)
     else:
-        last = sentence_ends(batch, content, slots)
         sentences = len(batch["input_ids"])
-        found = key_rows(lay, finder, offsets, candidates, counts, rate, first, last, sentences)
+        found = key_rows(lay, finder, offsets, candidates, counts, rate, first, ends, sentences)
     target = snapshot.weight_gradient(module).to(device, torch.float64)
     rows = found.stack()
     details: dict[str, Any] = {
@@ -135,7 +135,7 @@ def solve_train(
     fit = float((target - signals.T @ rows).norm() / target.norm())
     details["explained_residual"] = fit
     ids, assignment = place_rows(
-        model, lay, module, batch, target, slots, found, rows, signals, ids, content
+        model, lay, module, batch, target, slots, found, rows, signals, ids, content, ends
     )
     details.update(assignment)
     return ids.cpu(), details
@@ -175,12 +175,13 @@ def place_rows(
     signals: torch.Tensor,
     ids: torch.Tensor,
     content: torch.Tensor,
+    ends: dict[int, int],
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Each found input given to a sentence holding its slot: by the first-token masks or the
     membership annealing for key and query modules (scored on the found inputs and their
     signals), by the signals' cohesion for value modules, else in the order found. Returns the
-    token ids and how the assignment was decided."""
-    ends = sentence_ends(batch, content, slots)
+    token ids and how the assignment was decided. `ends`: slot -> the [SEP] ending a sentence
+    there (`keys.sentence_ends`)."""
     by_anchor = anchor_index(found, batch["attention_mask"].cpu(), slots, ends)
     slots, pools = token_groups(slots, found, ids.cpu(), content.cpu())
     index = torch.full_like(batch["input_ids"], -1).cpu()
