@@ -69,6 +69,31 @@ def test_train_mode_recovers_and_assigns_a_batch_of_four(tiny):
     assert result.info["explained_residual"] < 1e-5
 
 
+def test_query_rows_are_sorted_into_sentences_with_inputs_missing_their_places_left_empty(
+    tiny, monkeypatch
+):
+    """Where the mask search leaves inputs unfound (wide spans), the membership test still
+    sorts the found ones: the missing rows' signals land on their neighbours' only partly."""
+    import gradaudit.attacks.span.exact.train as train
+
+    model, tokenizer = tiny
+    lost = {tokenizer.convert_tokens_to_ids(w) for w in ("was", "not")}
+    find_rows = train.find_rows
+
+    def losing(*args, **kwargs):
+        found = find_rows(*args, **kwargs)
+        keep = [i for i, t in enumerate(found.tokens) if t not in lost]
+        fields = found.__dataclass_fields__
+        return FoundRows(*([getattr(found, f)[i] for i in keep] for f in fields))
+
+    monkeypatch.setattr(train, "find_rows", losing)
+    truth, result = run(model, tokenizer, BATCH)
+    holes = [[0 if t in lost else t for t in ids] for ids in truth]
+    assert sorted(result.token_ids) == sorted(holes)
+    assert result.info["inputs_found"] == result.info["inputs_expected"] - 2
+    assert result.info["assignment"] == "membership (2 inputs missing: their places are left empty)"
+
+
 def test_train_mode_sorts_a_value_batch_of_four_by_its_signals_cohesion(tiny):
     model, tokenizer = tiny
     truth, result = run(model, tokenizer, BATCH, "value")

@@ -35,7 +35,8 @@ class Signals:
     `rows[b]` indexes sentence `b`'s tokens into the distinct inputs; `tested` marks the rows
     whose signal belongs to one sentence and is determined by the gradient (not shared by two
     sentences, and not on an exact linear dependency among the inputs, where `G = D^T H`
-    leaves the split of the signal open).
+    leaves the split of the signal open). `missing` marks a stand-in for places whose input
+    was not found: it is neither tested nor a partner.
     """
 
     signals: torch.Tensor  # heads x distinct x head width
@@ -46,10 +47,17 @@ class Signals:
     # thousands of times per batch.
     shared: list[bool]  # held by more than one sentence
     dependent: list[bool]
+    missing: frozenset[int] = frozenset()
     tested: list[bool] = field(init=False)  # one sentence's, and fixed by the gradient
 
     def __post_init__(self) -> None:
         self.tested = [not s and not d for s, d in zip(self.shared, self.dependent)]
+        for i in self.missing:
+            self.tested[i] = False
+
+    def present(self, rows: list[int]) -> list[int]:
+        """`rows` without the stand-ins for missing inputs."""
+        return [i for i in rows if i not in self.missing] if self.missing else rows
 
 
 @dataclass
@@ -139,6 +147,7 @@ class Membership:
         """Orthonormal per-head basis (heads x head width x k) of one sentence's partners; with
         `window`, for a sentence longer than a head one per token (tokens x heads x head width
         x k), of the partners that token's attention weighs most."""
+        rows = state.present(rows)
         vectors = state.partners[:, rows]
         if self.window and self._longer_than_a_head(len(rows)):
             return self.attended(state, rows, vectors.shape[-1] - WINDOW_SPARE)
@@ -174,6 +183,7 @@ class Membership:
 
     def sentence_residual(self, state: Signals, rows: list[int], span: torch.Tensor) -> float:
         """Relative residual of a sentence's tested signals against its `span`."""
+        rows = state.present(rows)
         if span.dim() == 3:
             return self.residual(state, [i for i in rows if state.tested[i]], span)
         keep = [p for p, i in enumerate(rows) if state.tested[i]]
@@ -195,7 +205,7 @@ class Membership:
         total = 0.0
         for i, bs in owners.items():
             if state.shared[i] and not state.dependent[i]:
-                parts = [_own_basis(spans[b], rows[b], i) for b in bs]
+                parts = [_own_basis(spans[b], state.present(rows[b]), i) for b in bs]
                 union = torch.linalg.qr(torch.cat(parts, -1)).Q
                 total += self.residual(state, [i], union)
         return total
