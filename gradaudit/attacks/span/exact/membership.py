@@ -23,6 +23,9 @@ MEMBERSHIP_EXACT = 1e-6  # a membership score this low is taken as the truth (~1
 DEPENDENT = 1e-9  # singular value of the inputs, relative: an exact linear dependency
 DEPENDENT_SHARE = 1e-3  # a row's weight in such a dependency that leaves its signal open
 ANNEAL_STEPS = 50  # annealing moves per (shared slot, sentence)
+ALONE_TRIES = 12  # descents of one sentence searched alone, while none is exact
+ALONE_KICKS = 3  # descents from the best so far between two random starts
+KICK = 4  # places redrawn for a descent from the best so far
 TEMPERATURE = 0.03  # of the membership score (a sum of relative residuals), at the start
 RUN = 8  # longest run of slots swapped between two sentences in one move
 WINDOW_SPARE = 3  # a long sentence's token is tested against a head's width less this many
@@ -304,6 +307,61 @@ def assign(
                 if best < MEMBERSHIP_EXACT:
                     break
     return best_ids, best
+
+
+def search_alone(
+    membership: Membership,
+    state: Signals,
+    options: list[list[int]],
+    exact: float,
+    generator: torch.Generator,
+) -> tuple[list[int], float]:
+    """One sentence's rows chosen on its own score alone: `options[p]` are the rows of `state`
+    its place `p` may hold (those of every sentence sharing the place's slot). A sentence no
+    longer than a head scores ~0 with its own rows only, whoever else holds what, so each can
+    be searched by itself, a far smaller search than the batch's. Greedy descent (each place's
+    best row, sweep after sweep), from a random start every `ALONE_KICKS + 1` tries and else
+    from the best so far with `KICK` places redrawn; stops below `exact`. From the truth with
+    up to 8 places redrawn the descent came back every time (Rotten Tomatoes 8-15, lengths
+    12-28); from random starts 0-4 times in 5. Returns the best rows and score."""
+    best_rows, best = [], float("inf")
+    for attempt in range(ALONE_TRIES):
+        if attempt % (ALONE_KICKS + 1) == 0:
+            rows = [opts[_draw(len(opts), generator)] for opts in options]
+        else:
+            rows = list(best_rows)
+            for p in torch.randperm(len(rows), generator=generator)[:KICK].tolist():
+                rows[p] = options[p][_draw(len(options[p]), generator)]
+        rows, score = _descend(membership, state, options, rows)
+        if score < best:
+            best_rows, best = rows, score
+        if best < exact:
+            break
+    return best_rows, best
+
+
+def _descend(
+    membership: Membership, state: Signals, options: list[list[int]], rows: list[int]
+) -> tuple[list[int], float]:
+    """Each place in turn takes the row that lowers the sentence's score most, until none does."""
+
+    def score(trial: list[int]) -> float:
+        return membership.sentence_residual(state, trial, membership.span(state, trial))
+
+    current = score(rows)
+    improved = True
+    while improved:
+        improved = False
+        for p, opts in enumerate(options):
+            for row in opts:
+                if row == rows[p]:
+                    continue
+                trial = list(rows)
+                trial[p] = row
+                trial_score = score(trial)
+                if trial_score < current:
+                    rows, current, improved = trial, trial_score, True
+    return rows, current
 
 
 def _run(slots: list[Slot], j: int, b: int, c: int, length: int) -> list[int]:
