@@ -67,6 +67,9 @@ def test_train_mode_recovers_and_assigns_a_batch_of_four(tiny):
     assert result.info["assignment"] == "membership"
     assert result.info["membership_score"] < 1e-6
     assert result.info["explained_residual"] < 1e-5
+    # Each sentence found by a search of its own; three of one length, which the search
+    # cannot tell apart, each claim a different one.
+    assert result.info["sentences_solved_alone"] == 4
 
 
 def test_query_rows_are_sorted_into_sentences_with_inputs_missing_their_places_left_empty(

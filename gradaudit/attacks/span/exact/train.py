@@ -212,8 +212,8 @@ def place_rows(
         fields = {f: getattr(plain, f) for f in plain.__dataclass_fields__}
         membership = RowMembership(**fields, rows=rows, row_signals=signals)
         if by_anchor is None:
-            index = anneal(membership, index, slots, pools)
-            details["assignment"] = "membership"
+            index, alone = anneal(membership, index, slots, pools)
+            details.update(assignment="membership", sentences_solved_alone=alone)
         own, _, shared = membership.score(membership.signals(index))
         details["membership_score"] = sum(own) + shared
         windowed = membership.windowed()
@@ -238,13 +238,14 @@ def place_rows(
 
 def anneal(
     membership: RowMembership, index: torch.Tensor, slots: list[Slot], pools: list[torch.Tensor]
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, int]:
     """Sentences no longer than a head searched alone first (`solve_alone`); the rest by the
     membership annealing from shuffled starts; then the greedy polish of all; then sentences
     longer than a head (to which every signal belongs) are polished among themselves by the windowed
     test (greedily: as exact as annealing on the batches measured, 4x faster), with the
     sentences the plain test still finds wrong (the long ones took their tokens, which they
-    score 0 with; where inputs are missing, the truth's own scores are ~1e-4, not 0)."""
+    score 0 with; where inputs are missing, the truth's own scores are ~1e-4, not 0). Returns
+    the index and how many sentences were solved alone."""
     generator = torch.Generator().manual_seed(0)
     wrong = MEMBERSHIP_MISSING if any(bool((p < 0).any()) for p in pools) else MEMBERSHIP_EXACT
     index, solved = solve_alone(membership, index, slots, wrong, generator)
@@ -264,7 +265,7 @@ def anneal(
     index = polish(membership, index, slots, best)[0]
     long = set(membership.windowed())
     if len(long) < 2:
-        return index
+        return index, len(solved)
     own = membership.score(membership.signals(index))[0]  # a long sentence's own is always ~0
     long |= {b for b, score in enumerate(own) if score > wrong}
     windowed = dataclasses.replace(membership, window=True)
@@ -272,7 +273,8 @@ def anneal(
         dataclasses.replace(s, sentences=tuple(b for b in s.sentences if b in long)) for s in slots
     ]
     own, _, shared = windowed.score(windowed.signals(index))
-    return polish(windowed, index, [s for s in among if len(s.sentences) > 1], sum(own) + shared)[0]
+    among = [s for s in among if len(s.sentences) > 1]
+    return polish(windowed, index, among, sum(own) + shared)[0], len(solved)
 
 
 def solve_alone(
