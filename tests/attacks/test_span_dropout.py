@@ -165,6 +165,26 @@ class DropoutFirst(nn.Module):
         return e.LayerNorm(e.dropout(z + e.token_type_embeddings(token_type_ids)))
 
 
+def test_a_found_tokens_second_mask_is_found_by_pricing_its_first_masks_drops():
+    """Two sentences hold one token at one slot, each with its own dropout mask: with one mask
+    found, the box relaxation pricing that mask's dropped coordinates finds the other."""
+    from gradaudit.attacks.span.exact.dropout import other_masks
+
+    generator = torch.Generator().manual_seed(0)
+    width = 96
+    u = torch.randn(width, generator=generator, dtype=torch.float64)
+    draws = torch.rand(2, width, generator=generator)
+    first, second = draws[0] >= 0.05, draws[1] >= 0.15  # the relaxation prefers fewer drops
+    others = torch.randn(30, width, generator=generator, dtype=torch.float64)
+    span = torch.cat([(u * first)[None], (u * second)[None], others])
+    basis = torch.linalg.qr(span.T).Q.T
+    finder = Finder(basis, most_dropped(width, 0.1), None)
+    chosen = {0: [(first, None)]}
+    other_masks(finder, u[None], chosen, count=2)
+    assert len(chosen[0]) == 2
+    assert torch.equal(chosen[0][1][0], second)
+
+
 def test_dropout_it_cannot_model_is_said_and_not_trusted(tiny, tmp_path):
     model, tokenizer = tiny
     other = make_tiny_model(model.config.vocab_size, hidden=96)

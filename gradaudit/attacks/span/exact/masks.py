@@ -52,7 +52,11 @@ def off_span(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def box_masks(
-    inputs: torch.Tensor, basis: torch.Tensor, most: int, anchor: torch.Tensor | None = None
+    inputs: torch.Tensor,
+    basis: torch.Tensor,
+    most: int,
+    anchor: torch.Tensor | None = None,
+    cost: torch.Tensor | None = None,
 ) -> MaskFit:
     """Each row's mask from the box relaxation: ADMM on `min sum(y)`, `0 <= y <= 1`, with
     `u * (1 - y)` in the span (the y-step closed-form per coordinate, the other a
@@ -61,11 +65,14 @@ def box_masks(
     fails: a frequent token whose other occurrences put it near the span. With `anchor` (key
     modules) the row and the anchor are masked together: `u * (1 - y) - a * (1 - y_a)` in
     the span (SST-2 dev 8-15, B = 8, rank 226: 18 of 226 true rows exact after the descent,
-    in 7 of 8 sentences, against 2 rows from the decoding)."""
+    in 7 of 8 sentences, against 2 rows from the decoding). `cost` (like `inputs`, query and
+    value): each coordinate's price of being dropped, 1 by default."""
     width = inputs.shape[1]
     u = inputs if anchor is None else torch.cat([inputs, -anchor.expand_as(inputs)], 1)
     rho = 1 / u.square().mean(-1, keepdim=True)
     inverse = 1 / (rho * u.square().clamp_min(1e-30))
+    if cost is not None:
+        inverse = inverse * cost
     safe = torch.where(u.abs() > 1e-15, u, torch.full_like(u, 1e-15))
     z = _box_projection(u, basis, width)
     w = torch.zeros_like(u)
