@@ -184,8 +184,8 @@ def other_masks(
     value): the box relaxation with the coordinates their masks found dropped priced
     `OTHER_PRICE` times the rest (a second mask drops mostly others), then the descent,
     repeated while it finds a new exact mask. Random restarts end on the mask found; on
-    SST-2 dev 8-15 (B = 8, seed 1) this found 3 of the 4 missing second masks of a token
-    found ("'" and two [SEP]; not "of")."""
+    SST-2 dev 8-15 (B = 8, seed 1) this found 2 of the 4 missing other masks of a token
+    found (a "'" and a [SEP]; not the second [SEP] nor "of")."""
     for i in list(chosen):
         while sum(map(len, chosen.values())) < count:
             cost = torch.ones_like(rows[i])
