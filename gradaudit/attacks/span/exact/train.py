@@ -241,11 +241,11 @@ def anneal(
 ) -> tuple[torch.Tensor, int]:
     """Sentences no longer than a head searched alone first (`solve_alone`); the rest by the
     membership annealing from shuffled starts; then the greedy polish of all; then sentences
-    longer than a head (to which every signal belongs) are polished among themselves by the windowed
-    test (greedily: as exact as annealing on the batches measured, 4x faster), with the
-    sentences the plain test still finds wrong (the long ones took their tokens, which they
-    score 0 with; where inputs are missing, the truth's own scores are ~1e-4, not 0). Returns
-    the index and how many sentences were solved alone."""
+    longer than a head (to which every signal belongs) are polished among themselves by the
+    windowed test (greedily: as exact as annealing on the batches measured, 4x faster), with
+    the sentences the plain test still finds wrong (the long ones took their tokens, which
+    they score 0 with; where inputs are missing, the truth's own scores are ~1e-4 to 1e-2,
+    not 0). Returns the index and how many sentences were solved alone."""
     generator = torch.Generator().manual_seed(0)
     wrong = MEMBERSHIP_MISSING if any(bool((p < 0).any()) for p in pools) else MEMBERSHIP_EXACT
     index, solved = solve_alone(membership, index, slots, wrong, generator)
@@ -285,11 +285,12 @@ def solve_alone(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, set[int]]:
     """Each sentence no longer than a head searched by itself among its slots' rows
-    (`search_alone`; missing rows' stand-ins left out: they would fit any sentence). The
-    searches scoring below `exact` claim their rows, best first; one that finds rows claimed
-    already (sentences of one length are alike to the search: two can find the same one), or
-    none, is searched again without them. Returns the index with the claims placed (the slots' other
-    rows left to the other sentences, in order) and the sentences that claimed."""
+    (`search_alone`; missing rows' stand-ins left out: any sentence would rather hold one
+    than a wrong row). The searches scoring below `exact` claim their rows, best first; one
+    that finds rows claimed already (sentences of one length are alike to the search: two
+    can find the same one), or nothing below `exact`, is searched again without them.
+    Returns the index with the claims placed (the slots' other rows left to the other
+    sentences, in order) and the sentences that claimed."""
     state = membership.signals(index)
     mask = membership.batch["attention_mask"].cpu()
     start = (mask.sum(1).cumsum(0) - mask.sum(1)).tolist()
