@@ -82,6 +82,13 @@ class FoundRows:
     def stack(self) -> torch.Tensor:
         return torch.stack(self.inputs) if self.inputs else torch.zeros(0)
 
+    def add(self, token: int, slot: int, row: torch.Tensor, anchor: torch.Tensor | None) -> None:
+        """One more found input: its token, slot, row and (key modules) first-token mask."""
+        self.tokens.append(token)
+        self.slots.append(slot)
+        self.inputs.append(row)
+        self.anchors.append(anchor)
+
 
 Masks = tuple[torch.Tensor, torch.Tensor | None]  # a row's mask, its anchor's (key modules)
 
@@ -170,10 +177,7 @@ def find_rows(
             other_masks(finder, rows, chosen, counts[j])
         picked = [(i, m) for i in chosen for m in chosen[i]][: counts[j]]
         for i, (kept, anchor) in picked:
-            found.tokens.append(int(candidates[j][i]))
-            found.slots.append(j)
-            found.inputs.append(rows[i] * kept)
-            found.anchors.append(anchor)
+            found.add(int(candidates[j][i]), j, rows[i] * kept, anchor)
     return found
 
 

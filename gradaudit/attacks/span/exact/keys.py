@@ -84,10 +84,7 @@ def new_sentences(
     added = False
     for token, j, row, mask in zip(more.tokens, more.slots, more.inputs, more.anchors):
         if min(int((mask != m).sum()) for m in groups[1]) >= SAME_ANCHOR:  # a new sentence's
-            found.tokens.append(token)
-            found.slots.append(lacking[j])
-            found.inputs.append(row)
-            found.anchors.append(mask)
+            found.add(token, lacking[j], row, mask)
             added = True
     return added
 
@@ -136,10 +133,7 @@ def sentence_pass(
             restart,
         )
         for token, j, row in zip(more.tokens, more.slots, more.inputs):
-            found.tokens.append(token)
-            found.slots.append(lacking[j])
-            found.inputs.append(row)
-            found.anchors.append(mask)
+            found.add(token, lacking[j], row, mask)
             missing[lacking[j]] -= 1
 
 
@@ -214,10 +208,7 @@ def first_tokens(
     for name in ("tokens", "slots", "inputs", "anchors"):
         setattr(found, name, [x for x, k in zip(getattr(found, name), keep) if k])
     for mask in (m for g, m in enumerate(masks) if g not in held):  # no first row yet
-        found.tokens.append(token)
-        found.slots.append(slot)
-        found.inputs.append(anchor * mask)
-        found.anchors.append(mask)
+        found.add(token, slot, anchor * mask, mask)
 
 
 def first_token_residuals(
