@@ -64,6 +64,27 @@ def test_a_querys_blind_first_token_is_found_by_the_pair_search_beyond_the_commo
     assert rec.info["blind"] == [(0, 0), (1, 0)] and rec.info["unidentified"] == []
 
 
+def test_the_pair_search_finds_blind_first_tokens_past_layer_2():
+    # Past layer 2 the pair search did not run (a stand-in ranked the second tokens thousands
+    # deep on SmolLM2): first tokens beyond the 8 commonest ids were lost.
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    _, rec = attack(tiny_llama(layers=4), "query@3", texts, frequent=8)
+    assert sorted(rec.texts) == sorted(texts)
+    assert rec.info["unidentified"] == []
+
+
+def test_stand_in_first_tokens_are_word_tokens_spread_over_the_commonest():
+    from gradaudit.attacks.base import candidate_token_ids
+    from gradaudit.attacks.causal.pairs import stand_in_tokens
+
+    tokenizer = decoder_tokenizer()
+    vocab = candidate_token_ids(tokenizer)
+    picked = stand_in_tokens(tokenizer, vocab, 3, 12)
+    words = [tokenizer.decode([int(vocab[i])]) for i in picked]
+    assert len(words) == 3 and all(len(w) >= 2 and w.isalpha() for w in words)
+    assert int(picked.max()) < 12 and len(set(picked.tolist())) == 3
+
+
 def test_a_position_free_layer_0_gives_the_token_set_and_says_the_order_is_searched():
     # Layer 0's value of a rotary model takes RMSNorm(E[v]) at every position.
     text = "the movie was very good and funny"

@@ -26,6 +26,7 @@ from gradaudit.attacks.causal.grow import Grower
 from gradaudit.attacks.causal.last import LastTokens
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.order import Orderer, position_free
+from gradaudit.attacks.causal.pairs import stand_in_tokens
 from gradaudit.attacks.causal.prefix import PrefixRunner
 from gradaudit.attacks.causal.repair import repair
 from gradaudit.attacks.causal.screen import Screen, relative_residual
@@ -214,7 +215,7 @@ class CausalSpanAttack(Attack):
                 unseen_tail=1 if causal else 0,
                 fixed=dict(enumerate(special_prefix(tokenizer))),
                 guesses=opts.frequent,
-                pair_search=lay.locate(module)[1] <= opts.pair_depth,
+                stand_ins=stand_in_tokens(tokenizer, vocab, opts.stand_ins, opts.frequent),
             )
             rounds = max(1, round(opts.rounds * budget))
             grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)

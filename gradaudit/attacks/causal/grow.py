@@ -116,12 +116,12 @@ class Grower:
         tokens at any position), or None."""
         return next(iter(self._fitted.values()), None)
 
-    def first_tokens(self, sentences: int) -> torch.Tensor:
+    def first_tokens(self, stand_ins: torch.Tensor, sentences: int) -> torch.Tensor:
         """Vocabulary indices of first tokens a query's gradient implies, at most one per
-        sentence (see `pairs`)."""
+        sentence, ranking second tokens after `stand_ins` (see `pairs`)."""
         opts, sample = self.options, self.effort.sample
         effort = replace(self.effort, sample=sample[:: max(1, len(sample) // opts.pair_sample)])
-        return first_tokens(self.screen, effort, opts.stand_ins, sentences)
+        return first_tokens(self.screen, effort, stand_ins, sentences)
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """`fits` at position 0: every row is the empty prefix, so the tokens are checked once

@@ -22,9 +22,8 @@ class CausalOptions:
     best fit at that prefix; `beam` prefixes per sentence (plus one per other sentence)
     survive a position. Position 0 (no prefix) is checked exactly on the whole vocabulary,
     once for all sentences. A query's blind first token is searched behind second tokens
-    ranked after `stand_ins` stand-in first tokens, from a sample of about `pair_sample`
-    tokens (see `pairs`), for modules at layers up to `pair_depth` (deeper, the first token
-    moves the second's input too much for a stand-in to rank the second: SmolLM2 layer 5).
+    ranked after `stand_ins` stand-in first tokens (common word tokens), from a sample of
+    about `pair_sample` tokens (see `pairs`).
     """
 
     min_gap: float = 50.0  # spectrum: the rank gap (see gradients.spectrum)
@@ -32,9 +31,8 @@ class CausalOptions:
     frequent: int = 1024
     sample: int = 1024
     rounds: int = 4
-    stand_ins: int = 4
+    stand_ins: int = 16
     pair_sample: int = 512
-    pair_depth: int = 2
     beam: int = 8
     order_beam: int = 16  # orders kept per sentence where the module input is position-free
     tol: float = 2e-3

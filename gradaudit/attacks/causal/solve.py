@@ -22,16 +22,16 @@ class GrowthPlan:
     positions of a sentence (a causal LM's last token); `fixed` tokens the tokenizer puts at
     known positions. A blind position (listed in `blind`) is branched on the vocabulary's
     `guesses` commonest tokens (lowest ids; all of a small vocabulary), and the next position
-    keeps the guesses after which a token fits. With `pair_search`, a query's blind first token
-    is also branched on the first tokens the pair search finds (`pairs`), which the next
-    position checks fully."""
+    keeps the guesses after which a token fits. A query's blind first token is also branched
+    on the first tokens the pair search finds after the `stand_ins` (vocabulary indices;
+    `pairs`), which the next position checks fully."""
 
     width: int
     first_seen: int = 0
     unseen_tail: int = 1
     fixed: dict[int, int] = field(default_factory=dict)
     guesses: int = 1024
-    pair_search: bool = True
+    stand_ins: torch.Tensor | None = None
     blind: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -109,8 +109,8 @@ def grow_all(
             ids, guesses = vocab[: plan.guesses], None
             if len(vocab) > plan.guesses:
                 guesses = ids
-                if plan.pair_search and position == 0 and plan.first_seen == 1:
-                    found = vocab[grower.first_tokens(len(lengths))]  # checked thoroughly
+                if plan.stand_ins is not None and position == 0 and plan.first_seen == 1:
+                    found = vocab[grower.first_tokens(plan.stand_ins, len(lengths))]
                     guesses = ids[~torch.isin(ids, found)]
                     ids = torch.cat([found, guesses])
             beam = branch(grower, beam, position, ids, False)
