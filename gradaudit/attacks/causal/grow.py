@@ -17,7 +17,7 @@ import torch
 
 from gradaudit.attacks.causal.first import FirstPosition
 from gradaudit.attacks.causal.options import CausalOptions
-from gradaudit.attacks.causal.pairs import first_tokens
+from gradaudit.attacks.causal.pairs import PairSearch
 from gradaudit.attacks.causal.prefix import KV, select
 from gradaudit.attacks.causal.screen import Checked, Effort, Screen, orthonormal_rows
 
@@ -101,6 +101,7 @@ class Grower:
         self.first_position = FirstPosition(screen)
         self.options = options
         self._fitted: dict[tuple[int, ...], torch.Tensor] = {}  # per prefix: its regression
+        self._pairs: PairSearch | None = None
         size = int(screen.vocab.shape[0])
         frequent = torch.arange(min(options.frequent, size))
         others = torch.randperm(size - len(frequent), generator=generator)[: options.sample]
@@ -116,12 +117,16 @@ class Grower:
         tokens at any position), or None."""
         return next(iter(self._fitted.values()), None)
 
-    def first_tokens(self, stand_ins: torch.Tensor, sentences: int) -> torch.Tensor:
-        """Vocabulary indices of first tokens a query's gradient implies, at most one per
-        sentence, ranking second tokens after `stand_ins` (see `pairs`)."""
-        opts, sample = self.options, self.effort.sample
-        effort = replace(self.effort, sample=sample[:: max(1, len(sample) // opts.pair_sample)])
-        return first_tokens(self.screen, effort, stand_ins, sentences)
+    def pair_search(self, stand_ins: torch.Tensor) -> PairSearch:
+        """The search of a query's blind first tokens with the second (see `pairs`), built
+        on first use."""
+        if self._pairs is None:
+            opts, sample = self.options, self.effort.sample
+            step = max(1, len(sample) // opts.pair_sample)
+            self._pairs = PairSearch(
+                self.screen, replace(self.effort, sample=sample[::step]), stand_ins
+            )
+        return self._pairs
 
     def first(self, beam: Beam) -> tuple[Fits, torch.Tensor, torch.Tensor]:
         """`fits` at position 0: every row is the empty prefix, so the tokens are checked once

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from gradaudit.attacks.causal.prefix import KV, concat, select
 from gradaudit.attacks.causal.screen import Effort, Ranker, Screen
 
-SECONDS = 2  # second tokens tried per dimension of the row space
+SECONDS = 2  # second tokens tried at most, per dimension of the row space
 FIRST_ROUNDS = 2  # a true pair's first token was found within two (SmolLM2 query@5 and 15)
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
@@ -88,54 +88,69 @@ def stand_in_tokens(
     return torch.tensor([words[int(k * step)] for k in range(count)], device=vocab.device)
 
 
-def first_tokens(
-    screen: Screen, effort: Effort, stand_ins: torch.Tensor, most: int
-) -> torch.Tensor:
-    """Vocabulary indices of first tokens after which some second token's input lies in the
-    row space, best fit first, at most `most` of them (see the module docstring). Second
-    tokens are tried in the order of their second-best rank after `stand_ins` (vocabulary
-    indices), up to `SECONDS` times the row space's rank (every token of the batch may come
-    near it);
-    then the best-ranked ones without a first token, one per first token still missing, are
-    checked against every first token. `effort` as in `Screen.search`."""
-    fits = effort.fits
-    none = screen.basis.new_zeros(0, screen.basis.shape[1])
-    firsts = FirstPositions(screen)
-    ranks = []  # per stand-in: every token's rank among those checked after it
-    for stand_in in stand_ins.tolist():
-        checked = screen.check(firsts.stand_in(stand_in), 0, 1, effort, none)
-        rank = torch.full_like(screen.vocab, len(screen.vocab))
-        order = checked.index[checked.residual.argsort()]
-        rank[order] = torch.arange(len(order), device=order.device)
-        ranks.append(rank)
-    # second-best rank: one stand-in near the true first token can rank its second token
-    # high, but so it can a stray token; two agreeing is the better order
-    agreed = torch.stack(ranks).sort(0).values[min(1, len(ranks) - 1)]
-    ranked = min(SECONDS * int(screen.basis.shape[0]), int((agreed < len(screen.vocab)).sum()))
-    seconds = agreed.argsort(stable=True)[:ranked]
-    found: dict[int, float] = {}
-    unmatched = []  # second tokens no first token was found for, best-ranked first
+class PairSearch:
+    """First tokens found with second tokens (see the module docstring): the vocabulary's
+    position-0 caches and the second tokens' order after the stand-ins are computed once, for
+    the growth's search and the repair's."""
 
-    def record(index: torch.Tensor, residual: torch.Tensor) -> bool:
-        for i, r in zip(index.tolist(), residual.tolist()):
-            if fits(r):
-                found[i] = min(r, found.get(i, r))
-        return bool(fits(residual).any())
+    def __init__(self, screen: Screen, effort: Effort, stand_ins: torch.Tensor) -> None:
+        self.screen = screen
+        self.effort = effort
+        self.firsts = FirstPositions(screen)
+        none = screen.basis.new_zeros(0, screen.basis.shape[1])
+        ranks = []  # per stand-in: every token's rank among those checked after it
+        for stand_in in stand_ins.tolist():
+            checked = screen.check(self.firsts.stand_in(stand_in), 0, 1, effort, none)
+            rank = torch.full_like(screen.vocab, len(screen.vocab))
+            order = checked.index[checked.residual.argsort()]
+            rank[order] = torch.arange(len(order), device=order.device)
+            ranks.append(rank)
+        # second-best rank: one stand-in near the true first token can rank its second token
+        # high, but so can it a stray token; two agreeing is the better order
+        agreed = torch.stack(ranks).sort(0).values[min(1, len(ranks) - 1)]
+        count = min(SECONDS * int(screen.basis.shape[0]), int((agreed < len(agreed)).sum()))
+        self.seconds = agreed.argsort(stable=True)[:count]  # vocabulary indices, best first
 
-    short = replace(effort, rounds=min(effort.rounds, FIRST_ROUNDS))
-    for second in seconds.tolist():
-        token = int(screen.vocab[second])
+    def first_tokens(
+        self, most: int, own: torch.Tensor, held: torch.Tensor | None = None, tries: int = SECONDS
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocabulary indices of first tokens after which some second token's input is a new
+        row of the gradient (in the row space, not spanned by `own`), best fit first, at most
+        `most` of them, and their residuals. Second tokens are tried in their order, `tries`
+        per dimension of the row space, those `held` (vocabulary indices of tokens recovered
+        sentences hold) last; then the
+        best-ranked ones without a first token, one per first token still missing, are
+        checked against every first token."""
+        screen, firsts, fits = self.screen, self.firsts, self.effort.fits
+        seconds = self.seconds[: tries * int(screen.basis.shape[0])]
+        if held is not None:
+            seconds = torch.cat(
+                [seconds[~torch.isin(seconds, held)], seconds[torch.isin(seconds, held)]]
+            )
+        found: dict[int, float] = {}
+        unmatched = []  # second tokens no first token was found for, best-ranked first
 
-        def evaluate(ids: torch.Tensor, token: int = token) -> torch.Tensor:
-            return firsts.inputs(ids, token)
+        def record(index: torch.Tensor, residual: torch.Tensor) -> bool:
+            for i, r in zip(index.tolist(), residual.tolist()):
+                if fits(r):
+                    found[i] = min(r, found.get(i, r))
+            return bool(fits(residual).any())
 
-        checked = screen.search(evaluate, firsts.ranker, short, none)
-        if not record(checked.index, checked.residual):
-            unmatched.append(token)
-        if len(found) >= most:  # as many first tokens as sentences
-            break
-    every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
-    for token in unmatched[: max(0, most - len(found))]:
-        record(every, screen.novel_residual(firsts.inputs(every, token), none))
-    best_first = sorted(found, key=found.__getitem__)
-    return torch.tensor(best_first, dtype=torch.long, device=screen.vocab.device)
+        short = replace(self.effort, rounds=min(self.effort.rounds, FIRST_ROUNDS))
+        for second in seconds.tolist():
+            token = int(screen.vocab[second])
+
+            def evaluate(ids: torch.Tensor, token: int = token) -> torch.Tensor:
+                return firsts.inputs(ids, token)
+
+            checked = screen.search(evaluate, firsts.ranker, short, own)
+            if not record(checked.index, checked.residual):
+                unmatched.append(token)
+            if len(found) >= most:  # as many first tokens as sentences
+                break
+        every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
+        for token in unmatched[: max(0, most - len(found))]:
+            record(every, screen.novel_residual(firsts.inputs(every, token), own))
+        best = sorted(found, key=found.__getitem__)
+        index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
+        return index, torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)

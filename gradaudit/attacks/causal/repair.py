@@ -76,8 +76,9 @@ def find_new_row(
     whose input is a new row (see the module docstring); every prefix searched is added to
     `searched` and not searched again. A first sweep checks only the nearest tokens of a
     regression growth fitted (most prefixes hold no new row, and a full search proves that at
-    about 2,300 checks); the empty prefix comes last: a first token the growth's screen missed
-    is searched on the whole vocabulary, the price of the unscreened pass."""
+    about 2,300 checks); then, for a query, a blind first token with its second
+    (`_new_first_token`); the empty prefix comes last: a first token the growth's screen
+    missed is searched on the whole vocabulary, the price of the unscreened pass."""
     own = orthonormal_rows(torch.cat([done[b].inputs[r] for b, r in picked.items()]))
     lengths = [n for n in range(max(1, plan.first_seen), longest) if n not in plan.fixed]
     prior = grower.regression()
@@ -86,8 +87,33 @@ def find_new_row(
         new = _first_new_row(grower, done, picked, lengths, searched, own, (near, prior))
         if new is not None:
             return new
+    if plan.first_seen == 1 and plan.stand_ins is not None and () not in searched:
+        searched.add(())  # a query's blind first token: searched with the second
+        new = _new_first_token(grower, done, picked, plan.stand_ins, own)
+        if new is not None:
+            return new
     lengths += [0] if plan.first_seen == 0 and 0 not in plan.fixed else []
     return _first_new_row(grower, done, picked, lengths, searched, own, None)
+
+
+def _new_first_token(
+    grower: Grower,
+    done: dict[int, Beam],
+    picked: dict[int, int],
+    stand_ins: torch.Tensor,
+    own: torch.Tensor,
+) -> NewRow | None:
+    """A first token after which a second token's input is a row no chosen input spans, the
+    second tokens the chosen sentences hold tried last (the batch's tokens all come near the
+    row space after a stand-in; those of recovered sentences are explained)."""
+    vocab = grower.screen.vocab
+    held = torch.cat([done[b].tokens[r] for b, r in picked.items()])
+    held = torch.searchsorted(vocab, held).clamp_max(len(vocab) - 1)
+    index, residual = grower.pair_search(stand_ins).first_tokens(1, own, held)
+    if index.numel() == 0:
+        return None
+    b, r = next(iter(picked.items()))
+    return NewRow(b, r, 0, int(index[0]), float(residual[0]))
 
 
 def _first_new_row(
@@ -139,6 +165,7 @@ def grow_new_row(
     rows = torch.zeros(len(slots), dtype=torch.long, device=head.tokens.device)
     ids = grower.screen.vocab[torch.full_like(rows, new.index)]
     x, kv = grower.screen.extend(head.kv, rows, new.length, ids)
+    x = x if new.length >= plan.first_seen else torch.zeros_like(x)  # a blind position
     score = head.score.clamp_min(new.residual).expand(len(slots))
     beam = Beam(
         torch.cat([head.tokens[rows], ids[:, None]], 1),

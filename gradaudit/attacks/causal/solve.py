@@ -110,7 +110,9 @@ def grow_all(
             if len(vocab) > plan.guesses:
                 guesses = ids
                 if plan.stand_ins is not None and position == 0 and plan.first_seen == 1:
-                    found = vocab[grower.first_tokens(plan.stand_ins, len(lengths))]
+                    pairs = grower.pair_search(plan.stand_ins)
+                    none = grower.screen.basis[:0]
+                    found = vocab[pairs.first_tokens(len(lengths), none, tries=1)[0]]
                     guesses = ids[~torch.isin(ids, found)]
                     ids = torch.cat([found, guesses])
             beam = branch(grower, beam, position, ids, False)
