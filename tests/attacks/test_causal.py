@@ -73,6 +73,44 @@ def test_the_pair_search_finds_blind_first_tokens_past_layer_2():
     assert rec.info["unidentified"] == []
 
 
+def test_the_pair_search_skips_a_pair_the_chosen_inputs_explain_and_finds_the_other():
+    # The repair's step: sentence A recovered (its inputs span `own`), B's first token lost.
+    from gradaudit.attacks.base import candidate_token_ids
+    from gradaudit.attacks.causal.attack import anchor_token, make_screen
+    from gradaudit.attacks.causal.options import CausalOptions
+    from gradaudit.attacks.causal.pairs import PairSearch, stand_in_tokens
+    from gradaudit.attacks.causal.screen import Effort, orthonormal_rows
+    from gradaudit.model.families import layout
+
+    model, tokenizer = tiny_llama(layers=4), decoder_tokenizer()
+    module = select_modules(model, "query@3")[0]
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    rows = []
+    hook = model.get_submodule(module).register_forward_pre_hook(
+        lambda m, args: rows.append(args[0][0, 1:-1].double())
+    )
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    hook.remove()
+    basis = orthonormal_rows(torch.cat(rows))
+    vocab = candidate_token_ids(tokenizer)
+    opts = CausalOptions()
+    screen, _ = make_screen(
+        model, layout(model), module, basis, vocab, opts, anchor_token(tokenizer)
+    )
+    effort = Effort(torch.arange(len(vocab)), opts.screen, opts.rounds, opts.tol, len(vocab))
+    pairs = PairSearch(screen, effort, stand_in_tokens(tokenizer, vocab, 4, len(vocab)))
+    both = {tokenizer.decode([int(vocab[i])]) for i in pairs.first_tokens(2, basis[:0])[0]}
+    assert both == {"i", "the"}
+    # B's tokens tried last: A's pair comes first, and only its being explained skips it
+    held = torch.searchsorted(vocab, torch.tensor(tokenizer(texts[1])["input_ids"]))
+    first = pairs.first_tokens(1, basis[:0], held)[0]
+    assert [tokenizer.decode([int(vocab[i])]) for i in first] == ["i"]
+    found, residual = pairs.first_tokens(1, orthonormal_rows(rows[0]), held)
+    assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"] and residual[0] < 1e-3
+
+
 def test_stand_in_first_tokens_are_word_tokens_spread_over_the_commonest():
     from gradaudit.attacks.base import candidate_token_ids
     from gradaudit.attacks.causal.pairs import stand_in_tokens
