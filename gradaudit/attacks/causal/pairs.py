@@ -14,7 +14,9 @@ checked exactly.
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
 second token's input away (SmolLM2 query@5: after the lowest ids the true second tokens ranked
 1,292nd-45,630th, after "It" 8th-69th). No one stand-in ranks every sentence's second token
-well, so a second token's rank is its best after any of them.
+well, and one can rank a stray token high, so second tokens are tried in the order of their
+second-best rank over the stand-ins. In the repair, those the recovered sentences hold are
+tried last (they are explained).
 """
 
 from __future__ import annotations
@@ -118,9 +120,8 @@ class PairSearch:
         row of the gradient (in the row space, not spanned by `own`), best fit first, at most
         `most` of them, and their residuals. Second tokens are tried in their order, `tries`
         per dimension of the row space, those `held` (vocabulary indices of tokens recovered
-        sentences hold) last; then the
-        best-ranked ones without a first token, one per first token still missing, are
-        checked against every first token."""
+        sentences hold) last; then the best-ranked ones without a first token, one per first
+        token still missing, are checked against every first token."""
         screen, firsts, fits = self.screen, self.firsts, self.effort.fits
         seconds = self.seconds[: tries * int(screen.basis.shape[0])]
         if held is not None:
@@ -153,4 +154,5 @@ class PairSearch:
             record(every, screen.novel_residual(firsts.inputs(every, token), own))
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
-        return index, torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
+        residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
+        return index, residual.to(index.device)
