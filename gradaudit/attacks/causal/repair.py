@@ -87,7 +87,7 @@ def find_new_row(
         new = _first_new_row(grower, done, picked, lengths, searched, own, (near, prior))
         if new is not None:
             return new
-    if plan.first_seen == 1 and plan.stand_ins is not None and () not in searched:
+    if plan.stand_ins is not None and () not in searched:
         searched.add(())  # a query's blind first token: searched with the second
         new = _new_first_token(grower, done, picked, plan.stand_ins, own)
         if new is not None:

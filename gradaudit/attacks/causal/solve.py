@@ -23,8 +23,8 @@ class GrowthPlan:
     known positions. A blind position (listed in `blind`) is branched on the vocabulary's
     `guesses` commonest tokens (lowest ids; all of a small vocabulary), and the next position
     keeps the guesses after which a token fits. A query's blind first token is also branched
-    on the first tokens the pair search finds after the `stand_ins` (vocabulary indices;
-    `pairs`), which the next position checks fully."""
+    on the first tokens the pair search finds after the `stand_ins` (vocabulary indices, set
+    only for a query; `pairs`), which the next position checks fully."""
 
     width: int
     first_seen: int = 0
@@ -109,7 +109,7 @@ def grow_all(
             ids, guesses = vocab[: plan.guesses], None
             if len(vocab) > plan.guesses:
                 guesses = ids
-                if plan.stand_ins is not None and position == 0 and plan.first_seen == 1:
+                if plan.stand_ins is not None and position == 0:
                     pairs = grower.pair_search(plan.stand_ins)
                     none = grower.screen.basis[:0]
                     found = vocab[pairs.first_tokens(len(lengths), none, tries=1)[0]]
