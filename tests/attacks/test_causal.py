@@ -73,7 +73,7 @@ def test_the_pair_search_finds_blind_first_tokens_past_layer_2():
     assert rec.info["unidentified"] == []
 
 
-def test_the_pair_search_skips_a_pair_the_chosen_inputs_explain_and_finds_the_other():
+def test_the_pair_search_tries_first_the_second_token_the_chosen_inputs_leave_unexplained():
     # The repair's step: sentence A recovered (its inputs span `own`), B's first token lost.
     from gradaudit.attacks.base import candidate_token_ids
     from gradaudit.attacks.causal.attack import anchor_token, make_screen
@@ -103,11 +103,11 @@ def test_the_pair_search_skips_a_pair_the_chosen_inputs_explain_and_finds_the_ot
     pairs = PairSearch(screen, effort, stand_in_tokens(tokenizer, vocab, 4, len(vocab)))
     both = {tokenizer.decode([int(vocab[i])]) for i in pairs.first_tokens(2, basis[:0])[0]}
     assert both == {"i", "the"}
-    # B's tokens tried last: A's pair comes first, and only its being explained skips it
-    held = torch.searchsorted(vocab, torch.tensor(tokenizer(texts[1])["input_ids"]))
-    first = pairs.first_tokens(1, basis[:0], held)[0]
-    assert [tokenizer.decode([int(vocab[i])]) for i in first] == ["i"]
-    found, residual = pairs.first_tokens(1, orthonormal_rows(rows[0]), held)
+    # once one sentence is explained, a token of the other is tried first
+    for own, other in ((rows[0], texts[1]), (rows[1], texts[0])):
+        best = tokenizer.decode([int(vocab[pairs.order(orthonormal_rows(own))[0]])])
+        assert best in other.split()[1:] and best not in texts[texts.index(other) - 1].split()
+    found, residual = pairs.first_tokens(1, orthonormal_rows(rows[0]))
     assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"] and residual[0] < 1e-3
 
 

@@ -15,8 +15,11 @@ The stand-ins are common word tokens: a special token or a rare fragment in fron
 second token's input away (SmolLM2 query@5: after the lowest ids the true second tokens ranked
 1,292nd-45,630th, after "It" 8th-69th). No one stand-in ranks every sentence's second token
 well, and one can rank a stray token high, so second tokens are tried in the order of their
-second-best rank over the stand-ins. In the repair, those the recovered sentences hold are
-tried last (they are explained).
+second-best rank over the stand-ins, ranked by the share of their input in the part of the
+row space that the recovered sentences' inputs (`own`) do not span: the batch's other tokens
+come near the row space after a stand-in, but near rows already explained. The first second
+tokens tried get the commonest first tokens checked exactly besides the regression's picks
+(it missed "the" before " acting").
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.causal.prefix import KV, concat, select
-from gradaudit.attacks.causal.screen import Effort, Ranker, Screen
+from gradaudit.attacks.causal.screen import Effort, Ranker, Screen, orthonormal_rows
 
 SECONDS = 2  # second tokens tried at most, per dimension of the row space
+POOL = 4  # second tokens ordered, per dimension of the row space
+WIDE_TRIES = 8  # the second tokens tried first, with the commonest first tokens checked too
+COMMON_FIRSTS = 2048  # first tokens: 44-47 % are among the 1,024 commonest, 57-70 % of 4,096
 FIRST_ROUNDS = 2  # a true pair's first token was found within two (SmolLM2 query@5 and 15)
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
@@ -92,8 +98,8 @@ def stand_in_tokens(
 
 class PairSearch:
     """First tokens found with second tokens (see the module docstring): the vocabulary's
-    position-0 caches and the second tokens' order after the stand-ins are computed once, for
-    the growth's search and the repair's."""
+    position-0 caches, the second tokens nearest the row space after the stand-ins and their
+    inputs there are computed once, for the growth's search and the repair's."""
 
     def __init__(self, screen: Screen, effort: Effort, stand_ins: torch.Tensor) -> None:
         self.screen = screen
@@ -110,26 +116,41 @@ class PairSearch:
         # second-best rank: one stand-in near the true first token can rank its second token
         # high, but so can it a stray token; two agreeing is the better order
         agreed = torch.stack(ranks).sort(0).values[min(1, len(ranks) - 1)]
-        count = min(SECONDS * int(screen.basis.shape[0]), int((agreed < len(agreed)).sum()))
-        self.seconds = agreed.argsort(stable=True)[:count]  # vocabulary indices, best first
+        count = min(POOL * int(screen.basis.shape[0]), int((agreed < len(agreed)).sum()))
+        self.seconds = agreed.argsort(stable=True)[:count]  # vocabulary indices
+        ids = screen.vocab[self.seconds]
+        after = [
+            screen.inputs(self.firsts.stand_in(s), torch.zeros_like(ids), 1, ids)
+            for s in stand_ins.tolist()
+        ]
+        self.after = torch.stack(after)  # (stand-ins, seconds, width)
+        common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
+        self.wide = replace(effort, sample=torch.cat([common, effort.sample]).unique())
+
+    def order(self, own: torch.Tensor) -> torch.Tensor:
+        """The second tokens, best first: by the second-best rank over the stand-ins of the
+        share of their input in the row space's part that `own` (orthonormal rows) leaves."""
+        left = self.screen.basis
+        if own.shape[0]:
+            left = orthonormal_rows(left - (left @ own.T) @ own)
+        share = (self.after @ left.T).norm(dim=-1) / self.after.norm(dim=-1).clamp_min(1e-30)
+        ranks = (-share).argsort(1).argsort(1)
+        agreed = ranks.sort(0).values[min(1, len(ranks) - 1)]
+        return self.seconds[agreed.argsort(stable=True)]
 
     def first_tokens(
-        self, most: int, own: torch.Tensor, held: torch.Tensor | None = None, tries: int = SECONDS
+        self, most: int, own: torch.Tensor, tries: int = SECONDS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, at most
-        `most` of them, and their residuals. Second tokens are tried in their order, `tries`
-        per dimension of the row space, those `held` (vocabulary indices of tokens recovered
-        sentences hold) last; then the best-ranked ones without a first token, one per first
+        `most` of them, and their residuals. Second tokens are tried in their `order`, `tries`
+        per dimension of the row space, the first `WIDE_TRIES` with the commonest first
+        tokens checked too; then the best-ordered ones without a first token, one per first
         token still missing, are checked against every first token."""
         screen, firsts, fits = self.screen, self.firsts, self.effort.fits
-        seconds = self.seconds[: tries * int(screen.basis.shape[0])]
-        if held is not None:
-            seconds = torch.cat(
-                [seconds[~torch.isin(seconds, held)], seconds[torch.isin(seconds, held)]]
-            )
+        seconds = self.order(own)[: tries * int(screen.basis.shape[0])]
         found: dict[int, float] = {}
-        unmatched = []  # second tokens no first token was found for, best-ranked first
+        unmatched = []  # second tokens no first token was found for, best-ordered first
 
         def record(index: torch.Tensor, residual: torch.Tensor) -> bool:
             for i, r in zip(index.tolist(), residual.tolist()):
@@ -137,14 +158,15 @@ class PairSearch:
                     found[i] = min(r, found.get(i, r))
             return bool(fits(residual).any())
 
-        short = replace(self.effort, rounds=min(self.effort.rounds, FIRST_ROUNDS))
-        for second in seconds.tolist():
+        rounds = min(self.effort.rounds, FIRST_ROUNDS)
+        for tried, second in enumerate(seconds.tolist()):
             token = int(screen.vocab[second])
 
             def evaluate(ids: torch.Tensor, token: int = token) -> torch.Tensor:
                 return firsts.inputs(ids, token)
 
-            checked = screen.search(evaluate, firsts.ranker, short, own)
+            effort = replace(self.wide if tried < WIDE_TRIES else self.effort, rounds=rounds)
+            checked = screen.search(evaluate, firsts.ranker, effort, own)
             if not record(checked.index, checked.residual):
                 unmatched.append(token)
             if len(found) >= most:  # as many first tokens as sentences

@@ -103,13 +103,9 @@ def _new_first_token(
     stand_ins: torch.Tensor,
     own: torch.Tensor,
 ) -> NewRow | None:
-    """A first token after which a second token's input is a row no chosen input spans, the
-    second tokens the chosen sentences hold tried last (the batch's tokens all come near the
-    row space after a stand-in; those of recovered sentences are explained)."""
-    vocab = grower.screen.vocab
-    held = torch.cat([done[b].tokens[r] for b, r in picked.items()])
-    held = torch.searchsorted(vocab, held).clamp_max(len(vocab) - 1)
-    index, residual = grower.pair_search(stand_ins).first_tokens(1, own, held)
+    """A first token after which a second token's input is a row no chosen input spans (the
+    pair search orders second tokens by their share outside the chosen inputs' span)."""
+    index, residual = grower.pair_search(stand_ins).first_tokens(1, own)
     if index.numel() == 0:
         return None
     b, r = next(iter(picked.items()))
