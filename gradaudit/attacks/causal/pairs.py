@@ -12,14 +12,13 @@ space. The best-ranked second tokens that still lack a first token get every fir
 checked exactly.
 
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
-second token's input away (SmolLM2 query@5: after the lowest ids the true second tokens ranked
-1,292nd-45,630th, after "It" 8th-69th). No one stand-in ranks every sentence's second token
-well, and one can rank a stray token high, so second tokens are tried in the order of their
-second-best rank over the stand-ins, ranked by the share of their input in the part of the
-row space that the recovered sentences' inputs (`own`) do not span: the batch's other tokens
-come near the row space after a stand-in, but near rows already explained. The first second
-tokens tried get the commonest first tokens checked exactly besides the regression's picks
-(it missed "the" before " acting").
+second token's input away. No one stand-in ranks every sentence's second token well, so a
+second token's place is its second-best rank over the stand-ins. What is ranked: how much of
+its input lies in the part of the row space the recovered sentences' inputs (`own`) leave
+unexplained, against how much lies outside the row space; the batch's other tokens come near
+the row space after a stand-in too, but near rows already explained. The first second tokens
+tried also get the commonest first tokens checked exactly (the regression missed "the" before
+" acting"). Measurements: docs/span-measurements.md.
 """
 
 from __future__ import annotations
@@ -124,16 +123,20 @@ class PairSearch:
             for s in stand_ins.tolist()
         ]
         self.after = torch.stack(after)  # (stand-ins, seconds, width)
+        basis = screen.basis
+        self.outside = (self.after - (self.after @ basis.T) @ basis).norm(dim=-1)
         common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
         self.wide = replace(effort, sample=torch.cat([common, effort.sample]).unique())
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
-        """The second tokens, best first: by the second-best rank over the stand-ins of the
-        share of their input in the row space's part that `own` (orthonormal rows) leaves."""
+        """The second tokens, best first: by the second-best rank over the stand-ins of how
+        much more of their input lies in the row space's part that `own` (orthonormal rows)
+        leaves than outside the row space: |in it| / |in it or outside|."""
         left = self.screen.basis
         if own.shape[0]:
             left = orthonormal_rows(left - (left @ own.T) @ own)
-        share = (self.after @ left.T).norm(dim=-1) / self.after.norm(dim=-1).clamp_min(1e-30)
+        inside = (self.after @ left.T).norm(dim=-1)
+        share = inside / torch.hypot(inside, self.outside).clamp_min(1e-30)
         ranks = (-share).argsort(1).argsort(1)
         agreed = ranks.sort(0).values[min(1, len(ranks) - 1)]
         return self.seconds[agreed.argsort(stable=True)]
