@@ -47,7 +47,7 @@ EXPLAINED = 1e-4  # relative residual of G = D^T X for inputs that explain the g
 SCREEN_PER_SENTENCE = 24  # prefilter: tokens kept per slot and sentence sharing it (min 64)
 RESTARTS = 4  # annealing runs from shuffled starts, while none is exact
 # A sentence's membership score that is wrong where inputs are missing: their keys are missing
-# from the spans (the truth 1e-4 to 3e-4 with 2 of 204 missing, Rotten Tomatoes dev 8-15).
+# from the spans (the truth 1e-4 to 3e-4 with 2 of 204 missing, Rotten Tomatoes test 8-15).
 MEMBERSHIP_MISSING = 1e-3
 
 
