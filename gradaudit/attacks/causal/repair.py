@@ -17,7 +17,7 @@ import torch
 
 from gradaudit.attacks.causal.grow import Beam, Grower
 from gradaudit.attacks.causal.prefix import truncate
-from gradaudit.attacks.causal.screen import Effort, orthonormal_rows
+from gradaudit.attacks.causal.screen import Effort, orthonormal_rows, relative_residual
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, concat_beams, grow_all, uncovered
 
 LOST = 1e-4  # `uncovered` above this: a row is left unexplained (exact batches: below 1e-9)
@@ -79,7 +79,12 @@ def find_new_row(
     about 2,300 checks); then, for a query, a blind first token with its second
     (`_new_first_token`); the empty prefix comes last: a first token the growth's screen
     missed is searched on the whole vocabulary, the price of the unscreened pass."""
-    own = orthonormal_rows(torch.cat([done[b].inputs[r] for b, r in picked.items()]))
+    # what the chosen sentences explain: their inputs in the row space (a lost sentence's slot
+    # holds best guesses that do not fit and explain nothing)
+    chosen = torch.cat([done[b].inputs[r] for b, r in picked.items()])
+    own = orthonormal_rows(
+        chosen[relative_residual(chosen, grower.screen.basis) <= grower.options.tol]
+    )
     lengths = [n for n in range(max(1, plan.first_seen), longest) if n not in plan.fixed]
     prior = grower.regression()
     if prior is not None:  # first every prefix's nearest by a regression growth fitted
