@@ -280,14 +280,15 @@ def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovere
 
     texts = ["the movie was very good and funny", "the movie was not good"]
     tokenizer, basis, grower, lengths, plan, done = grown(texts)
-    lost = cut(done[0], int(choose(done, basis)[0]), 4)  # "the movie was very"
+    tol = grower.options.tol
+    lost = cut(done[0], int(choose(done, basis, tol)[0]), 4)  # "the movie was very"
     done[1] = dataclasses.replace(lost, sentence=torch.ones_like(lost.sentence))
-    picked = choose(done, basis)
+    picked = choose(done, basis, tol)
 
     def chosen(picked):
         inputs = [done[b].inputs[r] for b, r in picked.items()]
         texts = [tokenizer.decode(done[b].tokens[r]) for b, r in sorted(picked.items())]
-        return texts, uncovered(basis, inputs)
+        return texts, uncovered(basis, inputs, tol)
 
     assert chosen(picked)[0][1] == "the movie was very" and chosen(picked)[1] > 0.1
     picked, repaired = repair(grower, done, picked, lengths, plan, basis)
@@ -303,14 +304,15 @@ def test_a_sentence_whose_first_token_the_screen_missed_is_found_again_on_the_wh
 
     texts = ["the movie was very good", "a film is not boring"]
     tokenizer, basis, grower, lengths, plan, done = grown(texts)
-    done[0] = done[0].take(torch.tensor([int(choose(done, basis)[0])]))  # its own path only
+    tol = grower.options.tol
+    done[0] = done[0].take(torch.tensor([int(choose(done, basis, tol)[0])]))  # its own path only
     done[1] = dataclasses.replace(done[0], sentence=torch.ones_like(done[0].sentence))
-    picked = choose(done, basis)
-    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()]) > 0.1
+    picked = choose(done, basis, tol)
+    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol) > 0.1
     picked, repaired = repair(grower, done, picked, lengths, plan, basis)
     texts = [tokenizer.decode(done[b].tokens[r]) for b, r in sorted(picked.items())]
     assert texts == ["the movie was very", "a film is not"] and repaired == [(1, 0)]
-    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()]) < 1e-9
+    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol) < 1e-9
 
 
 def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vocabulary():
@@ -416,7 +418,7 @@ def test_the_final_choice_is_a_combination_no_single_sentence_change_improves():
     # left SmolLM2's B = 8 batch with a sentence holding another's prefix).
     from gradaudit.attacks.causal.grow import Beam
     from gradaudit.attacks.causal.screen import orthonormal_rows
-    from gradaudit.attacks.causal.solve import choose, uncovered
+    from gradaudit.attacks.causal.solve import choose, pick_cost
 
     gen = torch.Generator().manual_seed(3)  # a draw where two sweeps stop short
     basis = orthonormal_rows(torch.randn(24, 40, generator=gen, dtype=torch.float64))
@@ -426,16 +428,13 @@ def test_the_final_choice_is_a_combination_no_single_sentence_change_improves():
         inputs[1:3] = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)
         scores = torch.rand(4, generator=gen, dtype=torch.float64)
         done[s] = Beam(torch.zeros(4, 3, dtype=torch.long), torch.full((4,), s), scores, inputs, [])
-    picked = choose(done, basis)
-
-    def cost(pick):
-        parts = [done[s].inputs[pick[s]] for s in done]
-        worst = max(float(done[s].score[pick[s]]) for s in done)
-        return round(uncovered(basis, parts), 6), worst
-
+    tol = 1.0  # every row counts as fitting: noise rows cover part of the span too
+    picked = choose(done, basis, tol)
     for s in done:
         for r in range(4):
-            assert cost(picked) <= cost({**picked, s: r})
+            assert pick_cost(done, basis, tol, picked) <= pick_cost(
+                done, basis, tol, {**picked, s: r}
+            )
 
 
 def test_the_screen_takes_mixed_inputs_features_from_their_own_layer_and_others_from_layer_2():
@@ -472,3 +471,41 @@ def test_a_tokenizer_without_a_full_stop_token_gets_one_error_naming_the_anchor(
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     with pytest.raises(GradAuditError, match="encodes '.' as no token.*anchor"):
         anchor_token(tokenizer)
+
+
+def test_a_sentence_is_chosen_in_the_slot_it_fills_not_in_a_longer_one_before_guesses():
+    # SmolLM2 query@15, B = 8: recovered sentences sat in longer slots, followed by best
+    # guesses whose random parts covered some of the row space, while their own slots held
+    # copies. Rows that do not fit explain nothing; then a whole fit beats a copy.
+    from gradaudit.attacks.causal.grow import Beam
+    from gradaudit.attacks.causal.screen import orthonormal_rows
+    from gradaudit.attacks.causal.solve import choose
+
+    gen = torch.Generator().manual_seed(0)
+    basis = orthonormal_rows(torch.randn(8, 40, generator=gen, dtype=torch.float64))
+    s_rows, c_rows = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) @ basis
+    near = torch.randn(2, 8, generator=gen, dtype=torch.float64) @ basis  # guesses near it
+    near = near + 0.1 * torch.randn(2, 40, generator=gen, dtype=torch.float64)
+    away = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    away = away - (away @ basis.T) @ basis  # guesses outside the row space
+    s, c, g = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]), torch.tensor([7, 8])
+    other = torch.tensor([9, 10, 11, 12, 13])
+
+    def beam(slot, options):
+        tokens, inputs, scores = zip(*options)
+        sentence = torch.full((len(options),), slot)
+        return Beam(torch.stack(tokens), sentence, torch.tensor(scores), torch.stack(inputs), [])
+
+    done = {
+        0: beam(0, [(s, s_rows, 1e-6), (c, c_rows, 1e-6)]),  # a copy of slot 2, or C whole
+        1: beam(
+            1,
+            [
+                (torch.cat([c, g]), torch.cat([c_rows, near]), 0.5),
+                (other, away, 0.5),
+            ],
+        ),
+        2: beam(2, [(s, s_rows, 1e-6)]),
+    }
+    assert choose(done, basis, 2e-3) == {0: 1, 1: 1, 2: 0}
+    assert choose(done, basis, 1.0) == {0: 0, 1: 0, 2: 0}  # every row counted: the old choice

@@ -244,8 +244,11 @@ class CausalSpanAttack(Attack):
     ) -> dict[int, torch.Tensor]:
         """Prefixes grown in the row space (see `grow`), one chosen per sentence."""
         done = grow_all(grower, lengths, plan)
-        picked, info["repaired"] = repair(grower, done, choose(done, basis), lengths, plan, basis)
-        info["uncovered"] = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()])
+        tol = grower.options.tol
+        picked, info["repaired"] = repair(
+            grower, done, choose(done, basis, tol), lengths, plan, basis
+        )
+        info["uncovered"] = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol)
         info["unsure"] = sorted(set(done[0].unsure)) if done else []
         info["blind"] = plan.blind
         return {b: done[b].tokens[picked[b]] for b in done}

@@ -17,8 +17,16 @@ import torch
 
 from gradaudit.attacks.causal.grow import Beam, Grower
 from gradaudit.attacks.causal.prefix import truncate
-from gradaudit.attacks.causal.screen import Effort, orthonormal_rows, relative_residual
-from gradaudit.attacks.causal.solve import GrowthPlan, choose, concat_beams, grow_all, uncovered
+from gradaudit.attacks.causal.screen import Effort
+from gradaudit.attacks.causal.solve import (
+    GrowthPlan,
+    choose,
+    concat_beams,
+    explained,
+    grow_all,
+    suspects,
+    uncovered,
+)
 
 LOST = 1e-4  # `uncovered` above this: a row is left unexplained (exact batches: below 1e-9)
 
@@ -33,24 +41,6 @@ class NewRow:
     length: int
     index: int
     residual: float
-
-
-def suspects(done: dict[int, Beam], picked: dict[int, int], tol: float) -> list[int]:
-    """Sentences whose chosen prefix adds no row of its own (it begins another's, or equals an
-    earlier one's) or does not fit the row space."""
-    chosen = {b: done[b].tokens[r] for b, r in picked.items()}
-    out = []
-    for b, t in chosen.items():
-        copy = any(
-            c != b
-            and len(u) >= len(t)
-            and torch.equal(u[: len(t)], t)
-            and (len(u) > len(t) or c < b)
-            for c, u in chosen.items()
-        )
-        if copy or float(done[b].score[picked[b]]) > tol:
-            out.append(b)
-    return out
 
 
 def cut(beam: Beam, row: int, length: int) -> Beam:
@@ -79,12 +69,8 @@ def find_new_row(
     about 2,300 checks); then, for a query, a blind first token with its second
     (`_new_first_token`); the empty prefix comes last: a first token the growth's screen
     missed is searched on the whole vocabulary, the price of the unscreened pass."""
-    # what the chosen sentences explain: their inputs in the row space (a lost sentence's slot
-    # holds best guesses that do not fit and explain nothing)
-    chosen = torch.cat([done[b].inputs[r] for b, r in picked.items()])
-    own = orthonormal_rows(
-        chosen[relative_residual(chosen, grower.screen.basis) <= grower.options.tol]
-    )
+    chosen = [done[b].inputs[r] for b, r in picked.items()]
+    own = explained(grower.screen.basis, chosen, grower.options.tol)
     lengths = [n for n in range(max(1, plan.first_seen), longest) if n not in plan.fixed]
     prior = grower.regression()
     if prior is not None:  # first every prefix's nearest by a regression growth fitted
@@ -192,9 +178,10 @@ def repair(
     the grown rows."""
     searched: set[tuple[int, ...]] = set()
     repaired: list[tuple[int, int]] = []
-    gap = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()])
+    tol = grower.options.tol
+    gap = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol)
     while gap > LOST and len(repaired) < len(done):  # a repair recovers a sentence
-        slots = suspects(done, picked, grower.options.tol)
+        slots = suspects(done, picked, tol)
         if not slots:
             break
         longest = max(lengths[b] - plan.unseen_tail for b in slots)
@@ -203,8 +190,8 @@ def repair(
             break
         for b, grown in grow_new_row(grower, done, new, slots, lengths, plan).items():
             done[b] = concat_beams([done[b], grown])
-        again = choose(done, basis)
-        after = uncovered(basis, [done[b].inputs[r] for b, r in again.items()])
+        again = choose(done, basis, tol)
+        after = uncovered(basis, [done[b].inputs[r] for b, r in again.items()], tol)
         if after >= gap:
             continue  # a dead end: its prefix stays searched
         # the prefix may hold more sentences: search it again

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradaudit.attacks.causal.grow import Beam, Grower
-from gradaudit.attacks.causal.screen import orthonormal_rows
+from gradaudit.attacks.causal.screen import orthonormal_rows, relative_residual
 
 MAX_COMBINATIONS = 256  # beyond this many choices, `choose` improves one sentence at a time
 
@@ -119,26 +119,62 @@ def grow_all(
     return done
 
 
-def uncovered(basis: torch.Tensor, inputs: list[torch.Tensor]) -> float:
-    """1 - |V Q|^2 / r: how much of the row space the chosen prefixes' inputs leave out."""
-    q = orthonormal_rows(torch.cat(inputs).to(basis.dtype))
+def explained(basis: torch.Tensor, inputs: list[torch.Tensor], tol: float) -> torch.Tensor:
+    """An orthonormal basis of the span of the `inputs` that lie in the row space (relative
+    residual at most `tol`): a best guess that does not fit explains nothing, though its
+    random part falls partly inside."""
+    x = torch.cat(inputs).to(basis.dtype)
+    return orthonormal_rows(x[relative_residual(x, basis) <= tol])
+
+
+def uncovered(basis: torch.Tensor, inputs: list[torch.Tensor], tol: float) -> float:
+    """1 - |V Q|^2 / r: how much of the row space the chosen prefixes' inputs that fit it
+    (`explained`) leave out."""
+    q = explained(basis, inputs, tol)
     if q.shape[0] == 0 or basis.shape[0] == 0:
         return 1.0
     return float(1 - (basis @ q.T).square().sum() / basis.shape[0])
 
 
-def choose(done: dict[int, Beam], basis: torch.Tensor) -> dict[int, int]:
-    """Per sentence, the row of its beam whose inputs, with the others' chosen ones, cover the
-    row space best (ties: the lower worst residual). A sentence repeated in the batch, or one
-    that is a prefix of a longer one, is told apart this way."""
+def suspects(done: dict[int, Beam], picked: dict[int, int], tol: float) -> list[int]:
+    """Sentences whose chosen prefix adds no row of its own (it begins another's, or equals an
+    earlier one's) or does not fit the row space."""
+    chosen = {b: done[b].tokens[r] for b, r in picked.items()}
+    out = []
+    for b, t in chosen.items():
+        copy = any(
+            c != b
+            and len(u) >= len(t)
+            and torch.equal(u[: len(t)], t)
+            and (len(u) > len(t) or c < b)
+            for c, u in chosen.items()
+        )
+        if copy or float(done[b].score[picked[b]]) > tol:
+            out.append(b)
+    return out
+
+
+def pick_cost(
+    done: dict[int, Beam], basis: torch.Tensor, tol: float, picked: dict[int, int]
+) -> tuple[float, int, float]:
+    """What `choose` minimises: the row space the picked prefixes leave out, then how many of
+    them are `suspects` (a sentence that fits its whole slot beats the same sentence in a
+    longer slot, where best guesses follow it), then the worst residual."""
+    parts = [done[s].inputs[r] for s, r in picked.items()]
+    worst = max(float(done[s].score[r]) for s, r in picked.items())
+    return round(uncovered(basis, parts, tol), 6), len(suspects(done, picked, tol)), worst
+
+
+def choose(done: dict[int, Beam], basis: torch.Tensor, tol: float) -> dict[int, int]:
+    """Per sentence, the row of its beam that with the others' chosen ones minimises
+    `pick_cost`. A sentence repeated in the batch, or one that is a prefix of a longer one, is
+    told apart this way."""
     sentences = sorted(done)
     options = [list(range(done[s].tokens.shape[0])) for s in sentences]
 
     @functools.cache  # the sweeps below score one pick again and again
-    def cost(pick: tuple[int, ...]) -> tuple[float, float]:
-        parts = [done[s].inputs[r] for s, r in zip(sentences, pick)]
-        worst = max(float(done[s].score[r]) for s, r in zip(sentences, pick))
-        return round(uncovered(basis, parts), 6), worst
+    def cost(pick: tuple[int, ...]) -> tuple[float, int, float]:
+        return pick_cost(done, basis, tol, dict(zip(sentences, pick)))
 
     if math.prod(map(len, options)) <= MAX_COMBINATIONS:
         best = min(itertools.product(*options), key=cost)
