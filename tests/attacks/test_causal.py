@@ -508,4 +508,17 @@ def test_a_sentence_is_chosen_in_the_slot_it_fills_not_in_a_longer_one_before_gu
         2: beam(2, [(s, s_rows, 1e-6)]),
     }
     assert choose(done, basis, 2e-3) == {0: 1, 1: 1, 2: 0}
-    assert choose(done, basis, 1.0) == {0: 0, 1: 0, 2: 0}  # every row counted: the old choice
+    assert choose(done, basis, 1.0)[1] == 0  # every row counted: C in the longer slot
+
+
+def test_both_of_two_equal_chosen_sentences_are_suspects_and_a_prefix_of_another_is_one():
+    # Either of two equal sentences can be the copy, so the repair grows its finds into both.
+    from gradaudit.attacks.causal.grow import Beam
+    from gradaudit.attacks.causal.solve import suspects
+
+    def beam(slot, tokens):
+        t = torch.tensor([tokens])
+        return Beam(t, torch.tensor([slot]), torch.zeros(1), torch.zeros(1, len(tokens), 4), [])
+
+    done = {0: beam(0, [1, 2, 3]), 1: beam(1, [4, 5]), 2: beam(2, [1, 2, 3]), 3: beam(3, [4])}
+    assert suspects(done, {b: 0 for b in done}, 2e-3) == [0, 2, 3]

@@ -137,17 +137,15 @@ def uncovered(basis: torch.Tensor, inputs: list[torch.Tensor], tol: float) -> fl
 
 
 def suspects(done: dict[int, Beam], picked: dict[int, int], tol: float) -> list[int]:
-    """Sentences whose chosen prefix adds no row of its own (it begins another's, or equals an
-    earlier one's) or does not fit the row space."""
+    """Sentences whose chosen prefix adds no row of its own or does not fit the row space:
+    one that begins another's, and both of two equal ones (either can be the copy: SmolLM2
+    query@15 lost "it 's a charming ..." where "it 's slow ..." filled its slot and the
+    other's, and only the later slot took the repair's new sentence)."""
     chosen = {b: done[b].tokens[r] for b, r in picked.items()}
     out = []
     for b, t in chosen.items():
         copy = any(
-            c != b
-            and len(u) >= len(t)
-            and torch.equal(u[: len(t)], t)
-            and (len(u) > len(t) or c < b)
-            for c, u in chosen.items()
+            c != b and len(u) >= len(t) and torch.equal(u[: len(t)], t) for c, u in chosen.items()
         )
         if copy or float(done[b].score[picked[b]]) > tol:
             out.append(b)
