@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from gradaudit.attacks.causal.prefix import KV, concat, select
 from gradaudit.attacks.causal.screen import Effort, Ranker, Screen, orthonormal_rows
 
+SECONDS = 2  # second tokens tried at most, per dimension of the row space
 POOL = 4  # second tokens ordered, per dimension of the row space
 WIDE_TRIES = 8  # the second tokens tried first, with the commonest first tokens checked too
 COMMON_FIRSTS = 2048  # first tokens: 44-47 % are among the 1,024 commonest, 57-70 % of 4,096
@@ -140,17 +141,17 @@ class PairSearch:
         agreed = ranks.sort(0).values[min(1, len(ranks) - 1)]
         return self.seconds[agreed.argsort(stable=True)]
 
-    def first_tokens(self, most: int, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_tokens(
+        self, most: int, own: torch.Tensor, tries: int = SECONDS
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, at most
-        `most` of them, and their residuals. Second tokens are tried in their `order`, one
+        `most` of them, and their residuals. Second tokens are tried in their `order`, `tries`
         per dimension of the row space, the first `WIDE_TRIES` with the commonest first
-        tokens checked too; the best-ordered one without a first token is checked against
-        every first token at once (a rare first token: "lov" + "ingly"), and at the end so
-        are the next ones, one per first token still missing."""
+        tokens checked too; then the best-ordered ones without a first token, one per first
+        token still missing, are checked against every first token."""
         screen, firsts, fits = self.screen, self.firsts, self.effort.fits
-        seconds = self.order(own)[: int(screen.basis.shape[0])]
-        every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
+        seconds = self.order(own)[: tries * int(screen.basis.shape[0])]
         found: dict[int, float] = {}
         unmatched = []  # second tokens no first token was found for, best-ordered first
 
@@ -159,9 +160,6 @@ class PairSearch:
                 if fits(r):
                     found[i] = min(r, found.get(i, r))
             return bool(fits(residual).any())
-
-        def check_every(token: int) -> None:
-            record(every, screen.novel_residual(firsts.inputs(every, token), own))
 
         rounds = min(self.effort.rounds, FIRST_ROUNDS)
         for tried, second in enumerate(seconds.tolist()):
@@ -174,12 +172,11 @@ class PairSearch:
             checked = screen.search(evaluate, firsts.ranker, effort, own)
             if not record(checked.index, checked.residual):
                 unmatched.append(token)
-                if len(unmatched) == 1:
-                    check_every(token)
             if len(found) >= most:  # as many first tokens as sentences
                 break
-        for token in unmatched[1 : max(1, 1 + most - len(found))]:
-            check_every(token)
+        every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
+        for token in unmatched[: max(0, most - len(found))]:
+            record(every, screen.novel_residual(firsts.inputs(every, token), own))
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
