@@ -507,18 +507,21 @@ def test_a_sentence_is_chosen_in_the_slot_it_fills_not_in_a_longer_one_before_gu
         ),
         2: beam(2, [(s, s_rows, 1e-6)]),
     }
-    assert choose(done, basis, 2e-3) == {0: 1, 1: 1, 2: 0}
+    assert choose(done, basis, 2e-3)[0] == 1  # C in its own slot
     assert choose(done, basis, 1.0)[1] == 0  # every row counted: C in the longer slot
 
 
-def test_both_of_two_equal_chosen_sentences_are_suspects_and_a_prefix_of_another_is_one():
+def test_suspects_are_both_of_two_equal_sentences_and_a_prefix_of_another_that_fits():
     # Either of two equal sentences can be the copy, so the repair grows its finds into both.
     from gradaudit.attacks.causal.grow import Beam
     from gradaudit.attacks.causal.solve import suspects
 
-    def beam(slot, tokens):
-        t = torch.tensor([tokens])
-        return Beam(t, torch.tensor([slot]), torch.zeros(1), torch.zeros(1, len(tokens), 4), [])
+    def beam(slot, tokens, score=0.0):
+        t, s = torch.tensor([tokens]), torch.tensor([score])
+        return Beam(t, torch.tensor([slot]), s, torch.zeros(1, len(tokens), 4), [])
 
     done = {0: beam(0, [1, 2, 3]), 1: beam(1, [4, 5]), 2: beam(2, [1, 2, 3]), 3: beam(3, [4])}
     assert suspects(done, {b: 0 for b in done}, 2e-3) == [0, 2, 3]
+    # a whole fit that begins a sentence followed by guesses in a longer slot: not a copy
+    done = {0: beam(0, [1, 2, 3]), 1: beam(1, [1, 2, 3, 9, 9], score=0.5)}
+    assert suspects(done, {b: 0 for b in done}, 2e-3) == [1]

@@ -138,16 +138,19 @@ def uncovered(basis: torch.Tensor, inputs: list[torch.Tensor], tol: float) -> fl
 
 def suspects(done: dict[int, Beam], picked: dict[int, int], tol: float) -> list[int]:
     """Sentences whose chosen prefix adds no row of its own or does not fit the row space:
-    one that begins another's, and both of two equal ones (either can be the copy: SmolLM2
-    query@15 lost "it 's a charming ..." where "it 's slow ..." filled its slot and the
-    other's, and only the later slot took the repair's new sentence)."""
+    one that begins another's that fits, and both of two equal ones (either can be the copy:
+    SmolLM2 query@15 lost "it 's a charming ..." where "it 's slow ..." filled its slot and
+    the other's, and only the later slot took the repair's new sentence). A sentence followed
+    by best guesses in a longer slot does not make its whole fit in its own slot a copy."""
     chosen = {b: done[b].tokens[r] for b, r in picked.items()}
+    fits = {b: float(done[b].score[r]) <= tol for b, r in picked.items()}
     out = []
     for b, t in chosen.items():
         copy = any(
-            c != b and len(u) >= len(t) and torch.equal(u[: len(t)], t) for c, u in chosen.items()
+            c != b and fits[c] and len(u) >= len(t) and torch.equal(u[: len(t)], t)
+            for c, u in chosen.items()
         )
-        if copy or float(done[b].score[picked[b]]) > tol:
+        if copy or not fits[b]:
             out.append(b)
     return out
 
