@@ -13,11 +13,10 @@ checked exactly.
 
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
 second token's input away. No one stand-in ranks every sentence's second token well, so a
-second token's place is its second-best rank over the stand-ins. What is ranked: the share
-of its input outside the row space minus its share in the part the recovered sentences'
-inputs (`own`) leave unexplained. The batch's other tokens come near the row space after a
-stand-in too, but near rows already explained, and generic tokens (" are", " was") lie near
-any row space of natural inputs, in the part that is explained. The first second tokens
+second token's place is its second-best rank over the stand-ins. What is ranked: how much of
+its input lies in the part of the row space the recovered sentences' inputs (`own`) leave
+unexplained, against how much lies outside the row space; the batch's other tokens come near
+the row space after a stand-in too, but near rows already explained. The first second tokens
 tried also get the commonest first tokens checked exactly (the regression missed "the" before
 " acting"). Measurements: docs/span-measurements.md.
 """
@@ -130,15 +129,15 @@ class PairSearch:
         self.wide = replace(effort, sample=torch.cat([common, effort.sample]).unique())
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
-        """The second tokens, best first: by the second-best rank over the stand-ins of the
-        share of their input outside the row space minus its share in the part of the row
-        space that `own` (orthonormal rows) leaves unexplained."""
+        """The second tokens, best first: by the second-best rank over the stand-ins of how
+        much more of their input lies in the row space's part that `own` (orthonormal rows)
+        leaves than outside the row space: |in it| / |in it or outside|."""
         left = self.screen.basis
         if own.shape[0]:
             left = orthonormal_rows(left - (left @ own.T) @ own)
-        norm = self.after.norm(dim=-1).clamp_min(1e-30)
-        score = (self.outside - (self.after @ left.T).norm(dim=-1)) / norm
-        ranks = score.argsort(1).argsort(1)
+        inside = (self.after @ left.T).norm(dim=-1)
+        share = inside / torch.hypot(inside, self.outside).clamp_min(1e-30)
+        ranks = (-share).argsort(1).argsort(1)
         agreed = ranks.sort(0).values[min(1, len(ranks) - 1)]
         return self.seconds[agreed.argsort(stable=True)]
 
