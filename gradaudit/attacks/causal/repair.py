@@ -80,7 +80,7 @@ def find_new_row(
             return new
     if plan.stand_ins is not None and () not in searched:
         searched.add(())  # a query's blind first token: searched with the second
-        new = _new_first_token(grower, done, picked, plan.stand_ins, own)
+        new = _new_first_token(grower, picked, plan.stand_ins, own)
         if new is not None:
             return new
     lengths += [0] if plan.first_seen == 0 and 0 not in plan.fixed else []
@@ -88,14 +88,11 @@ def find_new_row(
 
 
 def _new_first_token(
-    grower: Grower,
-    done: dict[int, Beam],
-    picked: dict[int, int],
-    stand_ins: torch.Tensor,
-    own: torch.Tensor,
+    grower: Grower, picked: dict[int, int], stand_ins: torch.Tensor, own: torch.Tensor
 ) -> NewRow | None:
     """A first token after which a second token's input is a row no chosen input spans (the
-    pair search orders second tokens by their share outside the chosen inputs' span)."""
+    pair search tries first the second tokens whose input lies in the part of the row space
+    the chosen inputs leave unexplained)."""
     index, residual = grower.pair_search(stand_ins).first_tokens(1, own)
     if index.numel() == 0:
         return None
