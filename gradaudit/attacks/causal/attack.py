@@ -209,16 +209,16 @@ class CausalSpanAttack(Attack):
         if position_free(lay, module) and causal:
             prefixes = self._order(model, module, snapshot, screen, lengths, info, tokenizer)
         else:
-            blind_first = first_seen(lay, module) == 1
+            seen = first_seen(lay, module)
             plan = GrowthPlan(
                 spec.width,
-                first_seen=first_seen(lay, module),
+                first_seen=seen,
                 unseen_tail=1 if causal else 0,
                 fixed=dict(enumerate(special_prefix(tokenizer))),
                 guesses=opts.frequent,
                 stand_ins=(
                     stand_in_tokens(tokenizer, vocab, opts.stand_ins, opts.frequent)
-                    if blind_first
+                    if seen == 1
                     else None
                 ),
             )

@@ -95,6 +95,13 @@ def stand_in_tokens(
     return torch.tensor([words[int(k * step)] for k in range(count)], device=vocab.device)
 
 
+def second_best(ranks: torch.Tensor) -> torch.Tensor:
+    """Per token, its second-best rank over the stand-ins (ranks: stand-ins x tokens): one
+    stand-in near the true first token can rank its second token high, but so can it a stray
+    token; two agreeing is the better order."""
+    return ranks.sort(0).values[min(1, len(ranks) - 1)]
+
+
 class PairSearch:
     """First tokens found with second tokens (see the module docstring): the vocabulary's
     position-0 caches, the second tokens nearest the row space after the stand-ins and their
@@ -112,9 +119,7 @@ class PairSearch:
             order = checked.index[checked.residual.argsort()]
             rank[order] = torch.arange(len(order), device=order.device)
             ranks.append(rank)
-        # second-best rank: one stand-in near the true first token can rank its second token
-        # high, but so can it a stray token; two agreeing is the better order
-        agreed = torch.stack(ranks).sort(0).values[min(1, len(ranks) - 1)]
+        agreed = second_best(torch.stack(ranks))
         count = min(POOL * int(screen.basis.shape[0]), int((agreed < len(agreed)).sum()))
         self.seconds = agreed.argsort(stable=True)[:count]  # vocabulary indices
         ids = screen.vocab[self.seconds]
@@ -137,8 +142,7 @@ class PairSearch:
             left = orthonormal_rows(left - (left @ own.T) @ own)
         inside = (self.after @ left.T).norm(dim=-1)
         share = inside / torch.hypot(inside, self.outside).clamp_min(1e-30)
-        ranks = (-share).argsort(1).argsort(1)
-        agreed = ranks.sort(0).values[min(1, len(ranks) - 1)]
+        agreed = second_best((-share).argsort(1).argsort(1))
         return self.seconds[agreed.argsort(stable=True)]
 
     def first_tokens(
