@@ -16,9 +16,9 @@ second token's input away. No one stand-in ranks every sentence's second token w
 second token's place is its second-best rank over the stand-ins. What is ranked: how much of
 its input lies in the part of the row space the recovered sentences' inputs (`own`) leave
 unexplained, against how much lies outside the row space; the batch's other tokens come near
-the row space after a stand-in too, but near rows already explained. The first second tokens
-tried also get the commonest first tokens checked exactly (the regression missed "the" before
-" acting"). Measurements: docs/span-measurements.md.
+the row space after a stand-in too, but near rows already explained. Every second token
+tried also gets the commonest first tokens checked exactly (the regression missed "the" before
+" acting"), at about 1.4 s a try against 1.0 s without. Measurements: docs/span-measurements.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from gradaudit.attacks.causal.screen import Effort, Ranker, Screen, orthonormal_
 
 SECONDS = 2  # second tokens tried at most, per dimension of the row space
 POOL = 4  # second tokens ordered, per dimension of the row space
-WIDE_TRIES = 8  # the second tokens tried first, with the commonest first tokens checked too
 COMMON_FIRSTS = 2048  # first tokens: 44-47 % are among the 1,024 commonest, 57-70 % of 4,096
 FIRST_ROUNDS = 2  # a true pair's first token was found within two (SmolLM2 query@5 and 15)
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
@@ -109,7 +108,6 @@ class PairSearch:
 
     def __init__(self, screen: Screen, effort: Effort, stand_ins: torch.Tensor) -> None:
         self.screen = screen
-        self.effort = effort
         self.firsts = FirstPositions(screen)
         none = screen.basis.new_zeros(0, screen.basis.shape[1])
         ranks = []  # per stand-in: every token's rank among those checked after it
@@ -131,7 +129,9 @@ class PairSearch:
         basis = screen.basis
         self.outside = (self.after - (self.after @ basis.T) @ basis).norm(dim=-1)
         common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
-        self.wide = replace(effort, sample=torch.cat([common, effort.sample]).unique())
+        # a first token's search: the commonest first tokens and the sample, then the rounds
+        sample = torch.cat([common, effort.sample]).unique()
+        self.effort = replace(effort, sample=sample, rounds=min(effort.rounds, FIRST_ROUNDS))
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
         """The second tokens, best first: by the second-best rank over the stand-ins of how
@@ -151,9 +151,8 @@ class PairSearch:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, at most
         `most` of them, and their residuals. Second tokens are tried in their `order`, `tries`
-        per dimension of the row space, the first `WIDE_TRIES` with the commonest first
-        tokens checked too; then the best-ordered ones without a first token, one per first
-        token still missing, are checked against every first token."""
+        per dimension of the row space; then the best-ordered ones without a first token, one
+        per first token still missing, are checked against every first token."""
         screen, firsts, fits = self.screen, self.firsts, self.effort.fits
         seconds = self.order(own)[: tries * int(screen.basis.shape[0])]
         found: dict[int, float] = {}
@@ -165,15 +164,13 @@ class PairSearch:
                     found[i] = min(r, found.get(i, r))
             return bool(fits(residual).any())
 
-        rounds = min(self.effort.rounds, FIRST_ROUNDS)
-        for tried, second in enumerate(seconds.tolist()):
+        for second in seconds.tolist():
             token = int(screen.vocab[second])
 
             def evaluate(ids: torch.Tensor, token: int = token) -> torch.Tensor:
                 return firsts.inputs(ids, token)
 
-            effort = replace(self.wide if tried < WIDE_TRIES else self.effort, rounds=rounds)
-            checked = screen.search(evaluate, firsts.ranker, effort, own)
+            checked = screen.search(evaluate, firsts.ranker, self.effort, own)
             if not record(checked.index, checked.residual):
                 unmatched.append(token)
             if len(found) >= most:  # as many first tokens as sentences
