@@ -73,8 +73,10 @@ def test_the_pair_search_finds_blind_first_tokens_past_layer_2():
     assert rec.info["unidentified"] == []
 
 
-def test_the_pair_search_tries_first_the_second_token_the_chosen_inputs_leave_unexplained():
-    # The repair's step: sentence A recovered (its inputs span `own`), B's first token lost.
+def pair_search_of(texts: list[str]):
+    """The pair search of query@3 of a tiny Llama, on the gradient of `texts`: the search,
+    each sentence's module inputs (positions 1 to the last but one), the row space's basis,
+    the vocabulary and the tokenizer."""
     from gradaudit.attacks.base import candidate_token_ids
     from gradaudit.attacks.causal.attack import anchor_token, make_screen
     from gradaudit.attacks.causal.options import CausalOptions
@@ -84,7 +86,6 @@ def test_the_pair_search_tries_first_the_second_token_the_chosen_inputs_leave_un
 
     model, tokenizer = tiny_llama(layers=4), decoder_tokenizer()
     module = select_modules(model, "query@3")[0]
-    texts = ["i love this charming story", "the movie was very good and funny"]
     rows = []
     hook = model.get_submodule(module).register_forward_pre_hook(
         lambda m, args: rows.append(args[0][0, 1:-1].double())
@@ -101,14 +102,39 @@ def test_the_pair_search_tries_first_the_second_token_the_chosen_inputs_leave_un
     )
     effort = Effort(torch.arange(len(vocab)), opts.screen, opts.rounds, opts.tol, len(vocab))
     pairs = PairSearch(screen, effort, stand_in_tokens(tokenizer, vocab, 4, len(vocab)))
+    return pairs, rows, basis, vocab, tokenizer
+
+
+def test_the_pair_search_tries_first_the_second_token_the_chosen_inputs_leave_unexplained():
+    # The repair's step: sentence A recovered (its inputs span `own`), B's first token lost.
+    from gradaudit.attacks.causal.screen import orthonormal_rows
+
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    pairs, rows, basis, vocab, tokenizer = pair_search_of(texts)
     both = {tokenizer.decode([int(vocab[i])]) for i in pairs.first_tokens(2, basis[:0])[0]}
     assert both == {"i", "the"}
     # once one sentence is explained, a token of the other is tried first
     for own, other in ((rows[0], texts[1]), (rows[1], texts[0])):
-        best = tokenizer.decode([int(vocab[pairs.order(orthonormal_rows(own))[0]])])
+        best = tokenizer.decode([int(vocab[pairs.seconds[pairs.order(orthonormal_rows(own))[0]]])])
         assert best in other.split()[1:] and best not in texts[texts.index(other) - 1].split()
     found, residual = pairs.first_tokens(1, orthonormal_rows(rows[0]))
     assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"] and residual[0] < 1e-3
+
+
+def test_the_shared_regression_puts_true_first_tokens_nearest_their_second_tokens(monkeypatch):
+    # Only each pool token's 2 nearest first tokens (of 30) by the shared regression are
+    # checked, and that finds both sentences' first tokens without a search per second token.
+    from gradaudit.attacks.causal import pairs as module
+
+    monkeypatch.setattr(module, "PRIOR_FIRSTS", 2)
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    pairs, _, _, vocab, tokenizer = pair_search_of(texts)
+    firsts, at = pairs.near
+    found = {
+        (tokenizer.decode([int(vocab[f])]), tokenizer.decode([int(vocab[pairs.seconds[a]])]))
+        for f, a in zip(firsts, at)
+    }
+    assert found == {("i", "love"), ("the", "movie")}
 
 
 def test_stand_in_first_tokens_are_word_tokens_spread_over_the_commonest():

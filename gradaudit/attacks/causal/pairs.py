@@ -4,21 +4,23 @@ A query's first position has no row in its gradient (it attends to itself alone)
 token shows only through the second position's input, which depends on both. Guessing it from
 the commonest tokens fails on real text (on the three data sets about half of all sentences
 start with a token past the 1,024 commonest). Instead: second tokens whose input after a
-stand-in first token comes near the row space are candidates (they are the batch's own tokens,
-seen at other positions); for each, the first token is searched as the screen searches next
-tokens with the roles swapped: a regression from every token's own keys and values at position
-0 (what position 1 reads of it) to the pair's input, checked exactly where it predicts the row
-space. The best-ranked second tokens that still lack a first token get every first token
-checked exactly.
+stand-in first token comes near the row space make a pool (they are the batch's own tokens,
+seen at other positions), and the first token is searched behind each as the screen searches
+next tokens with the roles swapped: a regression from every token's own keys and values at
+position 0 (what position 1 reads of it) to the pair's input, checked exactly where it predicts
+the row space.
 
+First, one regression shared by the whole pool (each second token only shifts the prediction)
+ranks every pair at once, and each pool token's nearest first tokens are checked exactly: a
+regression fitted per second token on a few thousand checked pairs ranked true first tokens up
+to 6,214th, the shared one fitted on eight tokens' pairs up to 67th. Then, while first tokens
+are missing, second tokens are tried one by one with their own regression (the commonest first
+tokens checked too), in an order: their second-best rank over the stand-ins (no one stand-in
+ranks every sentence's second token well) of how much of their input lies in the part of the
+row space the recovered sentences' inputs (`own`) leave unexplained, against how much lies
+outside it. The best-ordered ones still without a first token get every first token checked.
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
-second token's input away. No one stand-in ranks every sentence's second token well, so a
-second token's place is its second-best rank over the stand-ins. What is ranked: how much of
-its input lies in the part of the row space the recovered sentences' inputs (`own`) leave
-unexplained, against how much lies outside the row space; the batch's other tokens come near
-the row space after a stand-in too, but near rows already explained. Every second token
-tried also gets the commonest first tokens checked exactly (the regression missed "the" before
-" acting"), at about 1.4 s a try against 1.0 s without. Measurements: docs/span-measurements.md.
+second token's input away. Measurements: docs/span-measurements.md.
 """
 
 from __future__ import annotations
@@ -29,12 +31,20 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.causal.prefix import KV, concat, select
-from gradaudit.attacks.causal.screen import Effort, Ranker, Screen, orthonormal_rows
+from gradaudit.attacks.causal.screen import (
+    Effort,
+    Ranker,
+    Screen,
+    orthonormal_rows,
+    relative_residual,
+)
 
 SECONDS = 2  # second tokens tried at most, per dimension of the row space
 POOL = 4  # second tokens ordered, per dimension of the row space
 COMMON_FIRSTS = 2048  # first tokens: 44-47 % are among the 1,024 commonest, 57-70 % of 4,096
 FIRST_ROUNDS = 2  # a true pair's first token was found within two (SmolLM2 query@5 and 15)
+SHARED_SECONDS = 8  # pool tokens whose pairs with the sample fit the shared regression
+PRIOR_FIRSTS = 256  # first tokens the shared regression puts nearest, checked per second
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
 
@@ -53,10 +63,10 @@ class FirstPositions:
         x = features(parts).to(screen.basis.dtype)
         self.ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), screen.basis)
 
-    def inputs(self, first: torch.Tensor, second: int) -> torch.Tensor:
-        """Module inputs (M, width) at position 1 of the pairs (vocab[first[i]], second)."""
-        screen = self.screen
-        return screen.inputs(self.kv, first, 1, torch.full_like(first, second))
+    def inputs(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Module inputs (M, width) at position 1 of the pairs (vocab[first[i]], second[i]),
+        `second` token ids (M,) or one for all (a 0-d tensor)."""
+        return self.screen.inputs(self.kv, first, 1, second.expand_as(first))
 
     def stand_in(self, index: int) -> KV:
         """The cache of one token (vocabulary index) at position 0."""
@@ -132,31 +142,63 @@ class PairSearch:
         # a first token's search: the commonest first tokens and the sample, then the rounds
         sample = torch.cat([common, effort.sample]).unique()
         self.effort = replace(effort, sample=sample, rounds=min(effort.rounds, FIRST_ROUNDS))
+        self.near = self._near_pairs(stand_ins)
+
+    def _near_pairs(self, stand_ins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs (first token's vocabulary index, second's pool position) whose input lies
+        in the row space, among each pool token's `PRIOR_FIRSTS` first tokens that one
+        regression shared by all second tokens puts nearest it: x(first, second) ~
+        A f(first) + c(second), A fitted on `SHARED_SECONDS` pool tokens' pairs with the
+        sample, each centred (the same first tokens for all: their mean centred input is
+        fitted), c(second) from its inputs after the stand-ins. Within a second token it
+        ranked the true first 0-67th (SmolLM2 query@5); each token's own regression fitted
+        on the sample ranked it up to 6,214th."""
+        screen, ranker, sample = self.screen, self.firsts.ranker, self.effort.sample
+        step = max(1, len(self.seconds) // SHARED_SECONDS)
+        centred = []
+        for second in self.seconds[::step][:SHARED_SECONDS].tolist():
+            x = self.firsts.inputs(sample, screen.vocab[second])
+            centred.append(x - x.mean(0))
+        shared = ranker.fit(sample, torch.stack(centred).mean(0))
+        offsets = (self.after - (ranker.features[stand_ins] @ shared)[:, None]).mean(0)
+        y, c, basis = ranker.single @ shared.float(), offsets.float(), screen.basis.float()
+        yb, cb = y @ basis.T, c @ basis.T
+        total = y.square().sum(1)[:, None] + 2 * y @ c.T + c.square().sum(1)
+        inside = yb.square().sum(1)[:, None] + 2 * yb @ cb.T + cb.square().sum(1)
+        outside = (total - inside).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
+        count = min(PRIOR_FIRSTS, int(y.shape[0]))
+        firsts = outside.topk(count, dim=0, largest=False).indices.T.reshape(-1)
+        positions = torch.arange(len(self.seconds), device=firsts.device).repeat_interleave(count)
+        x = self.firsts.inputs(firsts, screen.vocab[self.seconds[positions]])
+        fit = self.effort.fits(relative_residual(x, screen.basis))
+        return firsts[fit], positions[fit]
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
-        """The second tokens, best first: by the second-best rank over the stand-ins of how
-        much more of their input lies in the row space's part that `own` (orthonormal rows)
-        leaves than outside the row space: |in it| / |in it or outside|."""
+        """The pool's second tokens (positions in `seconds`), best first: by the second-best
+        rank over the stand-ins of how much more of their input lies in the row space's part
+        that `own` (orthonormal rows) leaves than outside the row space: |in it| / |in it or
+        outside|."""
         left = self.screen.basis
         if own.shape[0]:
             left = orthonormal_rows(left - (left @ own.T) @ own)
         inside = (self.after @ left.T).norm(dim=-1)
         share = inside / torch.hypot(inside, self.outside).clamp_min(1e-30)
         agreed = second_best((-share).argsort(1).argsort(1))
-        return self.seconds[agreed.argsort(stable=True)]
+        return agreed.argsort(stable=True)
 
     def first_tokens(
         self, most: int, own: torch.Tensor, tries: int = SECONDS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, at most
-        `most` of them, and their residuals. Second tokens are tried in their `order`, `tries`
-        per dimension of the row space; then the best-ordered ones without a first token, one
-        per first token still missing, are checked against every first token."""
+        `most` of them, and their residuals: first the pairs the shared regression found
+        (`_near_pairs`); then, while first tokens are missing, the other second tokens in
+        their `order`, `tries` per dimension of the row space, each with the sample and the
+        rounds of its own regression; then the best-ordered ones still without a first token,
+        one per first token still missing, against every first token."""
         screen, firsts, fits = self.screen, self.firsts, self.effort.fits
-        seconds = self.order(own)[: tries * int(screen.basis.shape[0])]
+        order = self.order(own)[: tries * int(screen.basis.shape[0])].tolist()
         found: dict[int, float] = {}
-        unmatched = []  # second tokens no first token was found for, best-ordered first
 
         def record(index: torch.Tensor, residual: torch.Tensor) -> bool:
             for i, r in zip(index.tolist(), residual.tolist()):
@@ -164,20 +206,26 @@ class PairSearch:
                     found[i] = min(r, found.get(i, r))
             return bool(fits(residual).any())
 
-        for second in seconds.tolist():
-            token = int(screen.vocab[second])
+        def evaluator(position: int):
+            token = screen.vocab[self.seconds[position]]
+            return lambda ids: firsts.inputs(ids, token)
 
-            def evaluate(ids: torch.Tensor, token: int = token) -> torch.Tensor:
-                return firsts.inputs(ids, token)
-
-            checked = screen.search(evaluate, firsts.ranker, self.effort, own)
-            if not record(checked.index, checked.residual):
-                unmatched.append(token)
+        near, at = self.near  # those that are new rows, not echoes of `own`
+        residual = screen.novel_residual(firsts.inputs(near, screen.vocab[self.seconds[at]]), own)
+        record(near, residual)
+        matched = set(at[fits(residual)].tolist())
+        left = []
+        for position in order:
             if len(found) >= most:  # as many first tokens as sentences
                 break
+            if position in matched:
+                continue
+            checked = screen.search(evaluator(position), firsts.ranker, self.effort, own)
+            if not record(checked.index, checked.residual):
+                left.append(position)
         every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
-        for token in unmatched[: max(0, most - len(found))]:
-            record(every, screen.novel_residual(firsts.inputs(every, token), own))
+        for position in left[: max(0, most - len(found))]:
+            record(every, screen.novel_residual(evaluator(position)(every), own))
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
