@@ -10,22 +10,21 @@ next tokens with the roles swapped: a regression from every token's own keys and
 position 0 (what position 1 reads of it) to the pair's input, checked exactly where it predicts
 the row space.
 
-First, one regression shared by the whole pool (each second token only shifts the prediction)
-ranks every pair at once, and each pool token's nearest first tokens are checked exactly: a
-regression fitted per second token on a few thousand checked pairs ranked true first tokens up
-to 6,214th, the shared one fitted on eight tokens' pairs up to 67th. Then, while first tokens
-are missing, second tokens are tried one by one with their own regression (the commonest first
-tokens checked too), in an order: their second-best rank over the stand-ins (no one stand-in
-ranks every sentence's second token well) of how much of their input lies in the part of the
-row space the recovered sentences' inputs (`own`) leave unexplained, against how much lies
-outside it. The best-ordered ones still without a first token get every first token checked.
+One regression shared by the whole pool (each second token only shifts the prediction) ranks
+every pair at once, and each pool token's nearest first tokens are checked exactly, once, when
+the search is built: a regression fitted per second token on a few thousand checked pairs (the
+search used before) ranked true first tokens up to 6,214th, the shared one, fitted on eight
+tokens' pairs, up to 67th. Where first tokens are still missing, the pool's second tokens
+without one are taken in an order, and the best get every first token checked: their
+second-best rank over the stand-ins (no one stand-in ranks every sentence's second token well)
+of how much of their input lies in the part of the row space the recovered sentences' inputs
+(`own`) leave unexplained, against how much lies outside it.
+
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
 second token's input away. Measurements: docs/span-measurements.md.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -39,10 +38,8 @@ from gradaudit.attacks.causal.screen import (
     relative_residual,
 )
 
-SECONDS = 2  # second tokens tried at most, per dimension of the row space
-POOL = 4  # second tokens ordered, per dimension of the row space
-COMMON_FIRSTS = 2048  # first tokens: 44-47 % are among the 1,024 commonest, 57-70 % of 4,096
-FIRST_ROUNDS = 2  # a true pair's first token was found within two (SmolLM2 query@5 and 15)
+POOL = 4  # second tokens in the pool, per dimension of the row space
+COMMON_FIRSTS = 2048  # first tokens the shared regression is fitted on, with the sample
 SHARED_SECONDS = 8  # pool tokens whose pairs with the sample fit the shared regression
 PRIOR_FIRSTS = 256  # first tokens the shared regression puts nearest, checked per second
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
@@ -139,9 +136,8 @@ class PairSearch:
         basis = screen.basis
         self.outside = (self.after - (self.after @ basis.T) @ basis).norm(dim=-1)
         common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
-        # a first token's search: the commonest first tokens and the sample, then the rounds
-        sample = torch.cat([common, effort.sample]).unique()
-        self.effort = replace(effort, sample=sample, rounds=min(effort.rounds, FIRST_ROUNDS))
+        self.fits = effort.fits
+        self.sample = torch.cat([common, effort.sample]).unique()
         self.near = self._near_pairs(stand_ins)
 
     def _near_pairs(self, stand_ins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +149,7 @@ class PairSearch:
         fitted), c(second) from its inputs after the stand-ins. Within a second token it
         ranked the true first 0-67th (SmolLM2 query@5); each token's own regression fitted
         on the sample ranked it up to 6,214th."""
-        screen, ranker, sample = self.screen, self.firsts.ranker, self.effort.sample
+        screen, ranker, sample = self.screen, self.firsts.ranker, self.sample
         step = max(1, len(self.seconds) // SHARED_SECONDS)
         centred = []
         for second in self.seconds[::step][:SHARED_SECONDS].tolist():
@@ -170,7 +166,7 @@ class PairSearch:
         firsts = outside.topk(count, dim=0, largest=False).indices.T.reshape(-1)
         positions = torch.arange(len(self.seconds), device=firsts.device).repeat_interleave(count)
         x = self.firsts.inputs(firsts, screen.vocab[self.seconds[positions]])
-        fit = self.effort.fits(relative_residual(x, screen.basis))
+        fit = self.fits(relative_residual(x, screen.basis))
         return firsts[fit], positions[fit]
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
@@ -186,46 +182,29 @@ class PairSearch:
         agreed = second_best((-share).argsort(1).argsort(1))
         return agreed.argsort(stable=True)
 
-    def first_tokens(
-        self, most: int, own: torch.Tensor, tries: int = SECONDS
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_tokens(self, most: int, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary indices of first tokens after which some second token's input is a new
-        row of the gradient (in the row space, not spanned by `own`), best fit first, at most
-        `most` of them, and their residuals: first the pairs the shared regression found
-        (`_near_pairs`); then, while first tokens are missing, the other second tokens in
-        their `order`, `tries` per dimension of the row space, each with the sample and the
-        rounds of its own regression; then the best-ordered ones still without a first token,
-        one per first token still missing, against every first token."""
-        screen, firsts, fits = self.screen, self.firsts, self.effort.fits
-        order = self.order(own)[: tries * int(screen.basis.shape[0])].tolist()
+        row of the gradient (in the row space, not spanned by `own`), best fit first, and
+        their residuals: the pairs the shared regression found (`_near_pairs`), then, while
+        fewer than `most` first tokens are found, the best-ordered second tokens without one,
+        one per first token missing, against every first token."""
+        screen, firsts, fits = self.screen, self.firsts, self.fits
         found: dict[int, float] = {}
 
-        def record(index: torch.Tensor, residual: torch.Tensor) -> bool:
+        def record(index: torch.Tensor, residual: torch.Tensor) -> None:
             for i, r in zip(index.tolist(), residual.tolist()):
                 if fits(r):
                     found[i] = min(r, found.get(i, r))
-            return bool(fits(residual).any())
-
-        def evaluator(position: int):
-            token = screen.vocab[self.seconds[position]]
-            return lambda ids: firsts.inputs(ids, token)
 
         near, at = self.near  # those that are new rows, not echoes of `own`
         residual = screen.novel_residual(firsts.inputs(near, screen.vocab[self.seconds[at]]), own)
         record(near, residual)
         matched = set(at[fits(residual)].tolist())
-        left = []
-        for position in order:
-            if len(found) >= most:  # as many first tokens as sentences
-                break
-            if position in matched:
-                continue
-            checked = screen.search(evaluator(position), firsts.ranker, self.effort, own)
-            if not record(checked.index, checked.residual):
-                left.append(position)
+        left = [p for p in self.order(own).tolist() if p not in matched]
         every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
         for position in left[: max(0, most - len(found))]:
-            record(every, screen.novel_residual(evaluator(position)(every), own))
+            x = firsts.inputs(every, screen.vocab[self.seconds[position]])
+            record(every, screen.novel_residual(x, own))
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
