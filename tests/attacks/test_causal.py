@@ -111,13 +111,13 @@ def test_the_pair_search_tries_first_the_second_token_the_chosen_inputs_leave_un
 
     texts = ["i love this charming story", "the movie was very good and funny"]
     pairs, rows, basis, vocab, tokenizer = pair_search_of(texts)
-    both = {tokenizer.decode([int(vocab[i])]) for i in pairs.first_tokens(2, basis[:0])[0]}
+    both = {tokenizer.decode([int(vocab[i])]) for i in pairs.first_tokens(basis[:0])[0]}
     assert both == {"i", "the"}
     # once one sentence is explained, a token of the other is tried first
     for own, other in ((rows[0], texts[1]), (rows[1], texts[0])):
         best = tokenizer.decode([int(vocab[pairs.seconds[pairs.order(orthonormal_rows(own))[0]]])])
         assert best in other.split()[1:] and best not in texts[texts.index(other) - 1].split()
-    found, residual = pairs.first_tokens(1, orthonormal_rows(rows[0]))
+    found, residual = pairs.first_tokens(orthonormal_rows(rows[0]), wanted=1)
     assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"] and residual[0] < 1e-3
 
 
@@ -135,6 +135,25 @@ def test_the_shared_regression_puts_true_first_tokens_nearest_their_second_token
         for f, a in zip(firsts, at)
     }
     assert found == {("i", "love"), ("the", "movie")}
+
+
+def test_a_first_token_the_shared_regression_misses_is_found_by_the_deeper_check(
+    monkeypatch,
+):
+    # No pair checked by the shared regression: the repair's search checks the best-ordered
+    # pool tokens deeper (here every first token: a small vocabulary); the lost sentence's
+    # second token is the third of them ("good", "was", "movie").
+    from gradaudit.attacks.causal import pairs as module
+    from gradaudit.attacks.causal.screen import orthonormal_rows
+
+    monkeypatch.setattr(module, "PRIOR_FIRSTS", 0)
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    pairs, rows, _, vocab, tokenizer = pair_search_of(texts)
+    assert pairs.near[0].numel() == 0
+    own = orthonormal_rows(rows[0])
+    assert pairs.first_tokens(own)[0].numel() == 0  # nothing wanted: no whole-vocabulary pass
+    found, _ = pairs.first_tokens(own, wanted=1)
+    assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"]
 
 
 def test_stand_in_first_tokens_are_word_tokens_spread_over_the_commonest():

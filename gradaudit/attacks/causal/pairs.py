@@ -42,6 +42,8 @@ POOL = 4  # second tokens in the pool, per dimension of the row space
 COMMON_FIRSTS = 2048  # first tokens the shared regression is fitted on, with the sample
 SHARED_SECONDS = 8  # pool tokens whose pairs with the sample fit the shared regression
 PRIOR_FIRSTS = 256  # first tokens the shared regression puts nearest, checked per second
+DEEP_SECONDS = 8  # best-ordered pool tokens without a first token, checked deeper if wanted
+DEEP_FIRSTS = 4096  # ... that many first tokens the shared regression puts nearest
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
 
@@ -162,8 +164,10 @@ class PairSearch:
         total = y.square().sum(1)[:, None] + 2 * y @ c.T + c.square().sum(1)
         inside = yb.square().sum(1)[:, None] + 2 * yb @ cb.T + cb.square().sum(1)
         outside = (total - inside).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
-        count = min(PRIOR_FIRSTS, int(y.shape[0]))
-        firsts = outside.topk(count, dim=0, largest=False).indices.T.reshape(-1)
+        deep = min(DEEP_FIRSTS, int(y.shape[0]))
+        self.ranked = outside.topk(deep, dim=0, largest=False).indices.T  # (pool, deep)
+        count = min(PRIOR_FIRSTS, deep)
+        firsts = self.ranked[:, :count].reshape(-1)
         positions = torch.arange(len(self.seconds), device=firsts.device).repeat_interleave(count)
         x = self.firsts.inputs(firsts, screen.vocab[self.seconds[positions]])
         fit = self.fits(relative_residual(x, screen.basis))
@@ -182,29 +186,30 @@ class PairSearch:
         agreed = second_best((-share).argsort(1).argsort(1))
         return agreed.argsort(stable=True)
 
-    def first_tokens(self, most: int, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_tokens(self, own: torch.Tensor, wanted: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, and
-        their residuals: the pairs the shared regression found (`_near_pairs`), then, while
-        fewer than `most` first tokens are found, the best-ordered second tokens without one,
-        one per first token missing, against every first token."""
+        their residuals: the pairs the shared regression found (`_near_pairs`), then, with
+        fewer than `wanted` found, the `DEEP_SECONDS` best-ordered pool tokens without one,
+        each with its `DEEP_FIRSTS` nearest first tokens, until enough are found."""
         screen, firsts, fits = self.screen, self.firsts, self.fits
         found: dict[int, float] = {}
 
-        def record(index: torch.Tensor, residual: torch.Tensor) -> None:
+        def record(index: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            residual = screen.novel_residual(firsts.inputs(index, screen.vocab[second]), own)
             for i, r in zip(index.tolist(), residual.tolist()):
                 if fits(r):
                     found[i] = min(r, found.get(i, r))
+            return fits(residual)
 
         near, at = self.near  # those that are new rows, not echoes of `own`
-        residual = screen.novel_residual(firsts.inputs(near, screen.vocab[self.seconds[at]]), own)
-        record(near, residual)
-        matched = set(at[fits(residual)].tolist())
+        matched = set(at[record(near, self.seconds[at])].tolist())
         left = [p for p in self.order(own).tolist() if p not in matched]
-        every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
-        for position in left[: max(0, most - len(found))]:
-            x = firsts.inputs(every, screen.vocab[self.seconds[position]])
-            record(every, screen.novel_residual(x, own))
+        for position in left[:DEEP_SECONDS]:
+            if len(found) >= wanted:
+                break
+            deeper = self.ranked[position, PRIOR_FIRSTS:]
+            record(deeper, self.seconds[position].expand_as(deeper))
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)

@@ -93,7 +93,7 @@ def _new_first_token(
     """A first token after which a second token's input is a row no chosen input spans (the
     pair search tries first the second tokens whose input lies in the part of the row space
     the chosen inputs leave unexplained)."""
-    index, residual = grower.pair_search(stand_ins).first_tokens(1, own)
+    index, residual = grower.pair_search(stand_ins).first_tokens(own, wanted=1)
     if index.numel() == 0:
         return None
     b, r = next(iter(picked.items()))

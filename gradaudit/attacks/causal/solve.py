@@ -112,7 +112,7 @@ def grow_all(
                 if plan.stand_ins is not None and position == 0:
                     pairs = grower.pair_search(plan.stand_ins)
                     none = grower.screen.basis[:0]
-                    found = vocab[pairs.first_tokens(len(lengths), none)[0]]
+                    found = vocab[pairs.first_tokens(none)[0]]
                     guesses = ids[~torch.isin(ids, found)]
                     ids = torch.cat([found, guesses])
             beam = branch(grower, beam, position, ids, False)
