@@ -42,8 +42,10 @@ POOL = 4  # second tokens in the pool, per dimension of the row space
 COMMON_FIRSTS = 2048  # first tokens the shared regression is fitted on, with the sample
 SHARED_SECONDS = 8  # pool tokens whose pairs with the sample fit the shared regression
 PRIOR_FIRSTS = 256  # first tokens the shared regression puts nearest, checked per second
-DEEP_SECONDS = 8  # best-ordered pool tokens without a first token, checked deeper if wanted
-DEEP_FIRSTS = 4096  # ... that many first tokens the shared regression puts nearest
+DEEP_SECONDS = 2  # pool tokens without a first token checked deeper if wanted, per row
+# of the row space left unexplained (the lost sentences' tokens lead the order, at most one
+# of them second: CoLA dev 0-7's " you" came 10th at query@5, B = 8), 8 at least
+DEEP_FIRSTS = 2048  # ... that many first tokens the shared regression puts nearest
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
 
@@ -190,7 +192,7 @@ class PairSearch:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, and
         their residuals: the pairs the shared regression found (`_near_pairs`), then, with
-        fewer than `wanted` found, the `DEEP_SECONDS` best-ordered pool tokens without one,
+        fewer than `wanted` found, the best-ordered pool tokens without one (`DEEP_SECONDS`),
         each with its `DEEP_FIRSTS` nearest first tokens, until enough are found."""
         screen, firsts, fits = self.screen, self.firsts, self.fits
         found: dict[int, float] = {}
@@ -205,7 +207,8 @@ class PairSearch:
         near, at = self.near  # those that are new rows, not echoes of `own`
         matched = set(at[record(near, self.seconds[at])].tolist())
         left = [p for p in self.order(own).tolist() if p not in matched]
-        for position in left[:DEEP_SECONDS]:
+        unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
+        for position in left[: max(8, DEEP_SECONDS * unexplained)]:
             if len(found) >= wanted:
                 break
             deeper = self.ranked[position, PRIOR_FIRSTS:]
