@@ -14,11 +14,11 @@ One regression shared by the whole pool (each second token only shifts the predi
 every pair at once, and each pool token's nearest first tokens are checked exactly, once, when
 the search is built: a regression fitted per second token on a few thousand checked pairs (the
 search used before) ranked true first tokens up to 6,214th, the shared one, fitted on eight
-tokens' pairs, up to 67th. Where first tokens are still missing, the pool's second tokens
-without one are taken in an order, and the best get every first token checked: their
-second-best rank over the stand-ins (no one stand-in ranks every sentence's second token well)
-of how much of their input lies in the part of the row space the recovered sentences' inputs
-(`own`) leave unexplained, against how much lies outside it.
+tokens' pairs, up to 67th. Where the repair still misses a first token, the pool's second
+tokens without one are taken in an order, and the best get more of their nearest first tokens
+checked: their second-best rank over the stand-ins (no one stand-in ranks every sentence's
+second token well) of how much of their input lies in the part of the row space the recovered
+sentences' inputs (`own`) leave unexplained, against how much lies outside it.
 
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
 second token's input away. Measurements: docs/span-measurements.md.
@@ -142,17 +142,17 @@ class PairSearch:
         common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
         self.fits = effort.fits
         self.sample = torch.cat([common, effort.sample]).unique()
-        self.near = self._near_pairs(stand_ins)
+        self.ranked = self._ranked_firsts(stand_ins)
+        self.near = self._near_pairs()
 
-    def _near_pairs(self, stand_ins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs (first token's vocabulary index, second's pool position) whose input lies
-        in the row space, among each pool token's `PRIOR_FIRSTS` first tokens that one
-        regression shared by all second tokens puts nearest it: x(first, second) ~
-        A f(first) + c(second), A fitted on `SHARED_SECONDS` pool tokens' pairs with the
-        sample, each centred (the same first tokens for all: their mean centred input is
-        fitted), c(second) from its inputs after the stand-ins. Within a second token it
-        ranked the true first 0-67th (SmolLM2 query@5); each token's own regression fitted
-        on the sample ranked it up to 6,214th."""
+    def _ranked_firsts(self, stand_ins: torch.Tensor) -> torch.Tensor:
+        """Per pool token, the `DEEP_FIRSTS` first tokens (vocabulary indices, best first)
+        that one regression shared by all second tokens puts nearest the row space:
+        x(first, second) ~ A f(first) + c(second), A fitted on `SHARED_SECONDS` pool tokens'
+        pairs with the sample, each centred (the same first tokens for all: their mean
+        centred input is fitted), c(second) from its inputs after the stand-ins. Within a
+        second token it ranked the true first 0-67th (SmolLM2 query@5); each token's own
+        regression fitted on the sample ranked it up to 6,214th."""
         screen, ranker, sample = self.screen, self.firsts.ranker, self.sample
         step = max(1, len(self.seconds) // SHARED_SECONDS)
         centred = []
@@ -167,12 +167,16 @@ class PairSearch:
         inside = yb.square().sum(1)[:, None] + 2 * yb @ cb.T + cb.square().sum(1)
         outside = (total - inside).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
         deep = min(DEEP_FIRSTS, int(y.shape[0]))
-        self.ranked = outside.topk(deep, dim=0, largest=False).indices.T  # (pool, deep)
-        count = min(PRIOR_FIRSTS, deep)
+        return outside.topk(deep, dim=0, largest=False).indices.T
+
+    def _near_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs (first token's vocabulary index, second's pool position) whose input lies
+        in the row space, among each pool token's `PRIOR_FIRSTS` best-ranked first tokens."""
+        count = min(PRIOR_FIRSTS, int(self.ranked.shape[1]))
         firsts = self.ranked[:, :count].reshape(-1)
         positions = torch.arange(len(self.seconds), device=firsts.device).repeat_interleave(count)
-        x = self.firsts.inputs(firsts, screen.vocab[self.seconds[positions]])
-        fit = self.fits(relative_residual(x, screen.basis))
+        x = self.firsts.inputs(firsts, self.screen.vocab[self.seconds[positions]])
+        fit = self.fits(relative_residual(x, self.screen.basis))
         return firsts[fit], positions[fit]
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
@@ -206,13 +210,14 @@ class PairSearch:
 
         near, at = self.near  # those that are new rows, not echoes of `own`
         matched = set(at[record(near, self.seconds[at])].tolist())
-        left = [p for p in self.order(own).tolist() if p not in matched]
-        unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
-        for position in left[: max(8, DEEP_SECONDS * unexplained)]:
-            if len(found) >= wanted:
-                break
-            deeper = self.ranked[position, PRIOR_FIRSTS:]
-            record(deeper, self.seconds[position].expand_as(deeper))
+        if len(found) < wanted:
+            left = [p for p in self.order(own).tolist() if p not in matched]
+            unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
+            for position in left[: max(8, DEEP_SECONDS * unexplained)]:
+                deeper = self.ranked[position, PRIOR_FIRSTS:]
+                record(deeper, self.seconds[position].expand_as(deeper))
+                if len(found) >= wanted:
+                    break
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
