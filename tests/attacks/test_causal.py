@@ -151,7 +151,7 @@ def test_a_first_token_the_shared_regression_misses_is_found_by_the_deeper_check
     pairs, rows, _, vocab, tokenizer = pair_search_of(texts)
     assert pairs.near[0].numel() == 0
     own = orthonormal_rows(rows[0])
-    assert pairs.first_tokens(own)[0].numel() == 0  # nothing wanted: no whole-vocabulary pass
+    assert pairs.first_tokens(own)[0].numel() == 0  # nothing wanted: no deeper check
     found, _ = pairs.first_tokens(own, wanted=1)
     assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"]
 
