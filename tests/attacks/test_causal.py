@@ -129,7 +129,7 @@ def test_the_shared_regression_puts_true_first_tokens_nearest_their_second_token
     monkeypatch.setattr(module, "PRIOR_FIRSTS", 2)
     texts = ["i love this charming story", "the movie was very good and funny"]
     pairs, _, _, vocab, tokenizer = pair_search_of(texts)
-    firsts, at = pairs.near
+    firsts, at, _ = pairs.near
     found = {
         (tokenizer.decode([int(vocab[f])]), tokenizer.decode([int(vocab[pairs.seconds[a]])]))
         for f, a in zip(firsts, at)

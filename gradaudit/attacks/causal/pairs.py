@@ -141,11 +141,10 @@ class PairSearch:
         self.outside = (self.after - (self.after @ basis.T) @ basis).norm(dim=-1)
         common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
         self.fits = effort.fits
-        self.sample = torch.cat([common, effort.sample]).unique()
-        self.ranked = self._ranked_firsts(stand_ins)
+        self.ranked = self._ranked_firsts(stand_ins, torch.cat([common, effort.sample]).unique())
         self.near = self._near_pairs()
 
-    def _ranked_firsts(self, stand_ins: torch.Tensor) -> torch.Tensor:
+    def _ranked_firsts(self, stand_ins: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Per pool token, the `DEEP_FIRSTS` first tokens (vocabulary indices, best first)
         that one regression shared by all second tokens puts nearest the row space:
         x(first, second) ~ A f(first) + c(second), A fitted on `SHARED_SECONDS` pool tokens'
@@ -153,7 +152,7 @@ class PairSearch:
         centred input is fitted), c(second) from its inputs after the stand-ins. Within a
         second token it ranked the true first 0-67th (SmolLM2 query@5); each token's own
         regression fitted on the sample ranked it up to 6,214th."""
-        screen, ranker, sample = self.screen, self.firsts.ranker, self.sample
+        screen, ranker = self.screen, self.firsts.ranker
         step = max(1, len(self.seconds) // SHARED_SECONDS)
         centred = []
         for second in self.seconds[::step][:SHARED_SECONDS].tolist():
@@ -169,15 +168,16 @@ class PairSearch:
         deep = min(DEEP_FIRSTS, int(y.shape[0]))
         return outside.topk(deep, dim=0, largest=False).indices.T
 
-    def _near_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _near_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairs (first token's vocabulary index, second's pool position) whose input lies
-        in the row space, among each pool token's `PRIOR_FIRSTS` best-ranked first tokens."""
+        in the row space, among each pool token's `PRIOR_FIRSTS` best-ranked first tokens,
+        and their inputs (kept: every search tests them against its own explained rows)."""
         count = min(PRIOR_FIRSTS, int(self.ranked.shape[1]))
         firsts = self.ranked[:, :count].reshape(-1)
         positions = torch.arange(len(self.seconds), device=firsts.device).repeat_interleave(count)
         x = self.firsts.inputs(firsts, self.screen.vocab[self.seconds[positions]])
         fit = self.fits(relative_residual(x, self.screen.basis))
-        return firsts[fit], positions[fit]
+        return firsts[fit], positions[fit], x[fit]
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
         """The pool's second tokens (positions in `seconds`), best first: by the second-best
@@ -201,21 +201,21 @@ class PairSearch:
         screen, firsts, fits = self.screen, self.firsts, self.fits
         found: dict[int, float] = {}
 
-        def record(index: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-            residual = screen.novel_residual(firsts.inputs(index, screen.vocab[second]), own)
+        def record(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            residual = screen.novel_residual(x, own)
             for i, r in zip(index.tolist(), residual.tolist()):
                 if fits(r):
                     found[i] = min(r, found.get(i, r))
             return fits(residual)
 
-        near, at = self.near  # those that are new rows, not echoes of `own`
-        matched = set(at[record(near, self.seconds[at])].tolist())
+        near, at, x = self.near  # those that are new rows, not echoes of `own`
+        matched = set(at[record(near, x)].tolist())
         if len(found) < wanted:
             left = [p for p in self.order(own).tolist() if p not in matched]
             unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
             for position in left[: max(8, DEEP_SECONDS * unexplained)]:
                 deeper = self.ranked[position, PRIOR_FIRSTS:]
-                record(deeper, self.seconds[position].expand_as(deeper))
+                record(deeper, firsts.inputs(deeper, screen.vocab[self.seconds[position]]))
                 if len(found) >= wanted:
                     break
         best = sorted(found, key=found.__getitem__)
