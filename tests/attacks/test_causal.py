@@ -156,6 +156,29 @@ def test_a_first_token_the_shared_regression_misses_is_found_by_the_deeper_check
     assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"]
 
 
+def test_a_second_token_outside_the_pool_is_found_once_the_repair_widens_it(monkeypatch):
+    # A split first word's second token ("ingly" of "lov ingly") after a word stand-in lies
+    # far from the row space and misses the pool. Here the pool is cut to 3 tokens without
+    # "movie"; the repair widens it by the 3 whose input lies most in the part of the row
+    # space the recovered sentence leaves unexplained, and "movie" leads them.
+    from gradaudit.attacks.causal import pairs as module
+    from gradaudit.attacks.causal.screen import orthonormal_rows
+
+    monkeypatch.setattr(module, "POOL", 3 / 8)  # the row space has 8 dimensions
+    monkeypatch.setattr(module, "WIDE_SECONDS", 3)
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    pairs, rows, basis, vocab, tokenizer = pair_search_of(texts)
+    assert basis.shape[0] == 8
+
+    def names(indices: torch.Tensor) -> list[str]:
+        return [tokenizer.decode([int(vocab[i])]) for i in indices]
+
+    assert len(pairs.seconds) == 3 and "movie" not in names(pairs.seconds)
+    found, residual = pairs.first_tokens(orthonormal_rows(rows[0]), wanted=1)
+    assert names(found) == ["the"] and residual[0] < 1e-3
+    assert names(pairs.seconds[3:4]) == ["movie"] and len(pairs.seconds) == 6
+
+
 def test_stand_in_first_tokens_are_word_tokens_spread_over_the_commonest():
     from gradaudit.attacks.base import candidate_token_ids
     from gradaudit.attacks.causal.pairs import stand_in_tokens

@@ -41,11 +41,14 @@ from gradaudit.attacks.causal.screen import (
 POOL = 4  # second tokens in the pool, per dimension of the row space
 COMMON_FIRSTS = 2048  # first tokens the shared regression is fitted on, with the sample
 SHARED_SECONDS = 8  # pool tokens whose pairs with the sample fit the shared regression
-PRIOR_FIRSTS = 256  # first tokens the shared regression puts nearest, checked per second
+ROUND_FIRSTS = 64  # first tokens checked per second token in a search's first round
+PRIOR_FIRSTS = 256  # first tokens checked per pool token (when the pool is built or widened)
+WIDE_SECONDS = 1024  # second tokens the pool is widened by when the repair wants a first
 DEEP_SECONDS = 2  # pool tokens without a first token checked deeper if wanted, per row
 # of the row space left unexplained (the lost sentences' tokens lead the order, at most one
 # of them second: CoLA dev 0-7's " you" came 10th at query@5, B = 8), 8 at least
-DEEP_FIRSTS = 2048  # ... that many first tokens the shared regression puts nearest
+DEEP_FIRSTS = 2048  # ... until that many first tokens are checked
+CHECKS_PER_BATCH = 16384  # pairs checked between looks at whether enough are found
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
 
@@ -114,11 +117,12 @@ def second_best(ranks: torch.Tensor) -> torch.Tensor:
 
 class PairSearch:
     """First tokens found with second tokens (see the module docstring): the vocabulary's
-    position-0 caches, the second tokens nearest the row space after the stand-ins and their
-    inputs there are computed once, for the growth's search and the repair's."""
+    position-0 caches, the pool of second tokens with their inputs after the stand-ins, the
+    shared regression and every pair checked so far are kept, for the growth's search and
+    each of the repair's."""
 
     def __init__(self, screen: Screen, effort: Effort, stand_ins: torch.Tensor) -> None:
-        self.screen = screen
+        self.screen, self.stand_ins, self.fits = screen, stand_ins, effort.fits
         self.firsts = FirstPositions(screen)
         none = screen.basis.new_zeros(0, screen.basis.shape[1])
         ranks = []  # per stand-in: every token's rank among those checked after it
@@ -129,96 +133,177 @@ class PairSearch:
             rank[order] = torch.arange(len(order), device=order.device)
             ranks.append(rank)
         agreed = second_best(torch.stack(ranks))
-        count = min(POOL * int(screen.basis.shape[0]), int((agreed < len(agreed)).sum()))
-        self.seconds = agreed.argsort(stable=True)[:count]  # vocabulary indices
-        ids = screen.vocab[self.seconds]
-        after = [
-            screen.inputs(self.firsts.stand_in(s), torch.zeros_like(ids), 1, ids)
-            for s in stand_ins.tolist()
-        ]
-        self.after = torch.stack(after)  # (stand-ins, seconds, width)
-        basis = screen.basis
-        self.outside = (self.after - (self.after @ basis.T) @ basis).norm(dim=-1)
-        common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=ids.device)
-        self.fits = effort.fits
-        self.ranked = self._ranked_firsts(stand_ins, torch.cat([common, effort.sample]).unique())
-        self.near = self._near_pairs()
+        count = min(int(POOL * int(screen.basis.shape[0])), int((agreed < len(agreed)).sum()))
+        pool = agreed.argsort(stable=True)[:count]  # vocabulary indices
+        common = torch.arange(min(COMMON_FIRSTS, len(screen.vocab)), device=pool.device)
+        shared = self._shared_regression(pool, torch.cat([common, effort.sample]).unique())
+        basis = screen.basis.float()
+        self.shared = shared
+        self.predicted = self.firsts.ranker.single @ shared.float()  # A f(first), (V, width)
+        self.predicted_in = self.predicted @ basis.T
+        self.widened = False
+        none_long = pool[:0]
+        self.seconds = none_long
+        self.after = screen.basis.new_zeros(len(stand_ins), 0, screen.basis.shape[1])
+        self.outside = screen.basis.new_zeros(len(stand_ins), 0)
+        self.offset = basis.new_zeros(0, basis.shape[1])  # c(second) from the stand-ins
+        self.drift = basis.new_zeros(0, basis.shape[1])  # sum over checked pairs of x - A f
+        self.checked = torch.zeros(0, len(screen.vocab), dtype=torch.bool, device=pool.device)
+        self.near = (none_long, none_long, none)  # pairs in the row space: first, position, x
+        self._add(pool)
+        self._search(torch.arange(len(pool), device=pool.device), PRIOR_FIRSTS)
 
-    def _ranked_firsts(self, stand_ins: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Per pool token, the `DEEP_FIRSTS` first tokens (vocabulary indices, best first)
-        that one regression shared by all second tokens puts nearest the row space:
-        x(first, second) ~ A f(first) + c(second), A fitted on `SHARED_SECONDS` pool tokens'
-        pairs with the sample, each centred (the same first tokens for all: their mean
-        centred input is fitted), c(second) from its inputs after the stand-ins. Within a
-        second token it ranked the true first 0-67th (SmolLM2 query@5); each token's own
-        regression fitted on the sample ranked it up to 6,214th."""
-        screen, ranker = self.screen, self.firsts.ranker
-        step = max(1, len(self.seconds) // SHARED_SECONDS)
+    def _shared_regression(self, pool: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """A of x(first, second) ~ A f(first) + c(second): one ridge fit on `SHARED_SECONDS`
+        pool tokens' pairs with the sample, each centred (the same first tokens for all: their
+        mean centred input is fitted). Within a second token it ranked the true first 0-67th
+        (SmolLM2 query@5); each token's own regression fitted on the sample, up to 6,214th."""
+        screen = self.screen
+        step = max(1, len(pool) // SHARED_SECONDS)
         centred = []
-        for second in self.seconds[::step][:SHARED_SECONDS].tolist():
+        for second in pool[::step][:SHARED_SECONDS].tolist():
             x = self.firsts.inputs(sample, screen.vocab[second])
             centred.append(x - x.mean(0))
-        shared = ranker.fit(sample, torch.stack(centred).mean(0))
-        offsets = (self.after - (ranker.features[stand_ins] @ shared)[:, None]).mean(0)
-        y, c, basis = ranker.single @ shared.float(), offsets.float(), screen.basis.float()
-        yb, cb = y @ basis.T, c @ basis.T
-        total = y.square().sum(1)[:, None] + 2 * y @ c.T + c.square().sum(1)
-        inside = yb.square().sum(1)[:, None] + 2 * yb @ cb.T + cb.square().sum(1)
-        outside = (total - inside).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
-        deep = min(DEEP_FIRSTS, int(y.shape[0]))
-        return outside.topk(deep, dim=0, largest=False).indices.T
+        return self.firsts.ranker.fit(sample, torch.stack(centred).mean(0))
 
-    def _near_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The pairs (first token's vocabulary index, second's pool position) whose input lies
-        in the row space, among each pool token's `PRIOR_FIRSTS` best-ranked first tokens,
-        and their inputs (kept: every search tests them against its own explained rows)."""
-        count = min(PRIOR_FIRSTS, int(self.ranked.shape[1]))
-        firsts = self.ranked[:, :count].reshape(-1)
-        positions = torch.arange(len(self.seconds), device=firsts.device).repeat_interleave(count)
-        x = self.firsts.inputs(firsts, self.screen.vocab[self.seconds[positions]])
-        fit = self.fits(relative_residual(x, self.screen.basis))
-        return firsts[fit], positions[fit], x[fit]
+    def _add(self, seconds: torch.Tensor) -> None:
+        """Second tokens (vocabulary indices) joined to the pool: their inputs after the
+        stand-ins, and from them c(second), their first guess of the regression's offset."""
+        screen, ranker = self.screen, self.firsts.ranker
+        ids = screen.vocab[seconds]
+        after = torch.stack(
+            [
+                screen.inputs(self.firsts.stand_in(s), torch.zeros_like(ids), 1, ids)
+                for s in self.stand_ins.tolist()
+            ]
+        )
+        basis = screen.basis
+        offset = (after - (ranker.features[self.stand_ins] @ self.shared)[:, None]).mean(0)
+        self.seconds = torch.cat([self.seconds, seconds])
+        self.after = torch.cat([self.after, after], 1)
+        outside = (after - (after @ basis.T) @ basis).norm(dim=-1)
+        self.outside = torch.cat([self.outside, outside], 1)
+        self.offset = torch.cat([self.offset, offset.float()])
+        self.drift = torch.cat([self.drift, torch.zeros_like(offset, dtype=self.drift.dtype)])
+        fresh = self.checked.new_zeros(len(seconds), self.checked.shape[1])
+        self.checked = torch.cat([self.checked, fresh])
+
+    def _search(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, ...]:
+        """Each pool position's first tokens checked exactly until `upto` are, in rounds as
+        large as those before (at least `ROUND_FIRSTS`), nearest by the shared regression with
+        the offset c(second) refitted between rounds on the pairs checked (real first tokens
+        in front, not stand-ins: it moved a fragment's true first token from 465th and 597th
+        to 13th-50th); the pairs in the row space found are added to `near` and returned."""
+        screen, vocab = self.screen, self.screen.vocab
+        found = []
+        while True:
+            done = self.checked[positions].sum(1)
+            size = torch.minimum(done.clamp_min(ROUND_FIRSTS), upto - done)
+            size = torch.minimum(size, len(vocab) - done)
+            live = size > 0
+            if not bool(live.any()):
+                break
+            positions, size = positions[live], size[live]
+            top = self._scores(positions).topk(int(size.max()), dim=0, largest=False).indices
+            take = torch.arange(top.shape[0], device=top.device)[:, None] < size
+            firsts = top.T[take.T]
+            at = positions.repeat_interleave(size)
+            x = self.firsts.inputs(firsts, vocab[self.seconds[at]])
+            self.drift.index_add_(0, at, x.float() - self.predicted[firsts])
+            self.checked[at, firsts] = True
+            fit = self.fits(relative_residual(x, screen.basis))
+            found.append((firsts[fit], at[fit], x[fit]))
+        if found:
+            new = tuple(torch.cat(parts) for parts in zip(*found))
+            self.near = tuple(torch.cat([a, b]) for a, b in zip(self.near, new))
+            return new
+        return tuple(t[:0] for t in self.near)
+
+    def _scores(self, positions: torch.Tensor) -> torch.Tensor:
+        """(V, n): how much of the predicted input of each pair (first token, pool token at
+        `positions`) lies outside the row space, relative; pairs checked already: infinite."""
+        count = self.checked[positions].sum(1, keepdim=True)
+        refitted = self.drift[positions] / count.clamp_min(1)
+        c = torch.where(count > 0, refitted, self.offset[positions])
+        c_in = c @ self.screen.basis.float().T
+        y, y_in = self.predicted, self.predicted_in
+        total = y.square().sum(1)[:, None] + 2 * y @ c.T + c.square().sum(1)
+        inside = y_in.square().sum(1)[:, None] + 2 * y_in @ c_in.T + c_in.square().sum(1)
+        outside = (total - inside).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
+        return outside.masked_fill(self.checked[positions].T, float("inf"))
+
+    def _left(self, own: torch.Tensor) -> torch.Tensor:
+        """Orthonormal rows of the row space's part that `own` leaves unexplained."""
+        basis = self.screen.basis
+        return orthonormal_rows(basis - (basis @ own.T) @ own) if own.shape[0] else basis
+
+    def _widen(self, own: torch.Tensor) -> None:
+        """`WIDE_SECONDS` more second tokens in the pool: the vocabulary's whose input after
+        the first stand-in has the largest share in the part of the row space `own` leaves
+        unexplained (see `order`). A sentence whose first word is split ("lov ingly", "th
+        rows") has a fragment second, which after a word stand-in comes far from the row
+        space: outside the pool, 229th-489th by this share on the whole vocabulary."""
+        self.widened = True
+        screen, vocab = self.screen, self.screen.vocab
+        room = len(vocab) - len(self.seconds)
+        if room <= 0:
+            return
+        stand_in = self.firsts.stand_in(int(self.stand_ins[0]))
+        x = screen.inputs(stand_in, torch.zeros_like(vocab), 1, vocab)
+        outside = (x - (x @ screen.basis.T) @ screen.basis).norm(dim=-1)
+        share = unexplained_share(x, self._left(own), outside)
+        share[self.seconds] = -1.0
+        self._add(share.topk(min(WIDE_SECONDS, room)).indices)
 
     def order(self, own: torch.Tensor) -> torch.Tensor:
         """The pool's second tokens (positions in `seconds`), best first: by the second-best
-        rank over the stand-ins of how much more of their input lies in the row space's part
-        that `own` (orthonormal rows) leaves than outside the row space: |in it| / |in it or
-        outside|."""
-        left = self.screen.basis
-        if own.shape[0]:
-            left = orthonormal_rows(left - (left @ own.T) @ own)
-        inside = (self.after @ left.T).norm(dim=-1)
-        share = inside / torch.hypot(inside, self.outside).clamp_min(1e-30)
+        rank over the stand-ins of `unexplained_share` of their inputs after them."""
+        share = unexplained_share(self.after, self._left(own), self.outside)
         agreed = second_best((-share).argsort(1).argsort(1))
         return agreed.argsort(stable=True)
 
     def first_tokens(self, own: torch.Tensor, wanted: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary indices of first tokens after which some second token's input is a new
         row of the gradient (in the row space, not spanned by `own`), best fit first, and
-        their residuals: the pairs the shared regression found (`_near_pairs`), then, with
-        fewer than `wanted` found, the best-ordered pool tokens without one (`DEEP_SECONDS`),
-        each with its `DEEP_FIRSTS` nearest first tokens, until enough are found."""
-        screen, firsts, fits = self.screen, self.firsts, self.fits
+        their residuals: the pairs found so far, then, with fewer than `wanted`, the pool
+        widened (`_widen`) and its best-ordered tokens without one searched, each to
+        `PRIOR_FIRSTS` first tokens, then the best `DEEP_SECONDS` per unexplained row (8 at
+        least) to `DEEP_FIRSTS`, until enough are found."""
+        screen, fits = self.screen, self.fits
         found: dict[int, float] = {}
 
-        def record(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        def record(index: torch.Tensor, at: torch.Tensor, x: torch.Tensor) -> set[int]:
             residual = screen.novel_residual(x, own)
             for i, r in zip(index.tolist(), residual.tolist()):
                 if fits(r):
                     found[i] = min(r, found.get(i, r))
-            return fits(residual)
+            return set(at[fits(residual)].tolist())
 
-        near, at, x = self.near  # those that are new rows, not echoes of `own`
-        matched = set(at[record(near, x)].tolist())
+        matched = record(*self.near)  # those that are new rows, not echoes of `own`
         if len(found) < wanted:
+            if not self.widened:
+                self._widen(own)
             left = [p for p in self.order(own).tolist() if p not in matched]
             unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
-            for position in left[: max(8, DEEP_SECONDS * unexplained)]:
-                deeper = self.ranked[position, PRIOR_FIRSTS:]
-                record(deeper, firsts.inputs(deeper, screen.vocab[self.seconds[position]]))
+            deep = left[: max(8, DEEP_SECONDS * unexplained)]
+            for upto, chosen in ((PRIOR_FIRSTS, left), (DEEP_FIRSTS, deep)):
+                batch = max(1, CHECKS_PER_BATCH // max(1, upto))
+                for start in range(0, len(chosen), batch):
+                    part = torch.tensor(chosen[start : start + batch], device=self.seconds.device)
+                    record(*self._search(part, upto))
+                    if len(found) >= wanted:
+                        break
                 if len(found) >= wanted:
                     break
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
         return index, residual.to(index.device)
+
+
+def unexplained_share(x: torch.Tensor, left: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """|part of inputs `x` in `left`| / |that or the part `outside` the row space| per row: a
+    lost sentence's token, after a wrong first token, still lies more in what the recovered
+    sentences leave unexplained than in their part."""
+    inside = (x @ left.T).norm(dim=-1)
+    return inside / torch.hypot(inside, outside).clamp_min(1e-30)
