@@ -11,14 +11,17 @@ position 0 (what position 1 reads of it) to the pair's input, checked exactly wh
 the row space.
 
 One regression shared by the whole pool (each second token only shifts the prediction) ranks
-every pair at once, and each pool token's nearest first tokens are checked exactly, once, when
-the search is built: a regression fitted per second token on a few thousand checked pairs (the
-search used before) ranked true first tokens up to 6,214th, the shared one, fitted on eight
-tokens' pairs, up to 67th. Where the repair still misses a first token, the pool's second
-tokens without one are taken in an order, and the best get more of their nearest first tokens
-checked: their second-best rank over the stand-ins (no one stand-in ranks every sentence's
-second token well) of how much of their input lies in the part of the row space the recovered
-sentences' inputs (`own`) leave unexplained, against how much lies outside it.
+every pair at once; each pool token's nearest first tokens are checked exactly when the search
+is built, in rounds, its shift refitted between them on the pairs checked. A regression fitted
+per second token (the search used before) ranked true first tokens up to 6,214th, the shared
+one up to 67th for word tokens; for fragments it ranked them 465th-5,627th, refitted 26th-116th
+for two of three ("rows" of "th rows" stays thousands deep). Where the repair still
+misses a first token, the pool is widened once by the vocabulary's second tokens whose input
+lies most in the part of the row space the recovered sentences' inputs (`own`) leave
+unexplained (a split first word's fragment second token, "lov ingly", lies far from the row
+space after any stand-in and misses the pool), and the pool's tokens without a first token
+are searched in that order (their second-best rank over the stand-ins: no one stand-in ranks
+every sentence's second token well), the best ones deeper.
 
 The stand-ins are common word tokens: a special token or a rare fragment in front moves every
 second token's input away. Measurements: docs/span-measurements.md.
@@ -192,8 +195,9 @@ class PairSearch:
         """Each pool position's first tokens checked exactly until `upto` are, in rounds as
         large as those before (at least `ROUND_FIRSTS`), nearest by the shared regression with
         the offset c(second) refitted between rounds on the pairs checked (real first tokens
-        in front, not stand-ins: it moved a fragment's true first token from 465th and 597th
-        to 13th-50th); the pairs in the row space found are added to `near` and returned."""
+        in front, not stand-ins: it moved two fragments' true first tokens from 465th and 597th
+        to 26th-116th, SmolLM2 query@5); the pairs in the row space found are added to `near`
+        and returned."""
         screen, vocab = self.screen, self.screen.vocab
         found = []
         while True:
