@@ -196,39 +196,74 @@ class PairSearch:
         large as those before (at least `ROUND_FIRSTS`), nearest by the shared regression with
         the offset c(second) refitted between rounds on the pairs checked (real first tokens
         in front, not stand-ins: it moved two fragments' true first tokens from 465th and 597th
-        to 26th-116th, SmolLM2 query@5); the pairs in the row space found are added to `near`
-        and returned."""
-        screen, vocab = self.screen, self.screen.vocab
+        to 26th-116th, SmolLM2 query@5); the pairs found in the row space (see `_check`)."""
         found = []
         while True:
             done = self.checked[positions].sum(1)
             size = torch.minimum(done.clamp_min(ROUND_FIRSTS), upto - done)
-            size = torch.minimum(size, len(vocab) - done)
+            size = torch.minimum(size, len(self.screen.vocab) - done)
             live = size > 0
             if not bool(live.any()):
                 break
             positions, size = positions[live], size[live]
             top = self._scores(positions).topk(int(size.max()), dim=0, largest=False).indices
             take = torch.arange(top.shape[0], device=top.device)[:, None] < size
-            firsts = top.T[take.T]
-            at = positions.repeat_interleave(size)
-            x = self.firsts.inputs(firsts, vocab[self.seconds[at]])
-            self.drift.index_add_(0, at, x.float() - self.predicted[firsts])
-            self.checked[at, firsts] = True
-            fit = self.fits(relative_residual(x, screen.basis))
-            found.append((firsts[fit], at[fit], x[fit]))
-        if found:
-            new = tuple(torch.cat(parts) for parts in zip(*found))
-            self.near = tuple(torch.cat([a, b]) for a, b in zip(self.near, new))
-            return new
-        return tuple(t[:0] for t in self.near)
+            found.append(self._check(positions.repeat_interleave(size), top.T[take.T])[1])
+        return self._joined(found)
+
+    def _deepen(self, position: int, upto: int) -> tuple[torch.Tensor, ...]:
+        """One pool token's first tokens checked until `upto` are, in rounds as large as those
+        before, nearest by its own regression: the shared one (with its refitted offset) pulled
+        towards the pairs it checked, refitted every round. For a fragment second token the
+        shared one missed ("rows" of "th rows": its true first token past 5,000th) it ranked
+        the true one 10th after 448 checks; it costs a ranking of the vocabulary per round."""
+        ranker, vocab = self.firsts.ranker, self.screen.vocab
+        index = self.checked[position].nonzero()[:, 0]
+        x = self.firsts.inputs(index, vocab[self.seconds[position]])
+        prior = self.shared.clone()
+        prior[-1] += self._offsets(self.seconds.new_tensor([position]))[0].to(prior.dtype)
+        found = []
+        while len(index) < min(upto, len(vocab)):
+            coef = ranker.fit(index, x, toward=prior) if len(index) else prior
+            score = ranker.predicted_residual(coef).masked_fill(self.checked[position], torch.inf)
+            size = min(max(ROUND_FIRSTS, len(index)), upto - len(index), len(vocab) - len(index))
+            top = score.topk(size, largest=False).indices
+            new, pairs = self._check(torch.full_like(top, position), top)
+            index, x = torch.cat([index, top]), torch.cat([x, new])
+            found.append(pairs)
+        return self._joined(found)
+
+    def _check(
+        self, at: torch.Tensor, firsts: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The inputs of pairs (first tokens `firsts`, pool tokens at positions `at`), checked
+        exactly, and those in the row space (first, position, input), added to `near`; each
+        pair is marked checked and its drift from the shared regression recorded."""
+        x = self.firsts.inputs(firsts, self.screen.vocab[self.seconds[at]])
+        self.drift.index_add_(0, at, x.float() - self.predicted[firsts])
+        self.checked[at, firsts] = True
+        fit = self.fits(relative_residual(x, self.screen.basis))
+        pairs = (firsts[fit], at[fit], x[fit])
+        self.near = tuple(torch.cat([a, b]) for a, b in zip(self.near, pairs))
+        return x, pairs
+
+    def _joined(self, found: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """Pairs found in several checks, joined (none: empty)."""
+        if not found:
+            return tuple(t[:0] for t in self.near)
+        return tuple(torch.cat(parts) for parts in zip(*found))
+
+    def _offsets(self, positions: torch.Tensor) -> torch.Tensor:
+        """c(second) of the pool tokens at `positions` (n, width): the mean drift of their
+        pairs checked, or, before any, the stand-ins' estimate."""
+        count = self.checked[positions].sum(1, keepdim=True)
+        refitted = self.drift[positions] / count.clamp_min(1)
+        return torch.where(count > 0, refitted, self.offset[positions])
 
     def _scores(self, positions: torch.Tensor) -> torch.Tensor:
         """(V, n): how much of the predicted input of each pair (first token, pool token at
         `positions`) lies outside the row space, relative; pairs checked already: infinite."""
-        count = self.checked[positions].sum(1, keepdim=True)
-        refitted = self.drift[positions] / count.clamp_min(1)
-        c = torch.where(count > 0, refitted, self.offset[positions])
+        c = self._offsets(positions)
         c_in = c @ self.screen.basis.float().T
         y, y_in = self.predicted, self.predicted_in
         total = y.square().sum(1)[:, None] + 2 * y @ c.T + c.square().sum(1)
@@ -290,13 +325,14 @@ class PairSearch:
             left = [p for p in self.order(own).tolist() if p not in matched]
             unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
             deep = left[: max(8, DEEP_SECONDS * unexplained)]
-            for upto, chosen in ((PRIOR_FIRSTS, left), (DEEP_FIRSTS, deep)):
-                batch = max(1, CHECKS_PER_BATCH // max(1, upto))
-                for start in range(0, len(chosen), batch):
-                    part = torch.tensor(chosen[start : start + batch], device=self.seconds.device)
-                    record(*self._search(part, upto))
-                    if len(found) >= wanted:
-                        break
+            batch = max(1, CHECKS_PER_BATCH // max(1, PRIOR_FIRSTS))
+            for start in range(0, len(left), batch):
+                part = torch.tensor(left[start : start + batch], device=self.seconds.device)
+                record(*self._search(part, PRIOR_FIRSTS))
+                if len(found) >= wanted:
+                    break
+            for position in deep if len(found) < wanted else []:
+                record(*self._deepen(position, DEEP_FIRSTS))
                 if len(found) >= wanted:
                     break
         best = sorted(found, key=found.__getitem__)
