@@ -209,38 +209,12 @@ class PairSearch:
             positions, size = positions[live], size[live]
             top = self._scores(positions).topk(int(size.max()), dim=0, largest=False).indices
             take = torch.arange(top.shape[0], device=top.device)[:, None] < size
-            found.append(self._check(positions.repeat_interleave(size), top.T[take.T])[1])
+            found.append(self._check(positions.repeat_interleave(size), top.T[take.T]))
         return self._joined(found)
 
-    def _deepen(self, position: int, upto: int) -> tuple[torch.Tensor, ...]:
-        """One pool token's first tokens checked until `upto` are, in rounds as large as those
-        before, nearest by its own regression: the shared one (with its refitted offset) pulled
-        towards the pairs it checked, refitted every round. For a fragment second token the
-        shared one missed ("rows" of "th rows": its true first token past 5,000th) it ranked
-        the true one 10th after 448 checks; it costs a ranking of the vocabulary per round."""
-        ranker, vocab = self.firsts.ranker, self.screen.vocab
-        index = self.checked[position].nonzero()[:, 0]
-        if len(index) >= min(upto, len(vocab)):
-            return self._joined([])
-        x = self.firsts.inputs(index, vocab[self.seconds[position]])
-        prior = self.shared.clone()
-        prior[-1] += self._offsets(self.seconds.new_tensor([position]))[0].to(prior.dtype)
-        found = []
-        while len(index) < min(upto, len(vocab)):
-            coef = ranker.fit(index, x, toward=prior) if len(index) else prior
-            score = ranker.predicted_residual(coef).masked_fill(self.checked[position], torch.inf)
-            size = min(max(ROUND_FIRSTS, len(index)), upto - len(index), len(vocab) - len(index))
-            top = score.topk(size, largest=False).indices
-            new, pairs = self._check(torch.full_like(top, position), top)
-            index, x = torch.cat([index, top]), torch.cat([x, new])
-            found.append(pairs)
-        return self._joined(found)
-
-    def _check(
-        self, at: torch.Tensor, firsts: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The inputs of pairs (first tokens `firsts`, pool tokens at positions `at`), checked
-        exactly, and those in the row space (first, position, input), added to `near`; each
+    def _check(self, at: torch.Tensor, firsts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The pairs (first tokens `firsts`, pool tokens at positions `at`) checked exactly;
+        those in the row space (first, position, input) are added to `near` and returned. Each
         pair is marked checked and its drift from the shared regression recorded."""
         x = self.firsts.inputs(firsts, self.screen.vocab[self.seconds[at]])
         self.drift.index_add_(0, at, x.float() - self.predicted[firsts])
@@ -248,7 +222,7 @@ class PairSearch:
         fit = self.fits(relative_residual(x, self.screen.basis))
         pairs = (firsts[fit], at[fit], x[fit])
         self.near = tuple(torch.cat([a, b]) for a, b in zip(self.near, pairs))
-        return x, pairs
+        return pairs
 
     def _joined(self, found: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         """Pairs found in several checks, joined (none: empty)."""
@@ -309,7 +283,7 @@ class PairSearch:
         row of the gradient (in the row space, not spanned by `own`), best fit first, and
         their residuals: the pairs found so far, then, with fewer than `wanted`, the pool's
         best-ordered tokens without one (`DEEP_SECONDS` per unexplained row, 8 at least)
-        searched to `DEEP_FIRSTS` first tokens (`_deepen`), then the pool widened (`_widen`)
+        searched to `DEEP_FIRSTS` first tokens, then the pool widened (`_widen`)
         and its new tokens searched in order, each to `PRIOR_FIRSTS`, the best deeper, until
         enough are found. The pool as built comes first: widened, CoLA dev 0-7's " you"
         (behind the lost "If") fell from 10th to 816th in the order at query@5."""
@@ -324,7 +298,16 @@ class PairSearch:
             return set(at[fits(residual)].tolist())
 
         matched = record(*self.near)  # those that are new rows, not echoes of `own`
-        unexplained = int(screen.basis.shape[0]) - int(own.shape[0])
+
+        def search(positions: list[int], upto: int) -> None:
+            batch = max(1, CHECKS_PER_BATCH // max(1, upto))
+            for start in range(0, len(positions), batch):
+                if len(found) >= wanted:
+                    return
+                part = torch.tensor(positions[start : start + batch], device=device)
+                record(*self._search(part, upto))
+
+        device, unexplained = self.seconds.device, int(screen.basis.shape[0]) - int(own.shape[0])
         for widened in (False, True):  # the pool as built, then the tokens it is widened by
             if len(found) >= wanted:
                 break
@@ -335,16 +318,8 @@ class PairSearch:
                 for p in self.order(own).tolist()
                 if p not in matched and (p >= self.built) == widened
             ]
-            batch = max(1, CHECKS_PER_BATCH // max(1, PRIOR_FIRSTS))
-            for start in range(0, len(left), batch) if widened else []:
-                part = torch.tensor(left[start : start + batch], device=self.seconds.device)
-                record(*self._search(part, PRIOR_FIRSTS))
-                if len(found) >= wanted:
-                    break
-            for position in left[: max(8, DEEP_SECONDS * unexplained)]:
-                if len(found) >= wanted:
-                    break
-                record(*self._deepen(position, DEEP_FIRSTS))
+            search(left if widened else [], PRIOR_FIRSTS)
+            search(left[: max(8, DEEP_SECONDS * unexplained)], DEEP_FIRSTS)
         best = sorted(found, key=found.__getitem__)
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
