@@ -52,6 +52,7 @@ DEEP_SECONDS = 2  # pool tokens without a first token checked deeper if wanted, 
 # of them second: CoLA dev 0-7's " you" came 10th at query@5, B = 8), 8 at least
 DEEP_FIRSTS = 2048  # ... until that many first tokens are checked
 CHECKS_PER_BATCH = 16384  # pairs checked between looks at whether enough are found
+SCORED_SECONDS = 128  # pool tokens whose pairs with the vocabulary are scored at once
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
 
 
@@ -127,10 +128,10 @@ class PairSearch:
     def __init__(self, screen: Screen, effort: Effort, stand_ins: torch.Tensor) -> None:
         self.screen, self.stand_ins, self.fits = screen, stand_ins, effort.fits
         self.firsts = FirstPositions(screen)
-        none = screen.basis.new_zeros(0, screen.basis.shape[1])
+        no_rows = screen.basis.new_zeros(0, screen.basis.shape[1])
         ranks = []  # per stand-in: every token's rank among those checked after it
         for stand_in in stand_ins.tolist():
-            checked = screen.check(self.firsts.stand_in(stand_in), 0, 1, effort, none)
+            checked = screen.check(self.firsts.stand_in(stand_in), 0, 1, effort, no_rows)
             rank = torch.full_like(screen.vocab, len(screen.vocab))
             order = checked.index[checked.residual.argsort()]
             rank[order] = torch.arange(len(order), device=order.device)
@@ -145,14 +146,14 @@ class PairSearch:
         self.predicted = self.firsts.ranker.single @ shared.float()  # A f(first), (V, width)
         self.predicted_in = self.predicted @ basis.T
         self.widened = False
-        none_long = pool[:0]
-        self.seconds = none_long
+        no_ids = pool[:0]
+        self.seconds = no_ids
         self.after = screen.basis.new_zeros(len(stand_ins), 0, screen.basis.shape[1])
         self.outside = screen.basis.new_zeros(len(stand_ins), 0)
         self.offset = basis.new_zeros(0, basis.shape[1])  # c(second) from the stand-ins
         self.drift = basis.new_zeros(0, basis.shape[1])  # sum over checked pairs of x - A f
         self.checked = torch.zeros(0, len(screen.vocab), dtype=torch.bool, device=pool.device)
-        self.near = (none_long, none_long, none)  # pairs in the row space: first, position, x
+        self.near = (no_ids, no_ids, no_rows)  # pairs in the row space: first, position, x
         self._add(pool)
         self.built = len(pool)  # pool positions from here on were added by `_widen`
         self._search(torch.arange(len(pool), device=pool.device), PRIOR_FIRSTS)
@@ -207,7 +208,14 @@ class PairSearch:
             if not bool(live.any()):
                 break
             positions, size = positions[live], size[live]
-            top = self._scores(positions).topk(int(size.max()), dim=0, largest=False).indices
+            most = int(size.max())
+            top = torch.cat(  # scored a slice of positions at a time: (V, n) floats each
+                [
+                    self._scores(part).topk(most, dim=0, largest=False).indices
+                    for part in positions.split(SCORED_SECONDS)
+                ],
+                1,
+            )
             take = torch.arange(top.shape[0], device=top.device)[:, None] < size
             found.append(self._check(positions.repeat_interleave(size), top.T[take.T]))
         return self._joined(found)
