@@ -145,7 +145,7 @@ class PairSearch:
         self.shared = shared
         self.predicted = self.firsts.ranker.single @ shared.float()  # A f(first), (V, width)
         self.predicted_in = self.predicted @ basis.T
-        self.widened = False
+        self.predicted_norms = (self.predicted.square().sum(1), self.predicted_in.square().sum(1))
         no_ids = pool[:0]
         self.seconds = no_ids
         self.after = screen.basis.new_zeros(len(stand_ins), 0, screen.basis.shape[1])
@@ -186,8 +186,7 @@ class PairSearch:
         offset = (after - (ranker.features[self.stand_ins] @ self.shared)[:, None]).mean(0)
         self.seconds = torch.cat([self.seconds, seconds])
         self.after = torch.cat([self.after, after], 1)
-        outside = (after - (after @ basis.T) @ basis).norm(dim=-1)
-        self.outside = torch.cat([self.outside, outside], 1)
+        self.outside = torch.cat([self.outside, outside_norm(after, basis)], 1)
         self.offset = torch.cat([self.offset, offset.float()])
         self.drift = torch.cat([self.drift, torch.zeros_like(offset, dtype=self.drift.dtype)])
         fresh = self.checked.new_zeros(len(seconds), self.checked.shape[1])
@@ -250,9 +249,9 @@ class PairSearch:
         `positions`) lies outside the row space, relative; pairs checked already: infinite."""
         c = self._offsets(positions)
         c_in = c @ self.screen.basis.float().T
-        y, y_in = self.predicted, self.predicted_in
-        total = y.square().sum(1)[:, None] + 2 * y @ c.T + c.square().sum(1)
-        inside = y_in.square().sum(1)[:, None] + 2 * y_in @ c_in.T + c_in.square().sum(1)
+        (y, y_in), (y_sq, y_in_sq) = (self.predicted, self.predicted_in), self.predicted_norms
+        total = y_sq[:, None] + 2 * y @ c.T + c.square().sum(1)
+        inside = y_in_sq[:, None] + 2 * y_in @ c_in.T + c_in.square().sum(1)
         outside = (total - inside).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
         return outside.masked_fill(self.checked[positions].T, float("inf"))
 
@@ -267,15 +266,13 @@ class PairSearch:
         unexplained (see `order`). A sentence whose first word is split ("lov ingly", "th
         rows") has a fragment second, which after a word stand-in comes far from the row
         space: outside the pool, 229th-489th by this share on the whole vocabulary."""
-        self.widened = True
         screen, vocab = self.screen, self.screen.vocab
         room = len(vocab) - len(self.seconds)
         if room <= 0:
             return
         stand_in = self.firsts.stand_in(int(self.stand_ins[0]))
         x = screen.inputs(stand_in, torch.zeros_like(vocab), 1, vocab)
-        outside = (x - (x @ screen.basis.T) @ screen.basis).norm(dim=-1)
-        share = unexplained_share(x, self._left(own), outside)
+        share = unexplained_share(x, self._left(own), outside_norm(x, screen.basis))
         share[self.seconds] = -1.0
         self._add(share.topk(min(WIDE_SECONDS, room)).indices)
 
@@ -320,7 +317,7 @@ class PairSearch:
         for widened in (False, True):  # the pool as built, then the tokens it is widened by
             if len(found) >= wanted:
                 break
-            if widened and not self.widened:
+            if widened and len(self.seconds) == self.built:  # widened once
                 self._widen(own)
             left = [
                 p
@@ -333,6 +330,11 @@ class PairSearch:
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
         return index, residual.to(index.device)
+
+
+def outside_norm(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """|part of inputs `x` (..., width) outside the row space of `basis`| per input."""
+    return (x - (x @ basis.T) @ basis).norm(dim=-1)
 
 
 def unexplained_share(x: torch.Tensor, left: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
