@@ -38,6 +38,7 @@ from gradaudit.attacks.causal.screen import (
     Ranker,
     Screen,
     orthonormal_rows,
+    outside_norm,
     relative_residual,
 )
 
@@ -330,11 +331,6 @@ class PairSearch:
         index = torch.tensor(best, dtype=torch.long, device=screen.vocab.device)
         residual = torch.tensor([found[i] for i in best], dtype=screen.basis.dtype)
         return index, residual.to(index.device)
-
-
-def outside_norm(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """|part of inputs `x` (..., width) outside the row space of `basis`| per input."""
-    return (x - (x @ basis.T) @ basis).norm(dim=-1)
 
 
 def unexplained_share(x: torch.Tensor, left: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:

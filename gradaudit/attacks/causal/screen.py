@@ -32,11 +32,15 @@ def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """|x - V^T V x| / |x| per row, in float64; 1 for a zero row (a token whose input is zero,
     such as a padding embedding, adds no row to the gradient: nothing confirms it)."""
     x = x.to(basis.dtype)
-    outside = x - (x @ basis.T) @ basis
     norm = x.norm(dim=-1)
-    return (outside.norm(dim=-1) / norm.clamp_min(torch.finfo(basis.dtype).tiny)).masked_fill(
+    return (outside_norm(x, basis) / norm.clamp_min(torch.finfo(basis.dtype).tiny)).masked_fill(
         norm == 0, 1.0
     )
+
+
+def outside_norm(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """|part of inputs `x` (..., width) outside the row space of `basis`| per input."""
+    return (x - (x @ basis.T) @ basis).norm(dim=-1)
 
 
 def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
