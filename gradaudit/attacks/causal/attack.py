@@ -31,6 +31,7 @@ from gradaudit.attacks.causal.prefix import PrefixRunner
 from gradaudit.attacks.causal.repair import repair
 from gradaudit.attacks.causal.screen import Screen, relative_residual
 from gradaudit.attacks.causal.solve import GrowthPlan, choose, grow_all, uncovered
+from gradaudit.attacks.precision import rough_dtype, rough_twin
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum, label, spectrum
@@ -147,12 +148,14 @@ def make_screen(
     opts: CausalOptions,
     anchor: int,
 ) -> tuple[Screen, str]:
-    """The screen of `module`'s row space after token `anchor`, and the module whose inputs
-    are its features."""
+    """The screen of `module`'s row space after token `anchor` (with a rough twin of the
+    model where `opts` and the device give one), and the module whose inputs are its
+    features."""
     component, layer = lay.locate(module)
     if component not in OWN_LAYER_FEATURES:
         layer = min(layer, FEATURE_LAYER)
     features = lay.component_name(component, layer)
+    twin = rough_twin(model, rough_dtype(opts.rough_dtype, basis.device))
     screen = Screen(
         PrefixRunner(model, module, lay.num_layers),
         basis,
@@ -161,6 +164,7 @@ def make_screen(
         opts.tol,
         anchor,
         PrefixRunner(model, features, lay.num_layers) if features != module else None,
+        PrefixRunner(twin, module, lay.num_layers) if twin is not None else None,
     )
     return screen, features
 
@@ -226,6 +230,13 @@ class CausalSpanAttack(Attack):
             grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)
             prefixes = self._grow(grower, lengths, plan, basis, info)
         token_ids = self._finish(model, module, snapshot, lengths, prefixes, info)
+        if screen.rough is not None:
+            info["rough_checks"] = {
+                "dtype": str(screen.rough.dtype).removeprefix("torch."),
+                "largest_error": screen.rough_error,
+                "checked": screen.rough_checks,
+                "checked_again_exactly": screen.exact_again,
+            }
         return Reconstruction(
             token_ids=token_ids,
             texts=decode(tokenizer, token_ids),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from gradaudit.attacks.precision import ROUGH_CHOICES
 from gradaudit.errors import GradAuditError
 
 LAST_CHOICES = ("gradient", "model", "none")
@@ -38,14 +39,23 @@ class CausalOptions:
     tol: float = 2e-3
     ratio: float = 1000.0
     forward_batch: int = 256  # candidate rows per forward pass (speed and memory only)
+    # Candidates are checked first by a copy of the model in this dtype, and only those that
+    # may fit again at full precision: "auto" is bfloat16 where the device computes it
+    # natively (where emulated it is slower), "none" checks every candidate at full precision.
+    rough_dtype: str = "auto"
     last: str = "gradient"  # the invisible last token: gradient match, the model's guess, none
 
     def __post_init__(self) -> None:
+        if self.rough_dtype not in ROUGH_CHOICES:
+            raise GradAuditError(
+                f"causal option rough_dtype must be one of {', '.join(ROUGH_CHOICES)}, got "
+                f"{self.rough_dtype!r}"
+            )
         if self.last not in LAST_CHOICES:
             raise GradAuditError(
                 f"causal option last must be one of {', '.join(LAST_CHOICES)}, got {self.last!r}"
             )
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "last" and not value > 0:
+            if f.name not in ("last", "rough_dtype") and not value > 0:
                 raise GradAuditError(f"causal option {f.name} must be > 0, got {value}")

@@ -40,6 +40,7 @@ class PrefixRunner:
         self.module = model.get_submodule(module)
         self.num_layers = num_layers
         self.cache_arg = cache_argument(model)
+        self.dtype = next(model.parameters()).dtype  # a rough twin's: caches are cast to it
 
     def empty(self) -> KV:
         return [None] * self.num_layers
@@ -54,7 +55,7 @@ class PrefixRunner:
     ) -> tuple[torch.Tensor, KV]:
         """Inputs (N, width) of the module for tokens `ids` (N,) at `position` after prefix
         rows `rows` (N,) of `kv`, and those rows' caches grown by the token."""
-        data = [(None, None) if e is None else (e[0][rows], e[1][rows]) for e in kv]
+        data = [(None, None) if e is None else self._cast(e, rows) for e in kv]
         cache = DynamicCache(ddp_cache_data=data)
         n = int(rows.shape[0])
         seen: list[torch.Tensor] = []
@@ -77,6 +78,12 @@ class PrefixRunner:
             for layer in cache.layers
         ]
         return seen[0].reshape(n, -1), grown
+
+    def _cast(
+        self, layer: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `rows` of one layer's cached (keys, values), in the model's dtype."""
+        return layer[0][rows].to(self.dtype), layer[1][rows].to(self.dtype)
 
 
 def select(kv: KV, rows: torch.Tensor) -> KV:

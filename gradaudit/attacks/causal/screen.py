@@ -26,6 +26,11 @@ PRIOR_PULL = 0.1  # the same, towards a prior regression (1.0 measured alike)
 NEAREST_KEPT = 256  # regressions whose nearest tokens are remembered
 SKETCH = 128  # random directions of the complement that estimate a prediction's residual
 SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
+# A rough twin's input counts as a possible fit (and is computed again exactly) when its
+# residual is within tol + this many times the largest relative error the twin made on the
+# first CALIBRATION inputs (computed both ways).
+ROUGH_MARGIN = 4.0
+CALIBRATION = 256
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -156,8 +161,14 @@ class Screen:
         tol: float,
         anchor: int,
         feature_runner: PrefixRunner | None = None,
+        rough: PrefixRunner | None = None,
     ) -> None:
         self.runner = runner
+        self.rough = rough  # the observed module in a rough twin: it filters exact checks
+        self.rough_error = 0.0  # its largest relative error on the inputs calibrated
+        self.calibrated = 0
+        self.rough_checks = 0  # inputs the twin computed, and how many of them again exactly
+        self.exact_again = 0
         self.feature_runner = feature_runner or runner
         self.basis = basis
         self.vocab = vocab  # candidate token ids (V,)
@@ -193,8 +204,33 @@ class Screen:
         runner: PrefixRunner | None = None,
     ) -> torch.Tensor:
         """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)
-        (of the module `runner` stops at: by default the observed one)."""
+        (of the module `runner` stops at: by default the observed one). With a rough twin,
+        the observed module's inputs are computed roughly and only the ones that may fit
+        (`ROUGH_MARGIN`) again exactly: the others' residuals are as far from a fit."""
         runner = runner or self.runner
+        if runner is not self.runner or self.rough is None or rows.numel() == 0:
+            return self._inputs(kv, rows, position, ids, runner)
+        x = self._inputs(kv, rows, position, ids, self.rough)
+        if self.calibrated < CALIBRATION:  # the first calls measure the twin's error
+            exact = self._inputs(kv, rows, position, ids, runner)
+            norm = exact.norm(dim=-1)
+            error = ((x - exact).norm(dim=-1) / norm.clamp_min(1e-30))[norm > 0]
+            if error.numel():
+                self.rough_error = max(self.rough_error, float(error.max()))
+            self.calibrated += int(rows.shape[0])
+            return exact
+        margin = self.tol + ROUGH_MARGIN * self.rough_error
+        near = (relative_residual(x, self.basis) <= margin).nonzero()[:, 0]
+        self.rough_checks += int(rows.shape[0])
+        self.exact_again += int(near.shape[0])
+        if near.numel():
+            x[near] = self._inputs(kv, rows[near], position, ids[near], runner)
+        return x
+
+    def _inputs(
+        self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor, runner: PrefixRunner
+    ) -> torch.Tensor:
+        """`inputs` by `runner` alone, `forward_batch` rows a pass."""
         out = []
         for start in range(0, int(rows.shape[0]), self.forward_batch):
             part = slice(start, start + self.forward_batch)

@@ -1,29 +1,13 @@
-"""Options of the span attack: every number it uses, checked, and deep mode's rough dtype."""
+"""Options of the span attack: every number it uses, checked."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from gradaudit.attacks.precision import ROUGH_CHOICES
 from gradaudit.errors import GradAuditError
 
 SATURATED_CHOICES = ("stop", "gradmatch")
-ROUGH_CHOICES = ("auto", "none", "bfloat16", "float16")
-
-
-def rough_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """The dtype of deep mode's rough objective for option `choice` on `device`, or None."""
-    if choice != "auto":
-        return None if choice == "none" else getattr(torch, choice)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    # Without native support (no AVX-512-BF16 or AMX) bfloat16 is emulated and slower.
-    cpu = torch.cpu
-    native = getattr(cpu, "_is_avx512_bf16_supported", None) or getattr(
-        cpu, "_is_amx_tile_supported", None
-    )
-    return torch.bfloat16 if device.type == "cpu" and native is not None and native() else None
 
 
 @dataclass

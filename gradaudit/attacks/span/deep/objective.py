@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradaudit.attacks.precision import rough_twin
 from gradaudit.attacks.span.deep.shared import other_rows, scores_with_shared, shared_parts
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.model.families import ModelLayout, layout
@@ -76,8 +77,8 @@ class SpanObjective:
         # A copy of this objective over the model in a cheaper dtype: it ranks candidates, and
         # only its best are scored at full precision (`take_best`).
         self.rough: SpanObjective | None = None
-        if rough_dtype is not None:
-            cheap = copy.deepcopy(model).to(rough_dtype)
+        cheap = rough_twin(model, rough_dtype)
+        if cheap is not None:
             # Its scores are only as precise as its model: float32 subspace algebra suffices.
             self.rough = SpanObjective(
                 cheap, layout(cheap), snapshot, bases, content, device, precision=torch.float32

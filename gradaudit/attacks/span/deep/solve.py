@@ -17,10 +17,11 @@ from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks.base import candidate_token_ids, content_mask
 from gradaudit.attacks.gradmatch import GradientMatcher, GradMatchOptions
+from gradaudit.attacks.precision import rough_dtype
 from gradaudit.attacks.span.deep.objective import SOLVED, DeepSettings, SpanObjective
 from gradaudit.attacks.span.deep.polish import polish_order
 from gradaudit.attacks.span.deep.search import deep_search
-from gradaudit.attacks.span.options import SpanOptions, rough_dtype
+from gradaudit.attacks.span.options import SpanOptions
 from gradaudit.gradients.snapshot import GradientSnapshot
 from gradaudit.gradients.spectrum import Spectrum
 from gradaudit.model.families import ModelLayout
@@ -70,7 +71,7 @@ def solve_deep(
     objective = SpanObjective(model, lay, snapshot, bases, content, device, rough)
     settings = deep_settings(options, budget, noisy)
     ids, details = deep_search(objective, candidate_token_ids(tokenizer), settings, seed)
-    details["rough_dtype"] = str(rough).removeprefix("torch.") if rough else "none"
+    details["rough_dtype"] = str(rough).removeprefix("torch.") if objective.rough else "none"
     polish = partial and options.polish_sweeps > 0 and details["residual"] >= SOLVED
     if polish or options.gradient_check:
         matcher = GradientMatcher(
