@@ -593,3 +593,52 @@ def test_suspects_are_both_of_two_equal_sentences_and_a_prefix_of_another_that_f
     # a whole fit that begins a sentence followed by guesses in a longer slot: not a copy
     done = {0: beam(0, [1, 2, 3]), 1: beam(1, [1, 2, 3, 9, 9], score=0.5)}
     assert suspects(done, {b: 0 for b in done}, 2e-3) == [1]
+
+
+def test_a_rough_twin_gives_every_fit_at_full_precision_and_checks_the_rest_roughly():
+    from gradaudit.attacks.causal.attack import make_screen
+    from gradaudit.attacks.causal.options import CausalOptions
+    from gradaudit.attacks.causal.screen import CALIBRATION, relative_residual
+    from gradaudit.model.families import layout
+
+    pairs, rows, basis, vocab, tokenizer = pair_search_of(TEXTS[:2])
+    model = pairs.screen.runner.model
+    module = select_modules(model, "query@3")[0]
+    opts = CausalOptions(rough_dtype="bfloat16")
+    rough, _ = make_screen(model, layout(model), module, basis, vocab, opts, 0)
+    assert rough.rough is not None and rough.rough.dtype == torch.bfloat16
+    ids = torch.tensor(tokenizer(TEXTS[0])["input_ids"])
+    kv, index = rough.runner.empty(), torch.zeros(1, dtype=torch.long)
+    for position in range(3):  # the cache of the sentence's first three tokens
+        _, kv = rough.runner.run(kv, index, position, ids=ids[position : position + 1])
+    every = torch.arange(len(vocab))
+    candidates = torch.where(every == int(ids[3]), every, every.roll(1))  # the truth and others
+    where = torch.zeros_like(candidates)
+    while rough.calibrated < CALIBRATION:  # the first inputs are computed both ways
+        rough.inputs(kv, where, 3, vocab[candidates])
+    got = rough.inputs(kv, where, 3, vocab[candidates])
+    with torch.no_grad():
+        exact = rough._inputs(kv, where, 3, vocab[candidates], rough.runner)
+        twin = rough._inputs(kv, where, 3, vocab[candidates], rough.rough)
+    fits = relative_residual(exact, basis) <= opts.tol
+    assert int(fits.sum()) >= 1  # the sentence's fourth token
+    # every fit computed again at full precision (to float32 rounding), not as the twin has it
+    assert torch.allclose(got[fits], exact[fits], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(twin[fits], exact[fits], rtol=1e-5, atol=1e-6)
+    assert bool((relative_residual(got[~fits], basis) > opts.tol).all())  # no false fit
+    assert 0 < rough.exact_again < rough.rough_checks  # most checked by the twin alone
+    assert 0 < rough.rough_error < 0.1
+
+
+def test_a_batch_is_recovered_exactly_with_candidates_checked_by_a_rough_twin():
+    _, rec = attack(tiny_llama(layers=4), "value@3", TEXTS, rough_dtype="bfloat16")
+    assert sorted(rec.texts) == sorted(TEXTS)
+    assert rec.info["gradient_residual"] < 1e-4
+    checks = rec.info["rough_checks"]
+    assert checks["dtype"] == "bfloat16"
+    assert 0 < checks["checked_again_exactly"] < checks["checked"]
+
+
+def test_an_unknown_rough_dtype_is_one_error_naming_the_choices():
+    with pytest.raises(GradAuditError, match="rough_dtype must be one of auto, none"):
+        get_attack("causal", rough_dtype="int8")
