@@ -52,9 +52,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokenizer's special ids, with added tokens marked special that it does not list
+    among `all_special_ids` (SmolLM2's GGUF tokenizer: `<repo_name>`, `<file_sep>`, ...):
+    control tokens, not text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+
+
 def candidate_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """Vocabulary ids an attack may output: no special and no unused ids."""
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     vocab = tokenizer.get_vocab()
     ids = [i for tok, i in vocab.items() if i not in special and not _UNUSED_TOKEN.match(tok)]
     return torch.tensor(sorted(ids), dtype=torch.long)
@@ -68,7 +76,7 @@ def sentence_lengths(snapshot: GradientSnapshot) -> list[int]:
 def content_mask(snapshot: GradientSnapshot, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """True where a position holds a text token to recover (not special, not padding)."""
     ids = snapshot.batch["input_ids"]
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype)
+    special = torch.tensor(sorted(special_ids(tokenizer)), dtype=ids.dtype)
     return snapshot.batch["attention_mask"].bool() & ~torch.isin(ids, special)
 
 

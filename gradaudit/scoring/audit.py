@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gradaudit.attacks import get_attack
-from gradaudit.attacks.base import Reconstruction
+from gradaudit.attacks.base import Reconstruction, special_ids
 from gradaudit.errors import GradAuditError
 from gradaudit.gradients.capture import capture
 from gradaudit.gradients.snapshot import GradientSnapshot
@@ -44,9 +44,7 @@ def score_reconstruction(
 ) -> tuple[list[str], Scores]:
     """References of the snapshot's batch and the scores of `reconstruction` against them."""
     references = tokenizer.batch_decode(snapshot.batch["input_ids"], skip_special_tokens=True)
-    ref_ids, rec_ids = _content_ids(
-        snapshot, reconstruction.token_ids, set(tokenizer.all_special_ids)
-    )
+    ref_ids, rec_ids = _content_ids(snapshot, reconstruction.token_ids, special_ids(tokenizer))
     scores = score(
         references, reconstruction.texts, reference_ids=ref_ids, reconstruction_ids=rec_ids
     )
