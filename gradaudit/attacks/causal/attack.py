@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gradaudit.attacks.base import Attack, Reconstruction, candidate_token_ids, decode
+from gradaudit.attacks.base import (
+    Attack,
+    Reconstruction,
+    candidate_token_ids,
+    decode,
+    special_ids,
+)
 from gradaudit.attacks.causal.first import FirstPosition
 from gradaudit.attacks.causal.grow import Grower
 from gradaudit.attacks.causal.last import LastTokens
@@ -117,7 +123,7 @@ def first_seen(lay: ModelLayout, module: str) -> int:
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Special tokens the tokenizer puts before every text (e.g. BOS): known, not guessed."""
     ids = tokenizer("a")["input_ids"]
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     out = []
     for i in ids:
         if i not in special:
@@ -236,6 +242,7 @@ class CausalSpanAttack(Attack):
                 "largest_error": screen.rough_error,
                 "checked": screen.rough_checks,
                 "checked_again_exactly": screen.exact_again,
+                "given_up": not screen.rough_useful,  # too rough to filter: exact from then on
             }
         return Reconstruction(
             token_ids=token_ids,
