@@ -598,7 +598,12 @@ def test_suspects_are_both_of_two_equal_sentences_and_a_prefix_of_another_that_f
 def test_a_rough_twin_gives_every_fit_at_full_precision_and_checks_the_rest_roughly():
     from gradaudit.attacks.causal.attack import make_screen
     from gradaudit.attacks.causal.options import CausalOptions
-    from gradaudit.attacks.causal.screen import CALIBRATION, relative_residual
+    from gradaudit.attacks.causal.screen import (
+        CALIBRATION,
+        ROUGH_MARGIN,
+        USELESS_MARGIN,
+        relative_residual,
+    )
     from gradaudit.model.families import layout
 
     pairs, rows, basis, vocab, tokenizer = pair_search_of(TEXTS[:2])
@@ -617,8 +622,13 @@ def test_a_rough_twin_gives_every_fit_at_full_precision_and_checks_the_rest_roug
     while rough.calibrated < CALIBRATION:  # the first inputs are computed both ways
         rough.inputs(kv, where, 3, vocab[candidates])
     got = rough.inputs(kv, where, 3, vocab[candidates])
+
+    def got_exact(screen):
+        with torch.no_grad():
+            return screen._inputs(kv, where, 3, vocab[candidates], screen.runner)
+
+    exact = got_exact(rough)
     with torch.no_grad():
-        exact = rough._inputs(kv, where, 3, vocab[candidates], rough.runner)
         twin = rough._inputs(kv, where, 3, vocab[candidates], rough.rough)
     fits = relative_residual(exact, basis) <= opts.tol
     assert int(fits.sum()) >= 1  # the sentence's fourth token
@@ -627,7 +637,11 @@ def test_a_rough_twin_gives_every_fit_at_full_precision_and_checks_the_rest_roug
     assert not torch.allclose(twin[fits], exact[fits], rtol=1e-5, atol=1e-6)
     assert bool((relative_residual(got[~fits], basis) > opts.tol).all())  # no false fit
     assert 0 < rough.exact_again < rough.rough_checks  # most checked by the twin alone
-    assert 0 < rough.rough_error < 0.1
+    assert 0 < rough.rough_error < 0.01
+    # a twin whose error makes its margin too wide to filter is given up: all exact again
+    rough.rough_error, before = USELESS_MARGIN / ROUGH_MARGIN, rough.rough_checks
+    assert torch.equal(rough.inputs(kv, where, 3, vocab[candidates]), got_exact(rough))
+    assert rough.rough_checks == before
 
 
 def test_a_batch_is_recovered_exactly_with_candidates_checked_by_a_rough_twin():
@@ -642,3 +656,18 @@ def test_a_batch_is_recovered_exactly_with_candidates_checked_by_a_rough_twin():
 def test_an_unknown_rough_dtype_is_one_error_naming_the_choices():
     with pytest.raises(GradAuditError, match="rough_dtype must be one of auto, none"):
         get_attack("causal", rough_dtype="int8")
+
+
+def test_added_tokens_marked_special_are_never_candidates_though_not_listed_as_special():
+    # SmolLM2's GGUF tokenizer marks <repo_name>, <file_sep>, ... special without listing them
+    # in all_special_ids; at query@1 they led the pair search's order, ahead of real words.
+    from tokenizers import AddedToken
+
+    from gradaudit.attacks.base import candidate_token_ids
+
+    tokenizer = decoder_tokenizer()
+    tokenizer.add_tokens([AddedToken("<ctl>", special=True), AddedToken("plain")])
+    control, plain = tokenizer.convert_tokens_to_ids(["<ctl>", "plain"])
+    assert control not in tokenizer.all_special_ids
+    candidates = candidate_token_ids(tokenizer).tolist()
+    assert control not in candidates and plain in candidates
