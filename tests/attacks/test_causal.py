@@ -671,3 +671,40 @@ def test_added_tokens_marked_special_are_never_candidates_though_not_listed_as_s
     assert control not in tokenizer.all_special_ids
     candidates = candidate_token_ids(tokenizer).tolist()
     assert control not in candidates and plain in candidates
+
+
+def test_a_first_token_the_shared_regression_ranks_last_is_found_by_its_second_tokens_own(
+    monkeypatch,
+):
+    # At SmolLM2 query@1 the shared regression ranked true first tokens 5,941st-48,456th
+    # behind their second tokens; each second token's own regression, fitted on its pairs
+    # with the sample, ranked them first. Here the shared ranking puts "the" (before "movie")
+    # last, the deep check stops after 2 first tokens, "the" is not in the sample, and the
+    # own regression's rounds check 1, 2 and 4 first tokens.
+    from gradaudit.attacks.causal import pairs as module
+    from gradaudit.attacks.causal.screen import orthonormal_rows
+
+    monkeypatch.setattr(module, "PRIOR_FIRSTS", 0)
+    monkeypatch.setattr(module, "DEEP_FIRSTS", 2)
+    monkeypatch.setattr(module, "ROUND_FIRSTS", 1)
+    texts = ["i love this charming story", "the movie was very good and funny"]
+    pairs, rows, _, vocab, tokenizer = pair_search_of(texts)
+    the = int((vocab == tokenizer.convert_tokens_to_ids("the")).nonzero()[0])
+    scores = pairs._scores
+
+    def the_last(positions):
+        out = scores(positions)
+        out[the] = float("inf")
+        return out
+
+    monkeypatch.setattr(pairs, "_scores", the_last)
+    others = torch.tensor([i for i in range(len(vocab)) if i != the])
+    pairs.sample = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(0))][
+        : len(vocab) // 2
+    ]
+    found, residual = pairs.first_tokens(orthonormal_rows(rows[0]), wanted=1)
+    assert [tokenizer.decode([int(vocab[i])]) for i in found] == ["the"] and residual[0] < 1e-3
+    movie = int((vocab[pairs.seconds] == tokenizer.convert_tokens_to_ids("movie")).nonzero()[0])
+    # the deep check's 2, the sample (one may be among those 2), then "the" first in the own
+    # regression's ranking
+    assert int(pairs.checked[movie].sum()) <= 2 + len(pairs.sample) + 1 < len(vocab)
