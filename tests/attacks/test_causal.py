@@ -680,7 +680,7 @@ def test_a_first_token_the_shared_regression_ranks_last_is_found_by_its_second_t
     # behind their second tokens; each second token's own regression, fitted on its pairs
     # with the sample, ranked them first. Here the shared ranking puts "the" (before "movie")
     # last, the deep check stops after 2 first tokens, "the" is not in the sample, and the
-    # own regression's rounds check 1, 2 and 4 first tokens.
+    # own regression's round checks its nearest first token (ROUND_FIRSTS = 1).
     from gradaudit.attacks.causal import pairs as module
     from gradaudit.attacks.causal.screen import orthonormal_rows
 

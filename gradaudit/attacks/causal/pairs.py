@@ -52,10 +52,13 @@ DEEP_SECONDS = 2  # pool tokens without a first token checked deeper if wanted, 
 # of the row space left unexplained (the lost sentences' tokens lead the order, at most one
 # of them second: CoLA dev 0-7's " you" came 10th at query@5, B = 8), 8 at least
 DEEP_FIRSTS = 2048  # ... until that many first tokens are checked
-OWN_ROUNDS = 3  # rounds (64, 128, 256) of a deep token's own regression, after the shared one
+# Rounds (64, 128, ...) of a deep token's own regression, after the shared one: at query@1
+# one round found all three lost first tokens (the pair sample alone, none), three cost more
+OWN_ROUNDS = 1
 OWN_SECONDS = 16  # ... for this many of the best-ordered deep tokens: each round ranks the
 # vocabulary (query@5, Rotten Tomatoes 0-7: the first repair's search took 355 s with every
-# deep token, 121 s without the stage); at query@1 the finds came 4th, 7th and 11th
+# deep token and three rounds, 121 s without the stage); at query@1 the finds came 4th, 7th
+# and 11th
 CHECKS_PER_BATCH = 16384  # pairs checked between looks at whether enough are found
 SCORED_SECONDS = 128  # pool tokens whose pairs with the vocabulary are scored at once
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
@@ -227,8 +230,8 @@ class PairSearch:
 
     def _search_own(self, position: int) -> tuple[torch.Tensor, ...]:
         """The first tokens of the pool token at `position` ranked by its own regression,
-        fitted on its pairs with the sample and refitted on every pair it checks, in
-        `OWN_ROUNDS` rounds; the pairs found (see `_check`). Where the first token reaches the
+        fitted on its pairs with the sample (and refitted on every pair it checks, for
+        `OWN_ROUNDS` rounds); the pairs found (see `_check`). Where the first token reaches the
         second through one or two layers, the shared regression predicts every pair near the
         row space: at SmolLM2 query@1 it ranked the true first tokens behind " '", " us" and
         " l" 48,456th, 17,281st and 5,941st, their own regressions 0th."""
