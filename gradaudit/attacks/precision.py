@@ -27,10 +27,10 @@ def rough_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 def rough_twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module | None:
     """A copy of `model` in `dtype`, or None where there is no rough dtype or the model
-    already computes in one at most as wide (no gain)."""
+    already computes in one at most as wide, or in integers (quantized): no gain."""
     if dtype is None:
         return None
     own = next(model.parameters()).dtype
-    if torch.finfo(own).bits <= torch.finfo(dtype).bits:
+    if not own.is_floating_point or torch.finfo(own).bits <= torch.finfo(dtype).bits:
         return None
     return copy.deepcopy(model).to(dtype)
