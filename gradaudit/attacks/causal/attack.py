@@ -236,14 +236,8 @@ class CausalSpanAttack(Attack):
             grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)
             prefixes = self._grow(grower, lengths, plan, basis, info)
         token_ids = self._finish(model, module, snapshot, lengths, prefixes, info)
-        if screen.rough is not None:
-            info["rough_checks"] = {
-                "dtype": str(screen.rough.dtype).removeprefix("torch."),
-                "largest_error": screen.rough_error,
-                "checked": screen.rough_checks,
-                "checked_again_exactly": screen.exact_again,
-                "given_up": not screen.rough_useful,  # too rough to filter: exact from then on
-            }
+        if (rough := screen.rough_summary()) is not None:
+            info["rough_checks"] = rough
         return Reconstruction(
             token_ids=token_ids,
             texts=decode(tokenizer, token_ids),

@@ -52,13 +52,11 @@ DEEP_SECONDS = 2  # pool tokens without a first token checked deeper if wanted, 
 # of the row space left unexplained (the lost sentences' tokens lead the order, at most one
 # of them second: CoLA dev 0-7's " you" came 10th at query@5, B = 8), 8 at least
 DEEP_FIRSTS = 2048  # ... until that many first tokens are checked
-# Rounds (64, 128, ...) of a deep token's own regression, after the shared one: at query@1
-# one round found all three lost first tokens (the pair sample alone, none), three cost more
-OWN_ROUNDS = 1
-OWN_SECONDS = 16  # ... for this many of the best-ordered deep tokens: each round ranks the
-# vocabulary (query@5, Rotten Tomatoes 0-7: the first repair's search took 355 s with every
-# deep token and three rounds, 121 s without the stage); at query@1 the finds came 4th, 7th
-# and 11th
+# Deep tokens searched by their own regression, after the shared one, best-ordered first: each
+# costs a ranking of the vocabulary (query@5, Rotten Tomatoes 0-7: the first repair's search
+# took 355 s with every deep token and three rounds each, 121 s without); at query@1 the finds
+# came 4th, 7th and 11th, each in one round of `ROUND_FIRSTS` (the pair sample alone: none)
+OWN_SECONDS = 16
 CHECKS_PER_BATCH = 16384  # pairs checked between looks at whether enough are found
 SCORED_SECONDS = 128  # pool tokens whose pairs with the vocabulary are scored at once
 PAIR_FEATURES = 1024  # the first-token regression's features, projected down to this many
@@ -229,30 +227,23 @@ class PairSearch:
         return self._joined(found)
 
     def _search_own(self, position: int) -> tuple[torch.Tensor, ...]:
-        """The first tokens of the pool token at `position` ranked by its own regression,
-        fitted on its pairs with the sample (and refitted on every pair it checks, for
-        `OWN_ROUNDS` rounds); the pairs found (see `_check`). Where the first token reaches the
-        second through one or two layers, the shared regression predicts every pair near the
-        row space: at SmolLM2 query@1 it ranked the true first tokens behind " '", " us" and
-        " l" 48,456th, 17,281st and 5,941st, their own regressions 0th."""
+        """The pairs found (see `_check`) for the pool token at `position` among its pairs
+        with the sample and then the `ROUND_FIRSTS` first tokens its own regression, fitted on
+        those pairs, puts nearest. Where the first token reaches the second through one or two
+        layers, the shared regression predicts every pair near the row space: at SmolLM2
+        query@1 it ranked the true first tokens behind " '", " us" and " l" 48,456th,
+        17,281st and 5,941st, their own regressions 0th."""
         at = torch.tensor([position], device=self.sample.device)
         index = self.sample[~self.checked[position, self.sample]]
         if index.numel() == 0:  # the sample checked already: no pairs to fit on
             return self._joined([])
         pairs, x = self._check(at.expand_as(index), index)
-        found, ranker = [pairs], self.firsts.ranker
-        for k in range(OWN_ROUNDS):
-            if found[-1][0].numel():
-                break
-            coef = ranker.fit(index, x)
-            done = self.checked[position].nonzero()[:, 0]
-            top = self.screen.nearest(coef, done, ROUND_FIRSTS << k, ranker)
-            if top.numel() == 0:
-                break
-            pairs, new = self._check(at.expand_as(top), top)
-            found.append(pairs)
-            index, x = torch.cat([index, top]), torch.cat([x, new])
-        return self._joined(found)
+        if pairs[0].numel():
+            return pairs
+        ranker = self.firsts.ranker
+        done = self.checked[position].nonzero()[:, 0]
+        top = self.screen.nearest(ranker.fit(index, x), done, ROUND_FIRSTS, ranker)
+        return self._check(at.expand_as(top), top)[0] if top.numel() else pairs
 
     def _check(
         self, at: torch.Tensor, firsts: torch.Tensor
@@ -326,7 +317,8 @@ class PairSearch:
         row of the gradient (in the row space, not spanned by `own`), best fit first, and
         their residuals: the pairs found so far, then, with fewer than `wanted`, the pool's
         best-ordered tokens without one (`DEEP_SECONDS` per unexplained row, 8 at least)
-        searched to `DEEP_FIRSTS` first tokens, then the pool widened (`_widen`)
+        searched to `DEEP_FIRSTS` first tokens (the best `OWN_SECONDS` of those still
+        without one by their own regressions, `_search_own`), then the pool widened (`_widen`)
         and its new tokens searched in order, each to `PRIOR_FIRSTS`, the best deeper, until
         enough are found. The pool as built comes first: the widened tokens crowd the order
         (CoLA dev 0-7's " you", behind the lost "If", came 816th of 1,324 at query@5 in a

@@ -234,6 +234,18 @@ class Screen:
             x[near] = exact
         return x
 
+    def rough_summary(self) -> dict[str, object] | None:
+        """What the rough twin did (for `info`), or None without one."""
+        if self.rough is None:
+            return None
+        return {
+            "dtype": str(self.rough.dtype).removeprefix("torch."),
+            "largest_error": self.rough_error,
+            "checked": self.rough_checks,
+            "checked_again_exactly": self.exact_again,
+            "given_up": not self.rough_useful,  # too rough to filter: exact from then on
+        }
+
     @property
     def rough_useful(self) -> bool:
         """Whether a rough twin filters the exact checks (see `USELESS_MARGIN`)."""
