@@ -240,6 +240,7 @@ def _attack_cell(model, tokenizer, snapshot, row, seed, device) -> dict[str, Any
         "ran": result.info.get("auto", {}).get("ran", result.attack),
         "regime": result.info.get("regime"),
         "out_of_time": bool(result.info.get("out_of_time")),
+        "info": result.info,  # why a cell is slow or short (unsure places, rough checks, ...)
     }
 
 

@@ -50,6 +50,8 @@ def test_bench_grid_scores_every_cell_and_attack_and_writes_heatmaps(
     assert "bench.json" in names and "heatmap_span_B1_rouge1.png" in names
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert saved["grid"]["budgets"] == {"gradmatch": 0.01}
+    span_rows = [r for r in saved["rows"] if r["attack"] == "span" and r["error"] is None]
+    assert span_rows and all(r["info"]["regime"] for r in span_rows)  # the attack's info kept
 
 
 def test_quick_grid_is_a_small_subset_and_full_covers_the_paper():
