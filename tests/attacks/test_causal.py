@@ -449,6 +449,21 @@ def test_completion_one_chunk_at_a_time_resumes_where_it_stopped(monkeypatch):
     assert twice.rest.tolist() == list(range(8, len(grower.screen.vocab)))
 
 
+def test_tokens_a_beam_held_are_checked_before_the_sample_and_a_fit_among_them_ends_it(
+    monkeypatch,
+):
+    # A batch repeats its tokens, and a regression can rank a repeat tens of thousands deep.
+    tokenizer, grower, head, empty, own = stuck_after_the_movie(monkeypatch)
+    vocab = grower.screen.vocab.tolist()
+    was, good = (vocab.index(tokenizer.convert_tokens_to_ids(t)) for t in ("was", "good"))
+    assert {was, good} <= set(grower.known.tolist())  # held by the beams that grew the batch
+    effort = dataclasses.replace(grower.effort, known=torch.tensor([good, was]))
+    evaluate = grower.screen.evaluator(head.kv, 0, 2)
+    found = grower.screen.search_sampled(evaluate, grower.screen.ranker, effort, own, empty)
+    assert found.index.tolist() == [good, was]  # the sample was never checked
+    assert found.index[found.residual <= grower.options.tol].tolist() == [was]
+
+
 SMOL_TEXT = "it 's a charming and often affecting journey ."
 
 

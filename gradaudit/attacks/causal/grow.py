@@ -111,6 +111,7 @@ class Grower:
         # 64 missed SST-2's " slow" after "it 's" (ranked 68th) at query@1, B = 8.
         prior_count = max(options.screen, int(screen.basis.shape[0]))
         self.effort = Effort(sample, options.screen, rounds, options.tol, prior_count)
+        self.known = sample[:0]  # vocabulary indices of every token a beam has held
 
     def regression(self) -> torch.Tensor | None:
         """A regression fitted at the last position grown (its nearest tokens are the batch's
@@ -168,7 +169,9 @@ class Grower:
             first_row[prefixes[row]] = row
             prior = self._fitted.get(prefixes[row][:-1], shared)
             thorough = quick is None or not bool(quick[row]) or prior is None
-            efforts[row] = self.effort if thorough else self.effort.quick()
+            efforts[row] = (
+                replace(self.effort, known=self.known) if thorough else self.effort.quick()
+            )
             c = self.screen.check(beam.kv, row, position, efforts[row], spans[row], prior, False)
             shared = c.coef if shared is None else shared
             checked[row] = c
@@ -249,6 +252,7 @@ class Grower:
             keep_index.append(index[order])
             keep_score.append(score[order])
         rows, index = torch.cat(keep_rows), torch.cat(keep_index)
+        self.known = torch.cat([self.known, index]).unique()
         ids = self.screen.vocab[index]
         x, kv = self.screen.extend(beam.kv, rows, position, ids)
         return Beam(
