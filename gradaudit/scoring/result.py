@@ -7,6 +7,16 @@ from typing import Any
 
 from gradaudit.errors import GradAuditError
 
+# `info` entries that hold the batch's tokens (a decoder's layer-0 token set): training text in
+# token form, which redaction removes with the text.
+TOKEN_INFO = ("token_set",)
+
+
+def redacted_info(info: dict[str, Any]) -> dict[str, Any]:
+    """`info` without the entries that hold the batch's tokens (`TOKEN_INFO`)."""
+    return {k: v for k, v in info.items() if k not in TOKEN_INFO}
+
+
 THREAT_MODEL = (
     "white-box adversary: knows the model weights at the audited step, the labels and the "
     "sequence lengths of the batch, and observes the gradients of the audited modules only"
@@ -62,12 +72,13 @@ class AuditResult:
         return None
 
     def redact(self) -> AuditResult:
-        """A copy without text: scores, lengths and counts only."""
+        """A copy without text (nor the tokens `info` may hold): scores, lengths and counts."""
         return AuditResult(
             **{
                 **asdict(self),
                 "references": [],
                 "reconstructions": [],
+                "info": redacted_info(self.info),
                 "redacted": True,
             }
         )

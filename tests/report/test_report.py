@@ -211,6 +211,23 @@ def test_redacted_report_holds_no_text_in_any_format(tmp_path):
     assert "Text redacted" in (tmp_path / "report.md").read_text()
 
 
+def test_redaction_removes_the_token_set_an_attack_reports_and_keeps_the_rest_of_its_info(
+    tmp_path,
+):
+    # A decoder's layer-0 audit reports the batch's token set: training text as token ids.
+    audit = audit_of(SHUFFLED)
+    audit.info = {"token_set": [12, 345, 6789], "unsure": [(0, 3)], "module": "q_proj"}
+    assert "token_set" not in audit.redact().info
+    assert audit.redact().info["module"] == "q_proj" and "token_set" in audit.info
+    write_report(tmp_path, build_report([audit], config={}, redact=True))
+    (saved,) = read_report(tmp_path)["audits"]
+    assert "token_set" not in saved["info"] and saved["info"]["module"] == "q_proj"
+    write_report(tmp_path, build_report([audit], config={}))
+    assert main(["report", str(tmp_path), "--redact"]) == 0
+    (saved,) = read_report(tmp_path)["audits"]
+    assert "token_set" not in saved["info"] and saved["info"]["unsure"] == [[0, 3]]
+
+
 # --- CLI and bad input ---------------------------------------------------------------------
 
 
