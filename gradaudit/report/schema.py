@@ -14,7 +14,7 @@ from typing import Any
 from gradaudit._version import __version__
 from gradaudit.errors import GradAuditError
 from gradaudit.scoring.metrics import METRIC_CONFIG, SCORE_KEYS
-from gradaudit.scoring.result import THREAT_MODEL, AuditResult, redacted_info
+from gradaudit.scoring.result import THREAT_MODEL, AuditResult, redacted_audit
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = (
@@ -69,16 +69,8 @@ def summarize(audits: Iterable[AuditResult]) -> dict[str, dict[str, Any]]:
 
 def redact_report(report: dict[str, Any]) -> dict[str, Any]:
     """A copy of a report dict with every audit's text removed (scores and counts stay)."""
-    audits = [
-        {
-            **audit,
-            "references": [],
-            "reconstructions": [],
-            "info": redacted_info(audit.get("info") or {}),
-            "redacted": True,
-        }
-        for audit in report["audits"]
-    ]  # as dicts: an audit holding a field this version does not know is redacted too
+    # as dicts: an audit holding a field this version does not know is redacted too
+    audits = [redacted_audit(audit) for audit in report["audits"]]
     return {**report, "redacted": True, "audits": audits}
 
 

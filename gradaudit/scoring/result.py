@@ -12,9 +12,11 @@ from gradaudit.errors import GradAuditError
 TOKEN_INFO = ("token_set",)
 
 
-def redacted_info(info: dict[str, Any]) -> dict[str, Any]:
-    """`info` without the entries that hold the batch's tokens (`TOKEN_INFO`)."""
-    return {k: v for k, v in info.items() if k not in TOKEN_INFO}
+def redacted_audit(audit: dict[str, Any]) -> dict[str, Any]:
+    """An audit's fields (as a dict) without its text: no references, reconstructions, nor
+    the `info` entries that hold the batch's tokens (`TOKEN_INFO`)."""
+    info = {k: v for k, v in (audit.get("info") or {}).items() if k not in TOKEN_INFO}
+    return {**audit, "references": [], "reconstructions": [], "info": info, "redacted": True}
 
 
 THREAT_MODEL = (
@@ -73,15 +75,7 @@ class AuditResult:
 
     def redact(self) -> AuditResult:
         """A copy without text (nor the tokens `info` may hold): scores, lengths and counts."""
-        return AuditResult(
-            **{
-                **asdict(self),
-                "references": [],
-                "reconstructions": [],
-                "info": redacted_info(self.info),
-                "redacted": True,
-            }
-        )
+        return AuditResult(**redacted_audit(asdict(self)))
 
     @classmethod
     def failure(
