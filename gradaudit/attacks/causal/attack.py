@@ -29,6 +29,7 @@ from gradaudit.attacks.base import (
 )
 from gradaudit.attacks.causal.first import FirstPosition
 from gradaudit.attacks.causal.grow import Grower
+from gradaudit.attacks.causal.guess import NextTokenGuess
 from gradaudit.attacks.causal.last import LastTokens
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.order import Orderer, position_free
@@ -233,7 +234,8 @@ class CausalSpanAttack(Attack):
                 ),
             )
             rounds = max(1, round(opts.rounds * budget))
-            grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds)
+            guess = NextTokenGuess(model, vocab, opts.guesses) if causal and opts.guesses else None
+            grower = Grower(screen, opts, torch.Generator().manual_seed(seed), rounds, guess)
             prefixes = self._grow(grower, lengths, plan, basis, info)
         token_ids = self._finish(model, module, snapshot, lengths, prefixes, info)
         if (rough := screen.rough_summary()) is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from gradaudit.attacks.causal.first import FirstPosition
+from gradaudit.attacks.causal.guess import NextTokenGuess
 from gradaudit.attacks.causal.options import CausalOptions
 from gradaudit.attacks.causal.pairs import PairSearch
 from gradaudit.attacks.causal.prefix import KV, select
@@ -95,9 +96,15 @@ class Grower:
     """One position's step for all live prefixes (see the module docstring)."""
 
     def __init__(
-        self, screen: Screen, options: CausalOptions, generator: torch.Generator, rounds: int
+        self,
+        screen: Screen,
+        options: CausalOptions,
+        generator: torch.Generator,
+        rounds: int,
+        guess: NextTokenGuess | None = None,
     ) -> None:
         self.screen = screen
+        self.guess = guess  # a causal LM's own next tokens, checked before the sample
         self.first_position = FirstPosition(screen)
         self.options = options
         self._fitted: dict[tuple[int, ...], torch.Tensor] = {}  # per prefix: its regression
@@ -205,11 +212,12 @@ class Grower:
         explain, the rest of the vocabulary for them (`complete`), a chunk each in
         turn: a prefix that ended a sentence is a dead end the whole vocabulary cannot fit."""
         fits = self.effort.fits
-        for head, c in checked.items():
-            if not bool(fits(c.residual).any()):
-                checked[head] = self.screen.resume(
-                    beam.kv, head, position, efforts[head], spans[head], c
-                )
+        needy = [head for head, c in checked.items() if not bool(fits(c.residual).any())]
+        self._add_guesses(beam, needy, efforts)
+        for head in needy:
+            checked[head] = self.screen.resume(
+                beam.kv, head, position, efforts[head], spans[head], checked[head]
+            )
         stuck = [
             head
             for head, c in checked.items()
@@ -227,6 +235,16 @@ class Grower:
                 for head in stuck
                 if not bool(fits(checked[head].residual).any()) and len(checked[head].rest)
             ]
+
+    def _add_guesses(self, beam: Beam, heads: list[int], efforts: dict[int, Effort]) -> None:
+        """The model's likeliest next tokens (`guess`) after the prefixes of `heads` whose
+        effort is thorough (a quick one, a guessed row's, checks the prior's nearest only)."""
+        heads = [head for head in heads if efforts[head].known is not None]
+        if self.guess is None or not heads or beam.tokens.shape[1] == 0:
+            return
+        ranked = self.guess.likeliest(beam.tokens[heads])
+        for head, guess in zip(heads, ranked):
+            efforts[head] = replace(efforts[head], guess=guess)
 
     def step(
         self, beam: Beam, position: int, ending: int = 0, quick: torch.Tensor | None = None

@@ -15,7 +15,9 @@ class CausalOptions:
     """Numbers the causal attack uses (their roles: docs/span-method.md, "Decoders").
 
     After a prefix, the `screen` tokens the regression fitted one position earlier puts
-    nearest the row space are checked exactly; if none fits, the `frequent` lowest ids (a
+    nearest the row space are checked exactly; if none fits, a causal LM's own `guesses`
+    likeliest next tokens (`screen` of them first) and the tokens the beams hold, then the
+    `frequent` lowest ids (a
     BPE's commonest tokens, also the guesses for a blind first token) and `sample` random
     others, then `rounds` rounds of the nearest by the refitted regression (`screen` tokens,
     doubling each round), and the rest of the vocabulary when still none fits. A token fits
@@ -32,6 +34,7 @@ class CausalOptions:
     frequent: int = 1024
     sample: int = 1024
     rounds: int = 4
+    guesses: int = 256  # a causal LM's likeliest next tokens checked before the sample; 0: none
     stand_ins: int = 16
     pair_sample: int = 512
     beam: int = 8
@@ -57,5 +60,7 @@ class CausalOptions:
             )
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("last", "rough_dtype") and not value > 0:
+            if f.name == "guesses" and value < 0:
+                raise GradAuditError(f"causal option guesses must be >= 0, got {value}")
+            if f.name not in ("last", "rough_dtype", "guesses") and not value > 0:
                 raise GradAuditError(f"causal option {f.name} must be > 0, got {value}")

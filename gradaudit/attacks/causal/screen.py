@@ -77,8 +77,9 @@ class Checked:
 @dataclass(frozen=True)
 class Effort:
     """How hard a search tries: the `prior_count` tokens a prior regression puts nearest,
-    then the `known` tokens (found elsewhere in the batch), then the `sample` (vocabulary
-    indices), then `rounds` rounds of `count` tokens, doubling each round; a fit is a
+    then the `count` likeliest of the model's `guess` (vocabulary indices, likeliest first),
+    the `known` tokens (found elsewhere in the batch) and the rest of the `guess`, then the
+    `sample`, then `rounds` rounds of `count` tokens, doubling each round; a fit is a
     residual at most `tol`."""
 
     sample: torch.Tensor
@@ -87,13 +88,22 @@ class Effort:
     tol: float
     prior_count: int
     known: torch.Tensor | None = None
+    guess: torch.Tensor | None = None
+
+    def listed(self) -> list[torch.Tensor]:
+        """The tokens checked before the sample, in the order they are checked."""
+        guess = self.sample[:0] if self.guess is None else self.guess
+        known = self.sample[:0] if self.known is None else self.known
+        return [guess[: self.count], known, guess[self.count :]]
 
     def fits(self, residual: torch.Tensor) -> torch.Tensor:
         return residual <= self.tol
 
     def quick(self) -> Effort:
         """Only the `count` tokens a prior regression puts nearest: no sample, no rounds."""
-        return replace(self, sample=self.sample[:0], rounds=0, prior_count=self.count, known=None)
+        return replace(
+            self, sample=self.sample[:0], rounds=0, prior_count=self.count, known=None, guess=None
+        )
 
 
 class Ranker:
@@ -366,16 +376,18 @@ class Screen:
     def search_sampled(
         self, evaluate, ranker: Ranker, effort: Effort, own: torch.Tensor, before: Checked
     ) -> Checked:
-        """`before` and the `known` tokens, then the `sample`, then `count` doubling each
-        round, led by `ranker`'s regression refitted on the sample and the rounds, until one
-        fits. A batch repeats its tokens, and a regression can rank a repeat tens of thousands
-        deep (SmolLM2 attn_output@5: " ," 23,502nd-34,266th), so the known ones come first."""
-        known = before.index[:0] if effort.known is None else effort.known
-        known = known[~torch.isin(known, before.index)]
-        if known.numel():
-            residual = self.novel_residual(evaluate(known), own)
+        """`before`, the model's guesses and the `known` tokens (`Effort.listed`), then the
+        `sample`, then `count` doubling each round, led by `ranker`'s regression refitted on
+        the sample and the rounds, until one fits. A batch repeats its tokens, and a
+        regression can rank a repeat tens of thousands deep (SmolLM2 attn_output@5: " ,"
+        23,502nd-34,266th), so the known ones come before the sample."""
+        for listed in effort.listed():
+            listed = listed[~torch.isin(listed, before.index)]
+            if listed.numel() == 0:
+                continue
+            residual = self.novel_residual(evaluate(listed), own)
             before = Checked(
-                torch.cat([before.index, known]),
+                torch.cat([before.index, listed]),
                 torch.cat([before.residual, residual]),
                 before.coef,
             )
