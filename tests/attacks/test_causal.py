@@ -464,6 +464,65 @@ def test_tokens_a_beam_held_are_checked_before_the_sample_and_a_fit_among_them_e
     assert found.index[found.residual <= grower.options.tol].tolist() == [was]
 
 
+def test_the_models_guesses_come_first_then_the_known_tokens_then_the_rest_of_the_guesses(
+    monkeypatch,
+):
+    # The model's `count` likeliest next tokens, then the tokens the beams hold, then the rest
+    # of its guesses: each stage only where the one before found nothing, never the sample.
+    tokenizer, grower, head, empty, own = stuck_after_the_movie(monkeypatch)
+    vocab = grower.screen.vocab.tolist()
+    a, b, c, was, good = (
+        vocab.index(tokenizer.convert_tokens_to_ids(t)) for t in ("a", "i", "film", "was", "good")
+    )
+    guess = torch.tensor([a, b, good, c, was])
+    effort = dataclasses.replace(grower.effort, count=2, known=torch.tensor([good]), guess=guess)
+    evaluate = grower.screen.evaluator(head.kv, 0, 2)
+    found = grower.screen.search_sampled(evaluate, grower.screen.ranker, effort, own, empty)
+    assert found.index.tolist() == [a, b, good, c, was]  # "good" once, before "film"
+    assert found.index[found.residual <= grower.options.tol].tolist() == [was]
+
+
+def test_the_guess_is_the_models_next_token_order_over_the_candidates_only():
+    # Candidates leave special tokens out, so a guess is a vocabulary index, not a token id.
+    from gradaudit.attacks.causal.guess import NextTokenGuess
+
+    model, tokenizer = tiny_llama(), decoder_tokenizer()
+    vocab = torch.arange(5, len(tokenizer))
+    prefixes = torch.tensor([tokenizer.convert_tokens_to_ids(["the", "movie"]), [7, 7]])
+    ranked = NextTokenGuess(model, vocab, 6).likeliest(prefixes)
+    with torch.no_grad():
+        logits = model(input_ids=prefixes).logits[:, -1]
+    for row, order in zip(logits, ranked):
+        assert torch.equal(row[vocab].topk(6).indices, order)
+        assert row[vocab[order]].diff().le(0).all() and row[vocab[order[0]]] == row[vocab].max()
+
+
+def test_no_guess_is_made_for_a_classifier_or_with_guesses_0_and_a_negative_count_is_refused(
+    monkeypatch,
+):
+    # A classifier's logits are its classes, not next tokens: it must never be asked.
+    from gradaudit.attacks.causal.guess import NextTokenGuess
+
+    asked = []
+
+    def likeliest(self, tokens):
+        asked.append(tokens)
+        return tokens[:, :0]  # no guesses: the stages after them find the tokens
+
+    monkeypatch.setattr(NextTokenGuess, "likeliest", likeliest)
+    texts = ["the movie was very good and funny", "it was not good"]
+    model, tokenizer = tiny_llama(classifier=True, layers=3), decoder_tokenizer()
+    modules = select_modules(model, "ffn_in@1")
+    snapshot = capture(model, make_batch(model, tokenizer, texts, labels=[1, 0]), modules)
+    rec = get_attack("causal", screen=2).reconstruct(model, snapshot, tokenizer=tokenizer)
+    _, off = attack(tiny_llama(), "ffn_in@1", TEXTS[:2], guesses=0, screen=2)
+    assert rec.texts == texts and sorted(off.texts) == sorted(TEXTS[:2]) and asked == []
+    _, on = attack(tiny_llama(), "ffn_in@1", TEXTS, screen=2)
+    assert sorted(on.texts) == sorted(TEXTS) and len(asked) > 0  # a causal LM is asked
+    with pytest.raises(GradAuditError, match="guesses must be >= 0"):
+        get_attack("causal", guesses=-1)
+
+
 SMOL_TEXT = "it 's a charming and often affecting journey ."
 
 
