@@ -72,15 +72,17 @@ class Checked:
     residual: torch.Tensor
     coef: torch.Tensor | None = None
     rest: torch.Tensor | None = None  # the unchecked ones in the regression's order (complete)
+    inputs: torch.Tensor | None = None  # the checked tokens' inputs, while a prior is refitted
 
 
 @dataclass(frozen=True)
 class Effort:
     """How hard a search tries: the `prior_count` tokens a prior regression puts nearest,
     then the `count` likeliest of the model's `guess` (vocabulary indices, likeliest first),
-    the `known` tokens (found elsewhere in the batch) and the rest of the `guess`, then the
-    `sample`, then `rounds` rounds of `count` tokens, doubling each round; a fit is a
-    residual at most `tol`."""
+    the `known` tokens (found elsewhere in the batch) and the rest of the `guess`, then
+    `rounds` rounds of the prior refitted, then the `sample` and `rounds` rounds of its
+    regression: `count` tokens a round, doubling each round; a fit is a residual at most
+    `tol`."""
 
     sample: torch.Tensor
     count: int
@@ -356,28 +358,18 @@ class Screen:
         self, evaluate, ranker: Ranker, effort: Effort, own: torch.Tensor, prior: torch.Tensor
     ) -> Checked:
         """The `prior_count` tokens that `prior` (a regression fitted before) puts nearest the
-        row space, then `count` doubling each round by the prior refitted on them (pulled
-        towards it), until one fits: a fraction of the sample's cost where the prior nearly
-        fits (docs/span-method.md, "The screen")."""
+        row space: a fraction of the sample's cost where the prior nearly fits
+        (docs/span-method.md, "The screen"); `search_sampled` refits it if none fits."""
         index = self.nearest(prior, effort.sample[:0], effort.prior_count, ranker)
         x = evaluate(index)
-        residual = self.novel_residual(x, own)
-        coef = prior
-        for k in range(effort.rounds):
-            if bool(effort.fits(residual).any()):
-                break
-            coef = ranker.fit(index, x, toward=prior)
-            top = self.nearest(coef, index, effort.count << k, ranker)
-            new = evaluate(top)
-            index, x = torch.cat([index, top]), torch.cat([x, new])
-            residual = torch.cat([residual, self.novel_residual(new, own)])
-        return Checked(index, residual, coef)
+        return Checked(index, self.novel_residual(x, own), prior, inputs=x)
 
     def search_sampled(
         self, evaluate, ranker: Ranker, effort: Effort, own: torch.Tensor, before: Checked
     ) -> Checked:
-        """`before`, the model's guesses and the `known` tokens (`Effort.listed`), then the
-        `sample`, then `count` doubling each round, led by `ranker`'s regression refitted on
+        """After `before`: the model's guesses and the `known` tokens (`Effort.listed`), then
+        the prior regression of `before` refitted on all checked so far (`refit_prior`), then
+        the `sample` and `count` doubling each round, led by `ranker`'s regression refitted on
         the sample and the rounds, until one fits. A batch repeats its tokens, and a
         regression can rank a repeat tens of thousands deep (SmolLM2 attn_output@5: " ,"
         23,502nd-34,266th), so the known ones come before the sample."""
@@ -385,13 +377,12 @@ class Screen:
             listed = listed[~torch.isin(listed, before.index)]
             if listed.numel() == 0:
                 continue
-            residual = self.novel_residual(evaluate(listed), own)
-            before = Checked(
-                torch.cat([before.index, listed]),
-                torch.cat([before.residual, residual]),
-                before.coef,
-            )
-            if bool(effort.fits(residual).any()):
+            before = self._add(before, listed, evaluate(listed), own)
+            if bool(effort.fits(before.residual).any()):
+                return before
+        if before.inputs is not None:
+            before = self.refit_prior(evaluate, ranker, effort, own, before)
+            if bool(effort.fits(before.residual).any()):
                 return before
         index = effort.sample[~torch.isin(effort.sample, before.index)]
         if index.numel() == 0:  # the prior stage checked the whole sample (a small vocabulary)
@@ -411,6 +402,29 @@ class Screen:
                 break
         index = torch.cat([before.index, index])
         return Checked(index, torch.cat([before.residual, residual]), coef)
+
+    def refit_prior(
+        self, evaluate, ranker: Ranker, effort: Effort, own: torch.Tensor, before: Checked
+    ) -> Checked:
+        """`rounds` rounds of `count` tokens, doubling each round, that the prior regression
+        (`before.coef`), refitted on every token checked so far and pulled towards itself,
+        puts nearest the row space, until one fits."""
+        prior, found = before.coef, before
+        for k in range(effort.rounds):
+            coef = ranker.fit(found.index, found.inputs, toward=prior)
+            top = self.nearest(coef, found.index, effort.count << k, ranker)
+            found = replace(self._add(found, top, evaluate(top), own), coef=coef)
+            if bool(effort.fits(found.residual).any()):
+                break
+        return replace(found, inputs=None)
+
+    def _add(self, before: Checked, index: torch.Tensor, x: torch.Tensor, own: torch.Tensor):
+        """`before` and tokens `index` with inputs `x` (kept where `before` keeps its own)."""
+        inputs = None if before.inputs is None else torch.cat([before.inputs, x])
+        residual = torch.cat([before.residual, self.novel_residual(x, own)])
+        return replace(
+            before, index=torch.cat([before.index, index]), residual=residual, inputs=inputs
+        )
 
     def novel_residual(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         """The relative residual of inputs `x` against the row space, infinite for echoes of
