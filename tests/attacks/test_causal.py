@@ -225,7 +225,10 @@ def test_an_input_the_prefix_already_spans_is_an_echo_not_a_fit():
     assert residual[1] < 1e-12  # a new row of the gradient
 
 
-def test_the_sketched_ranking_puts_tokens_predicted_in_the_row_space_first_with_exact_scores():
+@pytest.mark.parametrize("sketch_dtype", [None, torch.bfloat16])
+def test_the_sketched_ranking_puts_tokens_predicted_in_the_row_space_first_with_exact_scores(
+    sketch_dtype,
+):
     from gradaudit.attacks.causal.screen import Ranker, orthonormal_rows
 
     g = torch.Generator().manual_seed(0)
@@ -235,7 +238,7 @@ def test_the_sketched_ranking_puts_tokens_predicted_in_the_row_space_first_with_
     features = torch.randn(vocab, feature_width, generator=g, dtype=torch.float64)
     planted = torch.randperm(vocab, generator=g)[:30]
     features[planted, 20:] *= 1e-3  # these tokens are predicted (nearly) inside the row space
-    ranker = Ranker(features, basis)
+    ranker = Ranker(features, basis, sketch_dtype)
     assert ranker.sketch is not None  # a wide complement and a large vocabulary: sketched
     score = ranker.predicted_residual(coef)
     exact = Ranker(features, basis)

@@ -32,7 +32,7 @@ class FirstPosition:
             return None
         if self._ranker is None:
             x = self.inputs(screen.feature_runner)
-            self._ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), screen.basis)
+            self._ranker = screen.ranker_of(x)
         return self._ranker
 
     def inputs(

@@ -35,7 +35,6 @@ from transformers import PreTrainedTokenizerBase
 from gradaudit.attacks.causal.prefix import KV, concat, select
 from gradaudit.attacks.causal.screen import (
     Effort,
-    Ranker,
     Screen,
     orthonormal_rows,
     outside_norm,
@@ -75,7 +74,7 @@ class FirstPositions:
         self.kv = concat(caches)
         parts = [t.reshape(len(vocab), -1) for e in self.kv if e is not None for t in e]
         x = features(parts).to(screen.basis.dtype)
-        self.ranker = Ranker(torch.cat([x, torch.ones_like(x[:, :1])], 1), screen.basis)
+        self.ranker = screen.ranker_of(x)
 
     def inputs(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Module inputs (M, width) at position 1 of the pairs (vocab[first[i]], second[i]),
