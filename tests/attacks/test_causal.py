@@ -367,6 +367,28 @@ def test_a_sentence_lost_behind_a_shared_prefix_is_found_again_from_the_uncovere
     assert chosen(picked)[1] < 1e-9 and repaired == [(1, 3)]
 
 
+def test_a_lost_sentence_the_screened_searches_miss_is_found_on_the_whole_vocabulary(
+    monkeypatch,
+):
+    # The repair's screened searches can rank a lost sentence's next token too deep (CoLA
+    # ffn_out@1: " sailors" after "The"): the copied slot's short prefixes are then checked
+    # on the whole vocabulary.
+    import gradaudit.attacks.causal.repair as repair_module
+    from gradaudit.attacks.causal.solve import choose, uncovered
+
+    monkeypatch.setattr(repair_module, "find_new_row", lambda *args: None)
+    texts = ["the movie was very good and funny", "the film is not good"]
+    tokenizer, basis, grower, lengths, plan, done = grown(texts)
+    tol = grower.options.tol
+    lost = repair_module.cut(done[0], int(choose(done, basis, tol)[0]), 4)  # "the movie was very"
+    done[1] = dataclasses.replace(lost, sentence=torch.ones_like(lost.sentence))
+    picked = choose(done, basis, tol)
+    assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol) > 0.1
+    picked, repaired = repair_module.repair(grower, done, picked, lengths, plan, basis)
+    texts = [tokenizer.decode(done[b].tokens[r]) for b, r in sorted(picked.items())]
+    assert texts == ["the movie was very good and", "the film is not"] and repaired == [(1, 1)]
+
+
 def test_a_sentence_whose_first_token_the_screen_missed_is_found_again_on_the_whole_vocabulary():
     # The position-0 screen stops once as many tokens fit as there are sentences; a first
     # token it misses leaves that sentence copying another's path from position 0.

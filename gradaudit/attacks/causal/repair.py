@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gradaudit.attacks.causal.grow import Beam, Grower
+from gradaudit.attacks.causal.grow import Beam, Grower, complete
 from gradaudit.attacks.causal.prefix import truncate
-from gradaudit.attacks.causal.screen import Effort
+from gradaudit.attacks.causal.screen import Checked, Effort
 from gradaudit.attacks.causal.solve import (
     GrowthPlan,
     choose,
@@ -29,6 +29,11 @@ from gradaudit.attacks.causal.solve import (
 )
 
 LOST = 1e-4  # `uncovered` above this: a row is left unexplained (exact batches: below 1e-9)
+# A copied slot's prefixes up to this long are searched on the whole vocabulary when the
+# screened searches find no new row: sentences share their first words ("The", "it 's"), and
+# the screen can rank a lost sentence's next token tens of thousands deep (CoLA, ffn_out@1:
+# " sailors" after "The").
+EXHAUSTIVE_LENGTH = 4
 
 
 @dataclass
@@ -85,6 +90,34 @@ def find_new_row(
             return new
     lengths += [0] if plan.first_seen == 0 and 0 not in plan.fixed else []
     return _first_new_row(grower, done, picked, lengths, searched, own, None)
+
+
+def exhaustive_new_row(
+    grower: Grower,
+    done: dict[int, Beam],
+    picked: dict[int, int],
+    copies: list[int],
+    exhausted: set[tuple[int, ...]],
+) -> NewRow | None:
+    """The first next token, over the prefixes of the `copies` slots' chosen rows up to
+    `EXHAUSTIVE_LENGTH` tokens (shortest first), whose input is a row no chosen input spans,
+    checked on the whole vocabulary (`complete`); every prefix checked is added to
+    `exhausted`."""
+    chosen = [done[b].inputs[r] for b, r in picked.items()]
+    own = explained(grower.screen.basis, chosen, grower.options.tol)
+    none = Checked(grower.effort.sample[:0], grower.screen.basis.new_zeros(0))
+    for length in range(1, EXHAUSTIVE_LENGTH + 1):
+        for b in copies:
+            prefix = tuple(done[b].tokens[picked[b], :length].tolist())
+            if len(prefix) < length or prefix in exhausted:
+                continue
+            exhausted.add(prefix)
+            head = cut(done[b], picked[b], length)
+            checked = complete(grower.screen, head.kv, 0, length, none, own)
+            low, arg = checked.residual.min(0)
+            if float(low) <= grower.options.tol:
+                return NewRow(b, picked[b], length, int(checked.index[arg]), float(low))
+    return None
 
 
 def _new_first_token(
@@ -174,6 +207,7 @@ def repair(
     docstring), and the (sentence, shared prefix length) of every repair taken; `done` gains
     the grown rows."""
     searched: set[tuple[int, ...]] = set()
+    exhausted: set[tuple[int, ...]] = set()
     repaired: list[tuple[int, int]] = []
     tol = grower.options.tol
     gap = uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol)
@@ -184,6 +218,9 @@ def repair(
         longest = max(lengths[b] - plan.unseen_tail for b in slots)
         new = find_new_row(grower, done, picked, plan, longest, searched)
         if new is None:
+            copies = [b for b in slots if float(done[b].score[picked[b]]) <= tol]
+            new = exhaustive_new_row(grower, done, picked, copies, exhausted)
+        if new is None:
             break
         for b, grown in grow_new_row(grower, done, new, slots, lengths, plan).items():
             done[b] = concat_beams([done[b], grown])
@@ -192,7 +229,9 @@ def repair(
         if after >= gap:
             continue  # a dead end: its prefix stays searched
         # the prefix may hold more sentences: search it again
-        searched.discard(tuple(done[new.sentence].tokens[new.row, : new.length].tolist()))
+        prefix = tuple(done[new.sentence].tokens[new.row, : new.length].tolist())
+        searched.discard(prefix)
+        exhausted.discard(prefix)
         changed = [b for b in again if again[b] != picked[b]]
         repaired += [(b, new.length) for b in changed if b in slots]
         picked, gap = again, after
