@@ -109,8 +109,8 @@ def exhaustive_new_row(
     for length in range(1, EXHAUSTIVE_LENGTH + 1):
         for b in copies:
             prefix = tuple(done[b].tokens[picked[b], :length].tolist())
-            if len(prefix) < length or prefix in exhausted:
-                continue
+            if length >= done[b].tokens.shape[1] or prefix in exhausted:
+                continue  # past its last position the gradient sees, nothing can fit
             exhausted.add(prefix)
             head = cut(done[b], picked[b], length)
             checked = complete(grower.screen, head.kv, 0, length, none, own)

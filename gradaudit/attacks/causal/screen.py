@@ -434,7 +434,9 @@ class Screen:
                 break
         return replace(found, inputs=None)
 
-    def _add(self, before: Checked, index: torch.Tensor, x: torch.Tensor, own: torch.Tensor):
+    def _add(
+        self, before: Checked, index: torch.Tensor, x: torch.Tensor, own: torch.Tensor
+    ) -> Checked:
         """`before` and tokens `index` with inputs `x` (kept where `before` keeps its own)."""
         inputs = None if before.inputs is None else torch.cat([before.inputs, x])
         residual = torch.cat([before.residual, self.novel_residual(x, own)])
