@@ -17,10 +17,10 @@ class CausalOptions:
     After a prefix, the `screen` tokens the regression fitted one position earlier puts
     nearest the row space are checked exactly; if none fits, a causal LM's own `guesses`
     likeliest next tokens (`screen` of them first) and the tokens the beams hold, then the
-    `frequent` lowest ids (a
-    BPE's commonest tokens, also the guesses for a blind first token) and `sample` random
-    others, then `rounds` rounds of the nearest by the refitted regression (`screen` tokens,
-    doubling each round), and the rest of the vocabulary when still none fits. A token fits
+    `frequent` lowest ids (a BPE's commonest tokens, also the guesses for a blind first token)
+    and `sample` random others, then `rounds` rounds of the nearest by the refitted regression
+    (`screen` tokens, doubling each round), and the rest of the vocabulary when still none
+    fits. A token fits
     when its input's residual against the row space is below `tol` and within `ratio` of the
     best fit at that prefix; `beam` prefixes per sentence (plus one per other sentence)
     survive a position. Position 0 (no prefix) is checked exactly on the whole vocabulary,
