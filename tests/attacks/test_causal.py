@@ -408,6 +408,31 @@ def test_a_sentence_whose_first_token_the_screen_missed_is_found_again_on_the_wh
     assert uncovered(basis, [done[b].inputs[r] for b, r in picked.items()], tol) < 1e-9
 
 
+def test_the_repairs_full_sweep_checks_the_empty_prefix_before_the_other_prefixes(monkeypatch):
+    # The empty prefix's whole-vocabulary check is shared by every sentence and costs a few
+    # prefixes' full searches, where a batch's chosen prefixes number in the hundreds
+    # (SmolLM2 key@28: 547 s of other prefixes searched before it found a missed "the").
+    from gradaudit.attacks.causal.repair import repair
+    from gradaudit.attacks.causal.screen import Screen
+    from gradaudit.attacks.causal.solve import choose
+
+    texts = ["the movie was very good", "a film is not boring"]
+    tokenizer, basis, grower, lengths, plan, done = grown(texts)
+    tol = grower.options.tol
+    done[0] = done[0].take(torch.tensor([int(choose(done, basis, tol)[0])]))
+    done[1] = dataclasses.replace(done[0], sentence=torch.ones_like(done[0].sentence))
+    full_searches = []
+    check = Screen.check
+
+    def counted(self, kv, row, position, effort, own, prior=None, sampled=True):
+        full_searches.extend([position] if sampled else [])
+        return check(self, kv, row, position, effort, own, prior, sampled)
+
+    monkeypatch.setattr(Screen, "check", counted)
+    picked, repaired = repair(grower, done, choose(done, basis, tol), lengths, plan, basis)
+    assert repaired == [(1, 0)] and full_searches == []
+
+
 def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vocabulary():
     # ffn_in@4 takes its screen's features from layer 2: position 0 is led by their
     # regression and stops once as many tokens fit as there are sentences.
