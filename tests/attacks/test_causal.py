@@ -389,6 +389,34 @@ def test_a_lost_sentence_the_screened_searches_miss_is_found_on_the_whole_vocabu
     assert texts == ["the movie was very good and", "the film is not"] and repaired == [(1, 1)]
 
 
+def test_the_whole_vocabulary_stage_searches_other_chosen_rows_prefixes_past_the_copies():
+    # The lost sentence's slot can copy a sentence it shares no prefix with (CoLA
+    # attn_output@5: "The sailors ..." lost behind "The more ...", its slot copying "If you
+    # had eaten more ..."): once the copy's prefixes hold no new row, the other chosen rows'
+    # prefixes are checked on the whole vocabulary.
+    from gradaudit.attacks.causal.repair import cut, exhaustive_new_row
+    from gradaudit.attacks.causal.solve import choose
+
+    texts = ["the movie was very good and funny", "the film is not good", "it was a boring film"]
+    tokenizer, basis, grower, lengths, plan, done = grown(texts)
+    tol = grower.options.tol
+    picked = choose(done, basis, tol)
+    held = {tokenizer.decode(done[b].tokens[r]): b for b, r in picked.items()}
+    lost, other = held["the film is not"], held["it was a boring"]  # equal lengths: either slot
+    done = {b: done[b].take(torch.tensor([r])) for b, r in picked.items()}  # chosen rows only
+    copy = cut(done[other], 0, 4)
+    done[lost] = dataclasses.replace(copy, sentence=torch.full_like(copy.sentence, lost))
+    picked = choose(done, basis, tol)
+    proven = {tuple(copy.tokens[0, :n].tolist()) for n in range(1, 5)}  # held no new row
+    new = exhaustive_new_row(grower, done, picked, [lost], set(proven))
+    assert new is not None and (new.sentence, new.length) == (
+        held["the movie was very good and"],
+        1,
+    )
+    token = int(grower.screen.vocab[new.index])
+    assert tokenizer.decode(done[new.sentence].tokens[new.row, :1].tolist() + [token]) == "the film"
+
+
 def test_a_sentence_whose_first_token_the_screen_missed_is_found_again_on_the_whole_vocabulary():
     # The position-0 screen stops once as many tokens fit as there are sentences; a first
     # token it misses leaves that sentence copying another's path from position 0.

@@ -29,7 +29,7 @@ from gradaudit.attacks.causal.solve import (
 )
 
 LOST = 1e-4  # `uncovered` above this: a row is left unexplained (exact batches: below 1e-9)
-# A copied slot's prefixes up to this long are searched on the whole vocabulary when the
+# The chosen rows' prefixes up to this long are searched on the whole vocabulary when the
 # screened searches find no new row: sentences share their first words ("The", "it 's"), and
 # the screen can rank a lost sentence's next token tens of thousands deep (CoLA, ffn_out@1:
 # " sailors" after "The").
@@ -101,15 +101,18 @@ def exhaustive_new_row(
     copies: list[int],
     exhausted: set[tuple[int, ...]],
 ) -> NewRow | None:
-    """The first next token, over the prefixes of the `copies` slots' chosen rows up to
-    `EXHAUSTIVE_LENGTH` tokens (shortest first), whose input is a row no chosen input spans,
-    checked on the whole vocabulary (`complete`); every prefix checked is added to
-    `exhausted`."""
+    """The first next token, over the chosen rows' prefixes up to `EXHAUSTIVE_LENGTH` tokens
+    (shortest first; at each length the `copies` slots' first), whose input is a row no
+    chosen input spans, checked on the whole vocabulary (`complete`); every prefix checked is
+    added to `exhausted`. Not only the copies' prefixes: a lost sentence's slot can copy a
+    sentence it shares nothing with (CoLA dev 0-7, attn_output@5: "The sailors ..." lost
+    behind "The more ...", its slot copying "If you had eaten more ...")."""
     chosen = [done[b].inputs[r] for b, r in picked.items()]
     own = explained(grower.screen.basis, chosen, grower.options.tol)
     none = Checked(grower.effort.sample[:0], grower.screen.basis.new_zeros(0))
+    rows = copies + [b for b in picked if b not in copies]
     for length in range(1, EXHAUSTIVE_LENGTH + 1):
-        for b in copies:
+        for b in rows:
             prefix = tuple(done[b].tokens[picked[b], :length].tolist())
             if length >= done[b].tokens.shape[1] or prefix in exhausted:
                 continue  # past its last position the gradient sees, nothing can fit
