@@ -487,6 +487,35 @@ def test_first_tokens_are_screened_from_shallow_features_checking_part_of_the_vo
     assert len(checked.index) < size // 2
 
 
+def test_the_whole_vocabulary_at_position_0_is_passed_once_and_checked_again_for_echoes(
+    monkeypatch,
+):
+    # Position 0 has no context: growth and every repair check the same inputs, and only the
+    # echoes (inputs the chosen rows already explain) differ between checks.
+    from gradaudit.attacks.causal.first import FirstPosition
+    from gradaudit.attacks.causal.screen import orthonormal_rows, relative_residual
+
+    texts = ["the movie was very good", "a film is not boring"]
+    tokenizer, basis, grower, lengths, plan, done = grown(texts)
+    first, passes = FirstPosition(grower.screen), []
+    inputs = FirstPosition.inputs
+    monkeypatch.setattr(
+        FirstPosition, "inputs", lambda self, *a, **k: passes.append(1) or inputs(self, *a, **k)
+    )
+    none = basis[:0]
+    before = first.check(grower.effort, none, exhaustive=True)
+    every = inputs(first)  # the whole vocabulary, uncached
+    truth = relative_residual(every, basis) <= grower.options.tol
+    assert sorted(before.index[before.residual <= grower.options.tol].tolist()) == sorted(
+        truth.nonzero()[:, 0].tolist()
+    )
+    the = int((grower.screen.vocab == tokenizer.convert_tokens_to_ids("the")).nonzero())
+    after = first.check(grower.effort, orthonormal_rows(every[the][None]), exhaustive=True)
+    assert len(passes) == 1
+    fits = after.index[after.residual <= grower.options.tol].tolist()
+    assert the not in fits and sorted(fits + [the]) == sorted(truth.nonzero()[:, 0].tolist())
+
+
 def stuck_after_the_movie(monkeypatch):
     """Chunks of 4 instead of 4,096: the grower of "the movie was very good and funny", the
     prefix "the movie", nothing checked after it yet, and its own inputs' span."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gradaudit.attacks.causal.prefix import PrefixRunner
-from gradaudit.attacks.causal.screen import Checked, Effort, Ranker, Screen
+from gradaudit.attacks.causal.screen import Checked, Effort, Ranker, Screen, relative_residual
 
 ROUNDS = 6  # most rounds of the led search (64 to 2,048 tokens)
 
@@ -22,6 +22,7 @@ class FirstPosition:
     def __init__(self, screen: Screen) -> None:
         self.screen = screen
         self._ranker: Ranker | None = None
+        self._every: Checked | None = None  # the whole vocabulary's fits (see `every_fit`)
 
     @property
     def ranker(self) -> Ranker | None:
@@ -56,8 +57,8 @@ class FirstPosition:
         screen = self.screen
         ranker = None if exhaustive else self.ranker
         if ranker is None:
-            every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
-            return Checked(every, screen.novel_residual(self.inputs(index=every), own))
+            every = self.every_fit()
+            return Checked(every.index, screen.novel_residual(every.inputs, own))
         index = effort.sample
         x = self.inputs(index=index)
         residual = screen.novel_residual(x, own)
@@ -71,3 +72,17 @@ class FirstPosition:
             index, x = torch.cat([index, top]), torch.cat([x, new])
             residual = torch.cat([residual, screen.novel_residual(new, own)])
         return Checked(index, residual, coef)
+
+    def every_fit(self) -> Checked:
+        """The tokens whose position-0 inputs fit the row space, and the best one where none
+        does, with their inputs: position 0 has no context, so the whole vocabulary's pass
+        is made once; a later check differs only in its echoes (SmolLM2 key@28: 70 s a pass,
+        made by growth and again by each repair)."""
+        if self._every is None:
+            screen = self.screen
+            every = torch.arange(int(screen.vocab.shape[0]), device=screen.vocab.device)
+            x = self.inputs(index=every)
+            residual = relative_residual(x, screen.basis)
+            keep = (residual <= screen.tol) | (residual == residual.min())
+            self._every = Checked(every[keep], residual[keep], inputs=x[keep])
+        return self._every
