@@ -250,8 +250,8 @@ class Screen:
         """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)
         (of the module `runner` stops at: by default the observed one). With a rough twin,
         the observed module's inputs from position `ROUGH_FROM` on are computed roughly and
-        only the ones that may fit (`ROUGH_MARGIN`) again exactly: the others' residuals are
-        as far from a fit."""
+        only the ones that may fit (`ROUGH_MARGIN`, `ROUGH_BEST`) again exactly: the others'
+        residuals are as far from a fit."""
         runner = runner or self.runner
         exact_only = not self.rough_useful or position < ROUGH_FROM or rows.numel() == 0
         if runner is not self.runner or exact_only:
