@@ -35,23 +35,16 @@ SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
 # while false tokens' residuals started at 0.147 (a margin of 0.2 sends 0.1 % of them to the
 # exact check; 10 x 0.067 sent two thirds). The error is heavy-tailed (attn_output@28, position
 # 0: largest 0.094, 99th percentile 0.014): the calls' best catch a true input erred on past
-# the margin, which still lies nearer the row space than the false ones. Position 0 (no
-# prefix) is calibrated apart from the later ones: its errors are smaller at most modules
-# (SmolLM2 key@28: median 0.004 against 0.012) and larger at some (ffn_out@15: largest 0.120).
-# Position 1 is always exact: it attends to the first token (an attention sink), where
+# the margin, which still lies nearer the row space than the false ones. Positions before
+# ROUGH_FROM are always exact: they attend to the first token (an attention sink), where
 # SmolLM2's bfloat16 twin erred by up to 0.61 (0.015 at the 99.9th percentile later).
 ROUGH_MARGIN = 5.0
 ROUGH_BEST = 4
 CALIBRATION = 256
-ALWAYS_EXACT = 1
+ROUGH_FROM = 2
 # A twin that sends more than this share of its inputs to the exact check only adds time (its
 # pass costs about 0.4 of an exact one): it is given up once CALIBRATION inputs have passed.
 USELESS_SHARE = 0.5
-
-
-def _kind(position: int) -> str:
-    """The twin's error is calibrated apart at the first position (no prefix) and later."""
-    return "first" if position == 0 else "later"
 
 
 def relative_residual(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -208,9 +201,8 @@ class Screen:
     ) -> None:
         self.runner = runner
         self.rough = rough  # the observed module in a rough twin: it filters exact checks
-        # per kind of position (`_kind`): its largest relative error, and inputs calibrated
-        self.rough_error: dict[str, float] = {"first": 0.0, "later": 0.0}
-        self.calibrated: dict[str, int] = {"first": 0, "later": 0}
+        self.rough_error = 0.0  # its largest relative error on the inputs calibrated
+        self.calibrated = 0
         self.rough_checks = 0  # inputs the twin computed, and how many of them again exactly
         self.exact_again = 0
         self.feature_runner = feature_runner or runner
@@ -257,21 +249,20 @@ class Screen:
     ) -> torch.Tensor:
         """Module inputs (M, width), float64, of tokens `ids` after prefix rows `rows` (M,)
         (of the module `runner` stops at: by default the observed one). With a rough twin,
-        the observed module's inputs (but at position `ALWAYS_EXACT`) are computed roughly and
+        the observed module's inputs from position `ROUGH_FROM` on are computed roughly and
         only the ones that may fit (`ROUGH_MARGIN`, `ROUGH_BEST`) again exactly: the others'
         residuals are as far from a fit."""
         runner = runner or self.runner
-        exact_only = not self.rough_useful or position == ALWAYS_EXACT or rows.numel() == 0
+        exact_only = not self.rough_useful or position < ROUGH_FROM or rows.numel() == 0
         if runner is not self.runner or exact_only:
             return self._inputs(kv, rows, position, ids, runner)
         x = self._inputs(kv, rows, position, ids, self.rough)
-        kind = _kind(position)
-        if self.calibrated[kind] < CALIBRATION:  # the first calls measure the twin's error
+        if self.calibrated < CALIBRATION:  # the first calls measure the twin's error
             exact = self._inputs(kv, rows, position, ids, runner)
-            self._measure(kind, x, exact)
-            self.calibrated[kind] += int(rows.shape[0])
+            self._measure(x, exact)
+            self.calibrated += int(rows.shape[0])
             return exact
-        margin = self.tol + ROUGH_MARGIN * self.rough_error[kind]
+        margin = self.tol + ROUGH_MARGIN * self.rough_error
         residual = relative_residual(x, self.basis)
         near = residual <= margin
         near[residual.topk(min(ROUGH_BEST, len(residual)), largest=False).indices] = True
@@ -280,7 +271,7 @@ class Screen:
         self.exact_again += int(near.shape[0])
         if near.numel():
             exact = self._inputs(kv, rows[near], position, ids[near], runner)
-            self._measure(kind, x[near], exact)  # the margin follows the error where it matters
+            self._measure(x[near], exact)  # the margin follows the error where it matters
             x[near] = exact
         return x
 
@@ -290,7 +281,7 @@ class Screen:
             return None
         return {
             "dtype": str(self.rough.dtype).removeprefix("torch."),
-            "largest_error": max(self.rough_error.values()),
+            "largest_error": self.rough_error,
             "checked": self.rough_checks,
             "checked_again_exactly": self.exact_again,
             "given_up": not self.rough_useful,  # too rough to filter: exact from then on
@@ -305,12 +296,12 @@ class Screen:
             self.rough_checks < CALIBRATION or self.exact_again <= USELESS_SHARE * self.rough_checks
         )
 
-    def _measure(self, kind: str, rough: torch.Tensor, exact: torch.Tensor) -> None:
-        """`rough_error[kind]` raised to the twin's largest relative error on these inputs."""
+    def _measure(self, rough: torch.Tensor, exact: torch.Tensor) -> None:
+        """`rough_error` raised to the twin's largest relative error on these inputs."""
         norm = exact.norm(dim=-1)
         error = ((rough - exact).norm(dim=-1) / norm.clamp_min(1e-30))[norm > 0]
         if error.numel():
-            self.rough_error[kind] = max(self.rough_error[kind], float(error.max()))
+            self.rough_error = max(self.rough_error, float(error.max()))
 
     def _inputs(
         self, kv: KV, rows: torch.Tensor, position: int, ids: torch.Tensor, runner: PrefixRunner
