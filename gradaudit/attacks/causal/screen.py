@@ -33,11 +33,12 @@ SHORTLIST = 4096  # best estimates whose residual is then predicted exactly
 # twin's error outside the row space, so at most that error: SmolLM2 key@28 (SST-2 dev 0-7,
 # position 2 on), inputs erred by up to 0.067 and true tokens' rough residuals by up to 0.023,
 # while false tokens' residuals started at 0.147 (a margin of 0.2 sends 0.1 % of them to the
-# exact check; 10 x 0.067 sent two thirds). The error is heavy-tailed (attn_output@28, position
-# 0: largest 0.094, 99th percentile 0.014): the calls' best catch a true input erred on past
-# the margin, which still lies nearer the row space than the false ones. Positions before
-# ROUGH_FROM are always exact: they attend to the first token (an attention sink), where
-# SmolLM2's bfloat16 twin erred by up to 0.61 (0.015 at the 99.9th percentile later).
+# exact check; 10 x 0.067 sent two thirds). The error is heavy-tailed (key@28: 99th percentile
+# 0.024, largest 0.067; query@5: 99.9th 0.015-0.023, largest 0.062-0.092): the calls' best
+# catch a true input erred on past the margin, which still lies nearer the row space than
+# the false ones. Positions before ROUGH_FROM are always exact: they attend to the first token
+# (an attention sink), where SmolLM2's bfloat16 twin erred by up to 0.61 (0.015 at the 99.9th
+# percentile later); at position 0 itself the twin filtered nothing at key@28.
 ROUGH_MARGIN = 5.0
 ROUGH_BEST = 4
 CALIBRATION = 256
